@@ -1,0 +1,8 @@
+"""Architectures, one file per family, each registered by name in ``ARCHITECTURES``.
+
+Every architecture maps tokens [B, L] int64 to ``ModelOutput(hidden [B, L, D], logits [B, L, V])``
+and declares ``causal`` (next-token) and ``rc_equivariant`` so that the objective can check
+which losses apply. Importing this package registers them all.
+"""
+
+from architectures import transformer as transformer

@@ -1,0 +1,339 @@
+"""Stream training windows from WebDataset shards, and draw fixed validation windows.
+
+The training stream of one consumer (a rank's DataLoader worker) is a webdataset pipeline:
+
+    its own shards (split by rank and worker, shuffled per epoch) -> tar members -> chunks
+    -> random windows of ``seq_len`` (mostly-N windows skipped) -> seeded shuffle buffer
+    -> token ids -> micro-batches
+
+Everything random is drawn from generators seeded by (seed, epoch, consumer), so the stream is
+a pure function of the seed and the layout (world size, workers, micro-batch). The loader's
+position is the number of micro-batches consumed; restoring it replays the stream without
+tokenizing and drops what was already seen, so a resumed run sees exactly the batches the
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.shards import load_manifest, shard_paths
+from nucleo.schema import check
+from nucleo.types import Batch
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how windows are cut from them.
+
+    shards: a directory built by ``nucleo data build`` (holds manifest.json).
+    kingdoms: kingdoms to train and validate on (null: all in the manifest).
+    tokenizer: tokenizer registry name.
+    seq_len: window length in tokens (bases for ``char``); at most the shards' chunk_len.
+    max_n_fraction: windows with a larger fraction of N are skipped.
+    shuffle_buffer: windows held by each worker's shuffle buffer.
+    num_workers: DataLoader worker processes per rank (0 reads in the training process).
+    open_shards: shards each worker reads at once, interleaved to mix kingdoms.
+    """
+
+    shards: str = "data/shards/sample"
+    kingdoms: list[str] | None = None
+    tokenizer: str = "char"
+    seq_len: int = 512
+    max_n_fraction: float = 0.1
+    shuffle_buffer: int = 2048
+    num_workers: int = 1
+    open_shards: int = 32
+
+    def __post_init__(self) -> None:
+        check(self.seq_len >= 8, "seq_len", f"must be >= 8, got {self.seq_len}")
+        check(0 <= self.max_n_fraction <= 1, "max_n_fraction", "must be in [0, 1]")
+        check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
+        check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        check(self.open_shards >= 1, "open_shards", "must be >= 1")
+
+
+def _rng(*parts: Any) -> random.Random:
+    return random.Random(":".join(str(p) for p in parts))
+
+
+def crop_windows(
+    seq: bytes, seq_len: int, max_n_fraction: float, rng: random.Random
+) -> Iterator[bytes]:
+    """Random windows of a chunk, about one per ``seq_len`` bases; short chunks whole.
+
+    Windows with more than ``max_n_fraction`` N are redrawn (at most 4 tries each) or skipped.
+    """
+    length = len(seq)
+    count = max(1, round(length / seq_len))
+    for _ in range(count):
+        for _attempt in range(4):
+            start = rng.randrange(0, length - seq_len + 1) if length > seq_len else 0
+            window = seq[start : start + seq_len]
+            if window.count(b"N") <= max_n_fraction * len(window):
+                yield window
+                break
+
+
+def tar_samples(path: str) -> Iterator[dict[str, Any]]:
+    """The samples (dicts of member bytes by extension) of one shard."""
+    return iter(wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples()))
+
+
+def interleave_shards(
+    shards: list[tuple[str, int]], rng: random.Random, open_shards: int
+) -> Iterator[dict[str, Any]]:
+    """Samples of ``shards`` ((path, chunks) in reading order), drawn from up to
+    ``open_shards`` open shards at a time, each draw weighted by the chunks a shard has left.
+
+    Shards hold one kingdom each, so reading them one after another would give long runs of a
+    single kingdom; interleaving mixes kingdoms in proportion to their bases.
+    """
+    pending = deque(shards)
+    pool: list[list[Any]] = []  # [sample iterator, chunks left]
+    while pending or pool:
+        while pending and len(pool) < open_shards:
+            path, chunks = pending.popleft()
+            pool.append([tar_samples(path), chunks])
+        pick = rng.choices(range(len(pool)), weights=[max(1, left) for _, left in pool])[0]
+        sample = next(pool[pick][0], None)
+        if sample is None:
+            pool.pop(pick)
+            continue
+        pool[pick][1] -= 1
+        yield sample
+
+
+class WindowStream(IterableDataset):
+    """An endless stream of micro-batches for one rank; each DataLoader worker reads its shards.
+
+    shards: (path, chunks) of the training split, sorted. kingdoms: names indexed by
+    ``Batch.kingdom``. skip_batches: micro-batches this rank already consumed (resume).
+    """
+
+    def __init__(
+        self,
+        shards: list[tuple[str, int]],
+        kingdoms: tuple[str, ...],
+        tokenizer: Any,
+        cfg: DataConfig,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        skip_batches: int = 0,
+    ) -> None:
+        self.shards = shards
+        self.kingdoms = kingdoms
+        self.kingdom_index = {k: i for i, k in enumerate(kingdoms)}
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.skip_batches = skip_batches
+
+    def consumer(self) -> tuple[int, int]:
+        """(consumer index, number of consumers) of the calling DataLoader worker.
+
+        DataLoader takes batches from its W workers in turn, always starting with worker 0,
+        so global micro-batch j came from role j % W. After ``skip_batches`` = K batches the
+        next one belongs to role K % W: worker w of the new DataLoader plays role (w + K) % W.
+        """
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        role = (worker + self.skip_batches) % workers
+        return self.rank * workers + role, self.world_size * workers
+
+    def my_shards(self, consumer: int, total: int) -> list[tuple[str, int]]:
+        mine = self.shards[consumer::total]
+        if not mine:
+            raise ValueError(
+                f"{len(self.shards)} training shards cannot feed {total} readers "
+                f"({self.world_size} ranks x {total // self.world_size} workers): rebuild the "
+                "shards with more (--min-shards) or lower data.num_workers"
+            )
+        return mine
+
+    def windows(self, consumer: int, shards: list[tuple[str, int]]) -> Iterator[tuple[bytes, int]]:
+        """Endless (window bases, kingdom index) in the order this consumer yields them."""
+        cfg = self.cfg
+        epoch = 0
+        while True:
+            order = list(shards)
+            _rng(self.seed, "shards", epoch, consumer).shuffle(order)
+            crop_rng = _rng(self.seed, "crop", epoch, consumer)
+            samples = interleave_shards(order, crop_rng, cfg.open_shards)
+            crops = (
+                (window, self.kingdom_index[json.loads(sample["json"])["kingdom"]])
+                for sample in samples
+                for window in crop_windows(sample["seq"], cfg.seq_len, cfg.max_n_fraction, crop_rng)
+            )
+            shuffle_rng = _rng(self.seed, "shuffle", epoch, consumer)
+            yield from wds.shuffle(cfg.shuffle_buffer, cfg.shuffle_buffer, rng=shuffle_rng)(crops)
+            epoch += 1
+
+    def __iter__(self) -> Iterator[Batch]:
+        consumer, total = self.consumer()
+        workers = total // self.world_size
+        role = consumer - self.rank * workers
+        done = max(0, (self.skip_batches - role + workers - 1) // workers)  # role's batches so far
+        stream = self.windows(consumer, self.my_shards(consumer, total))
+        for _ in range(done * self.batch_size):
+            next(stream)
+        pad = self.tokenizer.pad_id
+        seq_len = self.cfg.seq_len
+        while True:
+            tokens = np.full((self.batch_size, seq_len), pad, dtype=np.int64)
+            kingdom = np.zeros(self.batch_size, dtype=np.int64)
+            for row in range(self.batch_size):
+                window, kingdom[row] = next(stream)
+                ids = self.tokenizer.encode(window)[:seq_len]
+                tokens[row, : len(ids)] = ids
+            yield Batch(torch.from_numpy(tokens), torch.from_numpy(kingdom), self.kingdoms, pad)
+
+
+class TrainLoader:
+    """Micro-batches for one rank, with a position that checkpoints save and restore."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer: Any,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.cfg = cfg
+        self.manifest = load_manifest(cfg.shards)
+        chunk_len = self.manifest["options"]["chunk_len"]
+        if cfg.seq_len > chunk_len:
+            raise ValueError(
+                f"data.seq_len={cfg.seq_len} is longer than the chunks of {cfg.shards} "
+                f"({chunk_len} bases): rebuild the shards with --chunk-len >= {cfg.seq_len}"
+            )
+        self.shards = shard_paths(cfg.shards, self.manifest, "train", cfg.kingdoms)
+        if not self.shards:
+            raise ValueError(f"{cfg.shards}: no training shards for kingdoms {cfg.kingdoms}")
+        readers = world_size * max(1, cfg.num_workers)
+        if len(self.shards) < readers:
+            raise ValueError(
+                f"{len(self.shards)} training shards in {cfg.shards} cannot feed {readers} "
+                f"readers ({world_size} ranks x {max(1, cfg.num_workers)} workers): rebuild the "
+                "shards with more (--min-shards) or lower data.num_workers"
+            )
+        self.kingdoms = tuple(sorted(cfg.kingdoms or self.manifest["kingdoms"]))
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.consumed = 0  # micro-batches handed to the trainer
+
+    def layout(self) -> dict[str, Any]:
+        """What must match for a saved position to mean the same stream."""
+        return {
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "num_workers": self.cfg.num_workers,
+            "batch_size": self.batch_size,
+            "seq_len": self.cfg.seq_len,
+            "shards": len(self.shards),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed": self.consumed, "layout": self.layout()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("layout") != self.layout():
+            warnings.warn(
+                f"the data layout changed since the checkpoint ({state.get('layout')} -> "
+                f"{self.layout()}): the stream restarts with a new order instead of resuming "
+                "exactly",
+                stacklevel=2,
+            )
+            self.seed = hash((self.seed, state.get("consumed", 0))) % 2**31
+            self.consumed = 0
+            return
+        self.consumed = int(state["consumed"])
+
+    def __iter__(self) -> Iterator[Batch]:
+        stream = WindowStream(
+            self.shards,
+            self.kingdoms,
+            self.tokenizer,
+            self.cfg,
+            self.batch_size,
+            self.seed,
+            self.rank,
+            self.world_size,
+            skip_batches=self.consumed,
+        )
+        loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.cfg.num_workers,
+            persistent_workers=False,
+            prefetch_factor=4 if self.cfg.num_workers else None,
+        )
+        for batch in loader:
+            self.consumed += 1
+            yield batch
+
+
+def validation_windows(
+    cfg: DataConfig, tokenizer: Any, per_kingdom: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """A fixed set of validation windows: up to ``per_kingdom`` from each kingdom's val shards.
+
+    Returns tokens [N, seq_len] int64, kingdom [N] int64 and the kingdom names. Only as many
+    chunks as needed are read (one window per chunk, cycling when there are fewer chunks),
+    so the cost is bounded whatever the size of the validation split. Deterministic in seed.
+    """
+    manifest = load_manifest(cfg.shards)
+    kingdoms = tuple(sorted(cfg.kingdoms or manifest["kingdoms"]))
+    rows: list[np.ndarray] = []
+    labels: list[int] = []
+    for index, kingdom in enumerate(kingdoms):
+        chunks: list[bytes] = []
+        for path, _ in shard_paths(cfg.shards, manifest, "val", [kingdom]):
+            for sample in tar_samples(path):
+                chunks.append(sample["seq"])
+                if len(chunks) >= per_kingdom:
+                    break
+            if len(chunks) >= per_kingdom:
+                break
+        picked = 0
+        for i in range(4 * per_kingdom):
+            if picked == per_kingdom or not chunks:
+                break
+            rng = _rng(seed, "val", kingdom, i)
+            window = next(crop_windows(chunks[i % len(chunks)], cfg.seq_len, 1.0, rng))
+            if window.count(b"N") > cfg.max_n_fraction * len(window):
+                continue
+            ids = np.full(cfg.seq_len, tokenizer.pad_id, dtype=np.int64)
+            encoded = tokenizer.encode(window)[: cfg.seq_len]
+            ids[: len(encoded)] = encoded
+            rows.append(ids)
+            labels.append(index)
+            picked += 1
+    if not rows:
+        return (
+            torch.zeros(0, cfg.seq_len, dtype=torch.long),
+            torch.zeros(0, dtype=torch.long),
+            kingdoms,
+        )
+    return torch.from_numpy(np.stack(rows)), torch.tensor(labels), kingdoms

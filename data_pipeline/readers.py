@@ -1,0 +1,307 @@
+"""Streaming readers of genome files: FASTA and GenBank, plain or gzip/xz/bzip2 compressed.
+
+Records are read one at a time; a record's sequence is built in one ``bytearray`` (each line is
+normalised as it is appended), so a 100 MB chromosome is held once, never as Python ``str``.
+Normalisation upper-cases soft-masked bases, maps IUPAC ambiguity codes to ``N`` and ``U`` to
+``T``; anything else is an error naming the file, the line and the character.
+Compression is recognised by its magic bytes, not the file name.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Literal
+
+Format = Literal["fasta", "genbank"]
+
+_INVALID = ord("!")  # sentinel written by the normalising table for invalid bytes
+_VALID_HELP = "A C G T N (any case), IUPAC codes R Y K M S W B D H V, U"
+
+
+def _normalising_table() -> bytes:
+    table = bytearray([_INVALID]) * 256
+    for base in b"ACGTN":
+        table[base] = base
+        table[base + 32] = base  # lower case
+    for code in b"RYKMSWBDHV":
+        table[code] = ord("N")
+        table[code + 32] = ord("N")
+    table[ord("U")] = table[ord("u")] = ord("T")
+    return bytes(table)
+
+
+NORMALISE = _normalising_table()
+_WHITESPACE = b" \t\r\n\x0b\x0c"
+_GENBANK_DELETE = _WHITESPACE + b"0123456789"
+
+
+class SequenceFormatError(ValueError):
+    """A malformed genome file; the message starts with ``path:line:``."""
+
+    def __init__(self, path: str | Path, line: int | None, message: str) -> None:
+        self.path = str(path)
+        self.line = line
+        self.message = message
+        where = f"{self.path}:{line}" if line else self.path
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass
+class SequenceRecord:
+    """One sequence of a genome file.
+
+    id: the first word of the FASTA header, or GenBank's VERSION (else ACCESSION, else LOCUS).
+    accession: the database accession (``NC_001416.1``), parsed out of NCBI ``gi|..|ref|X|`` ids.
+    seq: upper-case ``ACGTN`` bytes, one per base.
+    line: the line of the file where the record starts (1-based).
+    """
+
+    id: str
+    accession: str
+    description: str
+    seq: bytearray
+    source: str
+    line: int
+    organism: str = ""
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+
+_MAGIC = {b"\x1f\x8b": "gzip", b"\xfd7zXZ\x00": "xz", b"BZh": "bzip2"}
+
+
+def compression_of(path: str | Path) -> str | None:
+    """``"gzip"``, ``"xz"``, ``"bzip2"`` or None, from the file's first bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    for magic, name in _MAGIC.items():
+        if head.startswith(magic):
+            return name
+    return None
+
+
+def open_binary(path: str | Path) -> IO[bytes]:
+    """Open ``path`` for reading bytes, decompressing gzip, xz or bzip2 transparently."""
+    kind = compression_of(path)
+    if kind == "gzip":
+        return gzip.open(path, "rb")
+    if kind == "xz":
+        return lzma.open(path, "rb")
+    if kind == "bzip2":
+        return bz2.open(path, "rb")
+    return open(path, "rb")
+
+
+_DECOMPRESS_ERRORS = (EOFError, OSError, lzma.LZMAError, zlib.error)
+
+
+def _lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) pairs; decompression failures become SequenceFormatError."""
+    number = 0
+    with open_binary(path) as fh:
+        try:
+            for number, line in enumerate(fh, start=1):
+                yield number, line
+        except _DECOMPRESS_ERRORS as err:
+            raise SequenceFormatError(
+                path, number + 1, f"corrupt or truncated compressed data ({err})"
+            ) from None
+
+
+_NCBI_ID = re.compile(r"(?:^|\|)(?:ref|gb|emb|dbj|tpg|tpe|tpd)\|([^|]+)")
+
+
+def accession_of(identifier: str) -> str:
+    """The accession in an NCBI identifier: ``gi|9629357|ref|NC_001802.1|`` -> ``NC_001802.1``."""
+    match = _NCBI_ID.search(identifier)
+    if match:
+        return match.group(1)
+    if identifier.startswith("ENA|"):
+        parts = identifier.split("|")
+        return parts[-1] or identifier
+    return identifier
+
+
+def _bad_character(
+    path: str | Path, number: int, raw: bytes, record: str, delete: bytes = _WHITESPACE
+) -> SequenceFormatError:
+    """The error for the first invalid byte of sequence line ``raw``."""
+    kept = raw.translate(None, delete)
+    pos = kept.translate(NORMALISE).find(bytes([_INVALID]))
+    char = kept[pos : pos + 1]
+    return SequenceFormatError(
+        path,
+        number,
+        f"invalid character {char.decode('latin-1')!r} (0x{char[0]:02x}) in the sequence of "
+        f"record {record!r}; valid: {_VALID_HELP}",
+    )
+
+
+def read_fasta(path: str | Path) -> Iterator[SequenceRecord]:
+    """Stream the records of a FASTA file (``>header`` lines, then sequence lines)."""
+    record: SequenceRecord | None = None
+    invalid = bytes([_INVALID])
+    for number, line in _lines(path):
+        if line.startswith(b">"):
+            if record is not None:
+                yield _finish(record, path)
+            header = line[1:].decode("utf-8", errors="replace").strip()
+            if not header:
+                raise SequenceFormatError(path, number, "empty FASTA header ('>' with no id)")
+            ident, _, description = header.partition(" ")
+            record = SequenceRecord(
+                id=ident,
+                accession=accession_of(ident),
+                description=description.strip(),
+                seq=bytearray(),
+                source=str(path),
+                line=number,
+            )
+            continue
+        if record is None:
+            if not line.strip() or line.startswith(b";"):
+                continue  # blank lines and old-style comments before the first record
+            snippet = line[:40].decode("latin-1").rstrip()
+            raise SequenceFormatError(
+                path, number, f"expected a '>' header line, found {snippet!r}: not a FASTA file?"
+            )
+        piece = line.translate(NORMALISE, _WHITESPACE)
+        if invalid in piece:
+            raise _bad_character(path, number, line, record.id)
+        record.seq += piece
+    if record is not None:
+        yield _finish(record, path)
+
+
+def _finish(record: SequenceRecord, path: str | Path) -> SequenceRecord:
+    if not record.seq:
+        raise SequenceFormatError(path, record.line, f"record {record.id!r} has no sequence")
+    return record
+
+
+def read_genbank(path: str | Path) -> Iterator[SequenceRecord]:
+    """Stream the records of a GenBank flat file (LOCUS ... ORIGIN ... //)."""
+    invalid = bytes([_INVALID])
+    fields: dict[str, str] = {}
+    seq = bytearray()
+    start = 0
+    declared = -1
+    section = "outside"  # outside | header | origin
+    last_key = ""
+    for number, line in _lines(path):
+        if section == "outside":
+            if not line.strip():
+                continue
+            if not line.startswith(b"LOCUS"):
+                snippet = line[:40].decode("latin-1").rstrip()
+                raise SequenceFormatError(
+                    path, number, f"expected a LOCUS line, found {snippet!r}: not a GenBank file?"
+                )
+            text = line.decode("utf-8", errors="replace")
+            words = text.split()
+            if len(words) < 2:
+                raise SequenceFormatError(path, number, "LOCUS line without a name")
+            fields = {"LOCUS": words[1]}
+            match = re.search(r"(\d+)\s+(?:bp|aa)\b", text)
+            declared = int(match.group(1)) if match else -1
+            seq = bytearray()
+            start = number
+            section = "header"
+            last_key = "LOCUS"
+        elif section == "header":
+            if line.startswith(b"ORIGIN"):
+                section = "origin"
+            elif line.startswith(b"//"):
+                raise SequenceFormatError(
+                    path, number, f"record {fields['LOCUS']!r} ends before its ORIGIN sequence"
+                )
+            elif line[:1].isalpha():
+                key = line[:12].decode("latin-1").strip()
+                fields.setdefault(key, line[12:].decode("utf-8", errors="replace").strip())
+                last_key = key
+            else:
+                sub = line[:12].decode("latin-1").strip()
+                if sub == "ORGANISM" and "ORGANISM" not in fields:
+                    value = line[12:].decode("utf-8", errors="replace").strip()
+                    fields["ORGANISM"] = value
+                elif not sub and last_key == "DEFINITION":
+                    extra = line[12:].decode("utf-8", errors="replace").strip()
+                    fields["DEFINITION"] += " " + extra
+        else:  # origin
+            if line.startswith(b"//"):
+                locus = fields["LOCUS"]
+                if not seq:
+                    raise SequenceFormatError(path, start, f"record {locus!r} has no sequence")
+                if declared >= 0 and declared != len(seq):
+                    raise SequenceFormatError(
+                        path,
+                        number,
+                        f"record {locus!r}: LOCUS line declares {declared} bp but ORIGIN holds "
+                        f"{len(seq)} bases (truncated or corrupt record)",
+                    )
+                ident = (
+                    fields.get("VERSION", "").split(" ")[0]
+                    or fields.get("ACCESSION", "").split(" ")[0]
+                    or locus
+                )
+                yield SequenceRecord(
+                    id=ident,
+                    accession=ident,
+                    description=fields.get("DEFINITION", "").rstrip("."),
+                    seq=seq,
+                    source=str(path),
+                    line=start,
+                    organism=fields.get("ORGANISM", ""),
+                )
+                section = "outside"
+                continue
+            piece = line.translate(NORMALISE, _GENBANK_DELETE)
+            if invalid in piece:
+                raise _bad_character(path, number, line, fields["LOCUS"], _GENBANK_DELETE)
+            seq += piece
+    if section != "outside":
+        raise SequenceFormatError(
+            path, None, f"record {fields.get('LOCUS')!r} (line {start}) has no closing '//' line"
+        )
+
+
+def detect_format(path: str | Path) -> Format:
+    """``"fasta"`` or ``"genbank"`` from the first non-blank line of the (decompressed) file."""
+    with open_binary(path) as fh:
+        try:
+            for number, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                if line.startswith(b">"):
+                    return "fasta"
+                if line.startswith(b"LOCUS"):
+                    return "genbank"
+                snippet = line[:40].decode("latin-1").rstrip()
+                raise SequenceFormatError(
+                    path,
+                    number,
+                    f"neither FASTA ('>' header) nor GenBank (LOCUS line): starts with {snippet!r}",
+                )
+        except _DECOMPRESS_ERRORS as err:
+            raise SequenceFormatError(path, None, f"corrupt compressed data ({err})") from None
+    raise SequenceFormatError(path, None, "file is empty")
+
+
+def read_sequences(path: str | Path, fmt: Format | None = None) -> Iterator[SequenceRecord]:
+    """Stream the records of a FASTA or GenBank file; the format is detected when not given."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such genome file")
+    fmt = fmt or detect_format(path)
+    if fmt == "fasta":
+        return read_fasta(path)
+    if fmt == "genbank":
+        return read_genbank(path)
+    raise ValueError(f"{path}: unknown format {fmt!r}; valid: fasta, genbank")

@@ -1,0 +1,442 @@
+"""Build WebDataset shards of genome chunks, per kingdom and split, with a JSON manifest.
+
+Shards hold *chunks* of normalised bases (``<key>.seq``, ASCII ACGTN, at most ``chunk_len``
+bytes) with their provenance (``<key>.json``), not fixed windows, so the loader can crop windows
+of any length up to ``chunk_len`` without re-sharding, and any tokenizer can read them.
+
+Two passes over the inputs, each streaming one record at a time:
+
+1. read every record, drop exact duplicates (same bases on either strand, first one kept), and
+   assign each kept record to ``train`` or ``val`` by a deterministic hash of its id;
+2. read again and write the kept records' chunks round-robin into the shards of their
+   (kingdom, split), so each shard mixes records.
+
+The output is written to ``<out>.partial`` and renamed when complete: a failed build never
+leaves a half-written shard set behind a valid-looking manifest.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+
+from data_pipeline.readers import SequenceRecord, read_sequences
+from nucleo.alphabet import reverse_complement_bytes
+
+MANIFEST = "manifest.json"
+FORMAT = "nucleo-shards/1"
+SPLITS = ("train", "val")
+REFSEQ_KINGDOMS = (
+    "archaea", "bacteria", "fungi", "invertebrate", "mammals", "mitochondrion", "plant",
+    "plasmid", "plastid", "protozoa", "vertebrate_other", "viral",
+)  # fmt: skip
+_KINGDOM_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A genome file and the kingdom its records belong to."""
+
+    path: Path
+    kingdom: str
+
+
+@dataclass
+class ShardOptions:
+    """How records become shards.
+
+    chunk_len: bases per stored chunk; the longest window the loader can crop.
+    shard_bytes: target size of a shard (bases), before the minimum count applies.
+    min_shards: shards per (kingdom, split) when there are enough chunks, so that ranks x
+        workers can each read their own shards (see DESIGN.md, webdataset).
+    val_fraction: expected fraction of records held out for validation.
+    split_salt: salt of the split hash; change it to draw a different split.
+    """
+
+    chunk_len: int = 65536
+    shard_bytes: int = 64 * 1024 * 1024
+    min_shards: int = 8
+    val_fraction: float = 0.1
+    split_salt: str = "nucleo"
+
+    def __post_init__(self) -> None:
+        if self.chunk_len < 64:
+            raise ValueError(f"chunk_len must be >= 64 bases, got {self.chunk_len}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.min_shards < 1 or self.shard_bytes < 1:
+            raise ValueError("min_shards and shard_bytes must be >= 1")
+
+
+@dataclass
+class RecordInfo:
+    """One input record as the manifest lists it."""
+
+    key: str
+    id: str
+    kingdom: str
+    source: str
+    length: int
+    gc: float
+    n_fraction: float
+    digest: str
+    description: str = ""
+    organism: str = ""
+    split: str = ""
+    duplicate_of: str | None = None
+    split_hash: float = field(default=0.0, repr=False)
+
+
+def read_sources_tsv(path: str | Path) -> list[SourceFile]:
+    """Inputs from a TSV with columns ``path`` and ``kingdom`` (paths relative to the TSV)."""
+    path = Path(path)
+    base = path.parent
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh, delimiter="\t"))
+    if not rows or [c.strip() for c in rows[0][:2]] != ["path", "kingdom"]:
+        raise ValueError(f"{path}:1: the header must be 'path<TAB>kingdom', got {rows[:1]}")
+    sources = []
+    for number, row in enumerate(rows[1:], start=2):
+        if not row or not "".join(row).strip() or row[0].startswith("#"):
+            continue
+        if len(row) < 2:
+            raise ValueError(f"{path}:{number}: expected 'path<TAB>kingdom', got {row}")
+        file = Path(row[0].strip())
+        sources.append(SourceFile(file if file.is_absolute() else base / file, row[1].strip()))
+    return sources
+
+
+def check_sources(sources: Iterable[SourceFile]) -> list[SourceFile]:
+    sources = list(sources)
+    if not sources:
+        raise ValueError("no input genome files given")
+    for src in sources:
+        if not _KINGDOM_NAME.match(src.kingdom):
+            raise ValueError(
+                f"{src.path}: kingdom {src.kingdom!r} is not a valid name (lower-case letters, "
+                f"digits, '_'); the RefSeq kingdoms are: {', '.join(REFSEQ_KINGDOMS)}"
+            )
+        if not src.path.is_file():
+            raise FileNotFoundError(f"{src.path}: no such genome file (kingdom {src.kingdom})")
+    return sources
+
+
+def _unit_hash(text: str) -> float:
+    """Deterministic hash of ``text`` to [0, 1)."""
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def canonical_digest(seq: bytes | bytearray) -> str:
+    """Hash of a sequence that is the same for both strands (exact-duplicate detection)."""
+    fwd = hashlib.blake2b(seq, digest_size=16).hexdigest()
+    rev = hashlib.blake2b(reverse_complement_bytes(seq), digest_size=16).hexdigest()
+    return min(fwd, rev)
+
+
+def _safe_key(text: str) -> str:
+    """A webdataset key: no dots (they start the extension) and no path separators."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text)
+
+
+def _scan(sources: list[SourceFile], log: Callable[[str], None]) -> list[RecordInfo]:
+    """Pass 1: one RecordInfo per input record, duplicates marked."""
+    infos: list[RecordInfo] = []
+    by_digest: dict[str, RecordInfo] = {}
+    digest_of_key: dict[str, str] = {}
+    for src in sources:
+        count = 0
+        for rec in read_sequences(src.path):
+            count += 1
+            digest = canonical_digest(rec.seq)
+            key = rec.accession
+            if key in digest_of_key and digest_of_key[key] != digest:
+                key = f"{rec.accession}#{digest[:12]}"  # same id, different sequence
+            digest_of_key.setdefault(key, digest)
+            length = len(rec.seq)
+            n_count = rec.seq.count(b"N")
+            gc = rec.seq.count(b"G") + rec.seq.count(b"C")
+            info = RecordInfo(
+                key=key,
+                id=rec.id,
+                kingdom=src.kingdom,
+                source=str(src.path),
+                length=length,
+                gc=round(gc / max(1, length - n_count), 4),
+                n_fraction=round(n_count / length, 4),
+                digest=digest,
+                description=rec.description[:200],
+                organism=rec.organism,
+            )
+            first = by_digest.get(digest)
+            if first is not None:
+                info.duplicate_of = first.key
+                log(f"duplicate: {info.key} ({src.path}) has the same bases as {first.key}")
+            else:
+                by_digest[digest] = info
+            infos.append(info)
+            del rec
+        log(f"read {src.path}: {count} records ({src.kingdom})")
+    return infos
+
+
+def assign_splits(infos: list[RecordInfo], options: ShardOptions) -> None:
+    """Set ``split`` of every kept record: hash of its key, with two guarantees per kingdom.
+
+    A kingdom with two or more records keeps at least one in each split (the record with the
+    lowest hash goes to ``val``); a kingdom with one record keeps it for training.
+    """
+    kept = [i for i in infos if i.duplicate_of is None]
+    for info in kept:
+        info.split_hash = _unit_hash(f"{options.split_salt}:{info.key}")
+        info.split = "val" if info.split_hash < options.val_fraction else "train"
+    for kingdom in sorted({i.kingdom for i in kept}):
+        members = sorted((i for i in kept if i.kingdom == kingdom), key=lambda i: i.split_hash)
+        if options.val_fraction == 0 or len(members) == 1:
+            for i in members:
+                i.split = "train"
+            continue
+        if all(i.split == "train" for i in members):
+            members[0].split = "val"
+        if all(i.split == "val" for i in members):
+            members[-1].split = "train"
+    for info in infos:
+        if info.duplicate_of is not None:
+            info.split = "dropped"
+
+
+def _chunks(seq: bytearray, chunk_len: int) -> Iterable[tuple[int, bytes]]:
+    """(offset, bases) of consecutive chunks; the last one ends at the record's end and may
+    overlap its predecessor, so that every chunk of a long record is ``chunk_len`` long."""
+    for offset in range(0, len(seq), chunk_len):
+        offset = max(0, min(offset, len(seq) - chunk_len))
+        yield offset, bytes(seq[offset : offset + chunk_len])
+
+
+def build_shards(
+    sources: Iterable[SourceFile],
+    out_dir: str | Path,
+    options: ShardOptions | None = None,
+    *,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Shard ``sources`` into ``out_dir``; returns the manifest (also written as manifest.json)."""
+    options = options or ShardOptions()
+    sources = check_sources(sources)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    started = time.time()
+    infos = _scan(sources, log)
+    assign_splits(infos, options)
+    kept = {i.key: i for i in infos if i.duplicate_of is None}
+
+    # Shards per (kingdom, split), from the chunk counts of pass 1.
+    plan: dict[tuple[str, str], int] = {}
+    chunk_counts: dict[tuple[str, str], int] = {}
+    byte_counts: dict[tuple[str, str], int] = {}
+    for info in kept.values():
+        group = (info.kingdom, info.split)
+        chunk_counts[group] = chunk_counts.get(group, 0) + math.ceil(
+            info.length / options.chunk_len
+        )
+        byte_counts[group] = byte_counts.get(group, 0) + info.length
+    for group, n_chunks in chunk_counts.items():
+        by_size = math.ceil(byte_counts[group] / options.shard_bytes)
+        plan[group] = min(n_chunks, max(options.min_shards, by_size))
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    writers: dict[tuple[str, str, int], wds.TarWriter] = {}
+    next_shard: dict[tuple[str, str], int] = dict.fromkeys(plan, 0)
+    shard_stats: dict[tuple[str, str, int], dict[str, int]] = {}
+    try:
+        for src in sources:
+            keys_in_file = iter([i for i in infos if i.source == str(src.path)])
+            for rec in read_sequences(src.path):
+                info = next(keys_in_file)
+                if info.duplicate_of is not None:
+                    continue
+                _write_record(rec, info, options, plan, next_shard, writers, shard_stats, partial)
+    finally:
+        for writer in writers.values():
+            writer.close()
+
+    manifest = _manifest(infos, plan, shard_stats, partial, options, sources)
+    manifest["build_seconds"] = round(time.time() - started, 2)
+    (partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    log(summary(manifest))
+    return manifest
+
+
+def _write_record(
+    rec: SequenceRecord,
+    info: RecordInfo,
+    options: ShardOptions,
+    plan: dict[tuple[str, str], int],
+    next_shard: dict[tuple[str, str], int],
+    writers: dict[tuple[str, str, int], wds.TarWriter],
+    shard_stats: dict[tuple[str, str, int], dict[str, int]],
+    root: Path,
+) -> None:
+    group = (info.kingdom, info.split)
+    for index, (offset, chunk) in enumerate(_chunks(rec.seq, options.chunk_len)):
+        shard = next_shard[group]
+        next_shard[group] = (shard + 1) % plan[group]
+        wkey = (info.kingdom, info.split, shard)
+        if wkey not in writers:
+            path = root / info.kingdom / f"{info.split}-{shard:06d}.tar"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            writers[wkey] = wds.TarWriter(str(path), mtime=0)
+            shard_stats[wkey] = {"chunks": 0, "bases": 0}
+        meta = {
+            "record": info.key,
+            "kingdom": info.kingdom,
+            "chunk": index,
+            "offset": offset,
+            "length": len(chunk),
+            "record_length": info.length,
+        }
+        writers[wkey].write(
+            {"__key__": f"{_safe_key(info.key)}-{index:06d}", "seq": chunk, "json": meta}
+        )
+        shard_stats[wkey]["chunks"] += 1
+        shard_stats[wkey]["bases"] += len(chunk)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(
+    infos: list[RecordInfo],
+    plan: dict[tuple[str, str], int],
+    shard_stats: dict[tuple[str, str, int], dict[str, int]],
+    root: Path,
+    options: ShardOptions,
+    sources: list[SourceFile],
+) -> dict[str, Any]:
+    kingdoms: dict[str, dict[str, Any]] = {}
+    for kingdom, split in sorted(plan):
+        members = [i for i in infos if i.kingdom == kingdom and i.split == split]
+        shards = []
+        for shard in range(plan[(kingdom, split)]):
+            stats = shard_stats.get((kingdom, split, shard))
+            if stats is None:
+                continue
+            rel = f"{kingdom}/{split}-{shard:06d}.tar"
+            shards.append(
+                {
+                    "path": rel,
+                    "chunks": stats["chunks"],
+                    "bases": stats["bases"],
+                    "bytes": (root / rel).stat().st_size,
+                    "sha256": sha256_file(root / rel),
+                }
+            )
+        kingdoms.setdefault(kingdom, {})[split] = {
+            "records": len(members),
+            "bases": sum(i.length for i in members),
+            "chunks": sum(s["chunks"] for s in shards),
+            "shards": shards,
+        }
+    records = []
+    for info in infos:
+        row = asdict(info)
+        row.pop("split_hash")
+        records.append(row)
+    return {
+        "format": FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "options": asdict(options),
+        "kingdoms": kingdoms,
+        "records": records,
+        "duplicates": sum(1 for i in infos if i.duplicate_of is not None),
+        "inputs": [
+            {"path": str(s.path), "kingdom": s.kingdom, "sha256": sha256_file(s.path)}
+            for s in sources
+        ],
+    }
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    """A per-kingdom table of records, bases and shards."""
+    lines = [f"{'kingdom':<18}{'split':<7}{'records':>8}{'bases':>13}{'chunks':>8}{'shards':>8}"]
+    for kingdom, splits in manifest["kingdoms"].items():
+        for split, s in splits.items():
+            lines.append(
+                f"{kingdom:<18}{split:<7}{s['records']:>8}{s['bases']:>13,}{s['chunks']:>8}"
+                f"{len(s['shards']):>8}"
+            )
+    lines.append(f"exact duplicates dropped: {manifest['duplicates']}")
+    return "\n".join(lines)
+
+
+def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
+    """Read and check ``<shard_dir>/manifest.json``."""
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no shard manifest; build shards first with `nucleo data build`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def shard_paths(
+    shard_dir: str | Path, manifest: dict[str, Any], split: str, kingdoms: Iterable[str] | None
+) -> list[tuple[str, int]]:
+    """(shard path, chunks in it) of ``split``, sorted by path; unknown kingdoms are an error."""
+    available = sorted(manifest["kingdoms"])
+    wanted = list(kingdoms) if kingdoms else available
+    for k in wanted:
+        if k not in manifest["kingdoms"]:
+            raise ValueError(
+                f"kingdom {k!r} is not in {Path(shard_dir) / MANIFEST}; available: "
+                + ", ".join(available)
+            )
+    out = []
+    for k in wanted:
+        for shard in manifest["kingdoms"][k].get(split, {}).get("shards", []):
+            out.append((str(Path(shard_dir) / shard["path"]), int(shard["chunks"])))
+    return sorted(out)
+
+
+def verify_shards(shard_dir: str | Path) -> list[str]:
+    """Problems found by re-hashing every shard against the manifest (empty when all good)."""
+    manifest = load_manifest(shard_dir)
+    problems = []
+    for kingdom, splits in manifest["kingdoms"].items():
+        for split, entry in splits.items():
+            for shard in entry["shards"]:
+                path = Path(shard_dir) / shard["path"]
+                if not path.is_file():
+                    problems.append(f"{path}: missing ({kingdom}/{split})")
+                elif sha256_file(path) != shard["sha256"]:
+                    problems.append(f"{path}: checksum differs from the manifest (corrupt?)")
+    return problems

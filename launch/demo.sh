@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The README's demo: set up, shard the bundled genomes, pretrain a small transformer with
+# DeepSpeed, validating bits per base per kingdom; everything is logged to runs/mlflow.db.
+# Extra arguments go to launch/pretrain.py, e.g.  launch/demo.sh --set train.max_steps=100
+set -euo pipefail
+cd "$(dirname "$0")/.."
+launch/setup.sh
+source "${NUCLEO_VENV:-.venv}/bin/activate"
+export DS_ACCELERATOR="${DS_ACCELERATOR:-$(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}"
+
+shards=data/shards/sample
+if [ ! -f "$shards/manifest.json" ] || [ data_pipeline/sample/sources.tsv -nt "$shards/manifest.json" ]; then
+    nucleo data build --sources data_pipeline/sample/sources.tsv --out "$shards" --overwrite
+fi
+deepspeed launch/pretrain.py --config experiments/configs/demo.yaml "$@"
+echo
+echo "Open the runs in MLflow:  .venv/bin/mlflow ui --backend-store-uri sqlite:///$PWD/runs/mlflow.db"

@@ -1,0 +1,65 @@
+"""Next-token cross-entropy for causal models."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nucleo.registry import LOSSES
+from nucleo.schema import check
+from nucleo.types import Batch, LossOutput, ModelOutput
+
+
+@dataclass
+class CrossEntropyConfig:
+    """weight: multiplier of this loss in the total. label_smoothing: as in F.cross_entropy."""
+
+    weight: float = 1.0
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(self.weight >= 0, "weight", "must be >= 0")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+
+
+def next_token_nll(
+    logits: torch.Tensor, tokens: torch.Tensor, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position negative log-likelihood (nats) of tokens[t + 1] given logits[t].
+
+    logits: [B, L, V]; tokens: [B, L]. Returns nll [B, L-1] float and mask [B, L-1] bool
+    (false where the target is padding).
+    """
+    targets = tokens[:, 1:]
+    nll = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, reduction="none", ignore_index=pad_id
+    )
+    return nll, targets != pad_id
+
+
+@LOSSES.register("ce", config=CrossEntropyConfig)
+class CrossEntropy:
+    """Next-token cross-entropy (nats per token) on the forward strand; causal models only."""
+
+    views = ("forward",)
+    requires_causal: bool | None = True
+
+    def __init__(self, cfg: CrossEntropyConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(
+        self, batch: Batch, outputs: Mapping[str, ModelOutput], model: nn.Module
+    ) -> LossOutput:
+        logits = outputs["forward"].logits
+        loss = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            batch.tokens[:, 1:].reshape(-1),
+            ignore_index=batch.pad_id,
+            label_smoothing=self.cfg.label_smoothing,
+        )
+        return LossOutput(loss=loss, metrics={"bits_per_token": loss.detach() / math.log(2)})

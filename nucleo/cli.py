@@ -1,0 +1,242 @@
+"""The ``nucleo`` command.
+
+    nucleo list                                   architectures, losses, tokenizers
+    nucleo data build --sources SOURCES.tsv --out DIR
+    nucleo data verify DIR                        re-hash shards against the manifest
+    nucleo data summary DIR                       per-kingdom records, bases, shards
+    nucleo config [--config F] [--arch A] [--losses L] [--set k=v ...]   print the resolved config
+    nucleo pretrain [same options] [--resume RUN_DIR]                    train in this process
+    nucleo export RUN_DIR [--out DIR]             portable model from the latest checkpoint
+
+Multi-process training goes through DeepSpeed's launcher: ``deepspeed launch/pretrain.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from nucleo.runtime import configure_threads
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """An error caused by input (config, files); printed without a traceback."""
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML run config (see experiments/configs/)")
+    parser.add_argument("--arch", help="architecture name (nucleo list)")
+    parser.add_argument("--losses", help="comma-separated loss names, e.g. ce or ce,rc,cgr")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. --set train.max_steps=50 (repeatable)",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its latest complete checkpoint (its config.yaml is the base)",
+    )
+    # The deepspeed launcher passes --local_rank=N; the rank is read from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    from nucleo.config import load_config
+
+    path = args.config
+    if args.resume and not path:
+        path = Path(args.resume) / "config.yaml"
+    return load_config(path, arch=args.arch, losses=args.losses, overrides=args.overrides)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from nucleo.components import ARCHITECTURES, LOSSES, TOKENIZERS
+    from nucleo.schema import to_dict
+    from nucleo.trainer import count_parameters
+
+    tokenizer_vocab = 9
+    print("architectures (--arch):")
+    for entry in ARCHITECTURES:
+        cfg = entry.config()
+        counts = count_parameters(entry.cls(cfg, vocab_size=tokenizer_vocab))
+        print(f"  {entry.name:<14}{entry.summary}")
+        print(f"  {'':<14}defaults: {to_dict(cfg)}")
+        print(
+            f"  {'':<14}{counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding)"
+        )
+    print("losses (--losses):")
+    for entry in LOSSES:
+        needs = {True: "causal models", False: "bidirectional models", None: "any model"}
+        req = needs[getattr(entry.cls, "requires_causal", None)]
+        print(f"  {entry.name:<14}{entry.summary}")
+        print(
+            f"  {'':<14}views: {','.join(entry.cls.views)}; for {req}; "
+            f"settings: {to_dict(entry.config())}"
+        )
+    print("tokenizers (--set data.tokenizer=...):")
+    for entry in TOKENIZERS:
+        print(f"  {entry.name:<14}{entry.summary}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    cfg = config_from_args(args)
+    sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from nucleo.trainer import fit
+
+    cfg = config_from_args(args)
+    fit(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_data_build(args: argparse.Namespace) -> int:
+    from data_pipeline.shards import ShardOptions, SourceFile, build_shards, read_sources_tsv
+
+    sources: list[SourceFile] = []
+    for tsv in args.sources or []:
+        sources.extend(read_sources_tsv(tsv))
+    for item in args.input or []:
+        kingdom, sep, path = item.partition("=")
+        if not sep:
+            raise UserError(f"--input {item!r}: expected KINGDOM=PATH")
+        sources.append(SourceFile(Path(path), kingdom))
+    if not sources:
+        raise UserError("give genome files with --sources FILE.tsv and/or --input KINGDOM=PATH")
+    options = ShardOptions(
+        chunk_len=args.chunk_len,
+        min_shards=args.min_shards,
+        val_fraction=args.val_fraction,
+        split_salt=args.split_salt,
+    )
+    build_shards(sources, args.out, options, overwrite=args.overwrite)
+    print(f"wrote {args.out}/manifest.json")
+    return 0
+
+
+def cmd_data_verify(args: argparse.Namespace) -> int:
+    from data_pipeline.shards import verify_shards
+
+    problems = verify_shards(args.dir)
+    for problem in problems:
+        print(problem)
+    if problems:
+        return 1
+    print(f"{args.dir}: every shard matches its manifest checksum")
+    return 0
+
+
+def cmd_data_summary(args: argparse.Namespace) -> int:
+    from data_pipeline.shards import load_manifest, summary
+
+    print(summary(load_manifest(args.dir)))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from data_pipeline.tokenizers import build_tokenizer
+    from nucleo.checkpoint import latest_tag
+    from nucleo.config import load_config
+    from nucleo.export import export_model, state_from_checkpoint
+
+    run_dir = Path(args.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    tag = args.tag or latest_tag(ckpt_dir)
+    if tag is None:
+        raise UserError(f"{run_dir}: no complete checkpoint under {ckpt_dir}")
+    cfg = load_config(ckpt_dir / tag / "config.yaml")
+    state = state_from_checkpoint(ckpt_dir, tag, cfg.engine.zero_stage)
+    out = Path(args.out) if args.out else run_dir / "export"
+    export_model(state, cfg, build_tokenizer(cfg.data.tokenizer), out, {"checkpoint": tag})
+    print(f"exported {ckpt_dir / tag} to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nucleo", description="Pretrain DNA language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("list", help="registered architectures, losses and tokenizers").set_defaults(
+        func=cmd_list
+    )
+    p = sub.add_parser("config", help="print the resolved run config")
+    add_run_arguments(p)
+    p.set_defaults(func=cmd_config)
+    p = sub.add_parser("pretrain", help="train in this process (use deepspeed for several)")
+    add_run_arguments(p)
+    p.set_defaults(func=cmd_pretrain)
+    p = sub.add_parser("export", help="export a checkpoint as a portable model directory")
+    p.add_argument("run_dir")
+    p.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/export)")
+    p.set_defaults(func=cmd_export)
+
+    data = sub.add_parser("data", help="genome files -> WebDataset shards").add_subparsers(
+        dest="data_command", required=True
+    )
+    p = data.add_parser("build", help="shard FASTA/GenBank files by kingdom and split")
+    p.add_argument("--sources", action="append", help="TSV with columns path, kingdom")
+    p.add_argument("--input", action="append", metavar="KINGDOM=PATH", help="one genome file")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--chunk-len", type=int, default=65536, help="bases per stored chunk")
+    p.add_argument("--min-shards", type=int, default=8, help="shards per kingdom and split")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="records held out")
+    p.add_argument("--split-salt", default="nucleo", help="salt of the split hash")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=cmd_data_build)
+    p = data.add_parser("verify", help="check shard checksums against the manifest")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_data_verify)
+    p = data.add_parser("summary", help="print the per-kingdom table of a shard directory")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_data_summary)
+    return parser
+
+
+def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    from data_pipeline.readers import SequenceFormatError
+    from nucleo.registry import UnknownNameError
+    from nucleo.schema import ConfigError
+
+    try:
+        return func(args)
+    except ConfigError as err:
+        print(f"nucleo: config error: {err}", file=sys.stderr)
+    except (
+        UserError,
+        SequenceFormatError,
+        UnknownNameError,
+        FileNotFoundError,
+        FileExistsError,
+    ) as err:
+        print(f"nucleo: error: {err}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    configure_threads()
+    args = build_parser().parse_args(argv)
+    return _run(args.func, args)
+
+
+def pretrain_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of launch/pretrain.py: the ``pretrain`` options, without a subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="launch/pretrain.py", description="Pretrain a DNA language model with DeepSpeed."
+    )
+    add_run_arguments(parser)
+    return _run(cmd_pretrain, parser.parse_args(argv))

@@ -1,0 +1,206 @@
+"""DeepSpeed everywhere: one CPU process, several gloo processes, or many GPUs on many nodes.
+
+``setup_distributed`` makes a plain ``python`` start look like a one-process ``deepspeed``
+launch (DeepSpeed otherwise asks for mpi4py) and picks DeepSpeed's CPU accelerator when there
+is no GPU. ``build_engine`` turns the optimizer, schedule and batch settings into a DeepSpeed
+config and wraps the model; ZeRO stage and precision come from ``EngineConfig``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from nucleo.schema import check
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and batch arithmetic.
+
+    max_steps: optimizer steps. micro_batch_size: windows per rank per forward.
+    grad_accum: micro-batches per optimizer step; the global batch in windows is
+        micro_batch_size x grad_accum x world size. lr: peak learning rate, reached after
+        warmup_steps of linear warm-up, then cosine decay to lr x min_lr_ratio at max_steps.
+    grad_clip: global gradient-norm clip (0 turns it off). seed: model init, data order,
+        dropout. log_every: steps between progress lines and metric logs.
+    """
+
+    max_steps: int = 1000
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        check(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "betas",
+            f"must be two numbers in [0, 1), got {self.betas}",
+        )
+        check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        check(self.log_every >= 1, "log_every", "must be >= 1")
+
+
+@dataclass
+class EngineConfig:
+    """How DeepSpeed runs the model.
+
+    zero_stage: 0 (plain data parallel) to 3 (parameters, gradients and optimizer states
+        partitioned). precision: fp32, or bf16 with fp32 master weights.
+    backend: torch.distributed backend; auto picks nccl on GPU and gloo on CPU.
+    """
+
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def setup_distributed(cfg: EngineConfig) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (idempotent)."""
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:  # a plain `python` start: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(
+        rank=torch.distributed.get_rank(),
+        world_size=torch.distributed.get_world_size(),
+        local_rank=local_rank,
+        device=device,
+    )
+
+
+def deepspeed_config(train: TrainConfig, engine: EngineConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config for these settings (logged with the run)."""
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": engine.zero_stage},
+        "zero_allow_untested_optimizer": True,  # a client torch AdamW: no JIT-built ops
+        "bf16": {"enabled": engine.precision == "bf16"},
+        "steps_per_print": 10**9,  # nucleo prints its own progress
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(train: TrainConfig):
+    """Multiplier of the peak lr at optimizer step s: linear warm-up, then cosine decay."""
+
+    def factor(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / (train.warmup_steps + 1)
+        span = max(1, train.max_steps - train.warmup_steps)
+        progress = min(1.0, (step - train.warmup_steps) / span)
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return train.min_lr_ratio + (1 - train.min_lr_ratio) * cosine
+
+    return factor
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices of linear layers; not norms, biases or embeddings."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            is_matrix = isinstance(module, nn.Linear) and name == "weight"
+            (decay if is_matrix and not _is_tied_embedding(model, param) else no_decay).append(
+                param
+            )
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _is_tied_embedding(model: nn.Module, param: nn.Parameter) -> bool:
+    return any(isinstance(m, nn.Embedding) and m.weight is param for m in model.modules())
+
+
+def needs_own_grad_norm(engine: EngineConfig) -> bool:
+    """DeepSpeed records the global gradient norm itself except for fp32 without ZeRO."""
+    return engine.zero_stage == 0 and engine.precision == "fp32"
+
+
+def grad_norm(model: nn.Module) -> float:
+    """L2 norm of all gradients of ``model`` (call after the all-reduce, before the step)."""
+    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def build_engine(model: nn.Module, train: TrainConfig, engine: EngineConfig, dist: DistInfo):
+    """Wrap ``model`` in a DeepSpeed engine with AdamW and the warm-up/cosine schedule."""
+    import deepspeed
+
+    cuda = dist.device.type == "cuda"
+    if engine.precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ValueError("engine.precision=bf16 but this GPU has no bf16; use fp32")
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, train.weight_decay),
+        lr=train.lr,
+        betas=(train.betas[0], train.betas[1]),
+        eps=train.eps,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
+    ds_engine, _, _, _ = deepspeed.initialize(
+        model=model.to(dist.device),
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(train, engine, dist.world_size),
+    )
+    return ds_engine

@@ -1,0 +1,122 @@
+"""Validation during training: a fixed, bounded set of windows, every N steps.
+
+The same windows every time (drawn once from the validation shards, ``windows_per_kingdom``
+per kingdom), split across ranks, each rank running the same number of batches (ZeRO-3
+gathers parameters collectively). Reports every loss of the objective and, for causal
+models, next-token bits per base overall and per kingdom.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from data_pipeline.loader import DataConfig, validation_windows
+from losses.ce import next_token_nll
+from nucleo.engine import DistInfo
+from nucleo.objective import Objective
+from nucleo.schema import check
+from nucleo.types import Batch
+
+
+@dataclass
+class EvalConfig:
+    """every: optimizer steps between validations (0: only at the end).
+    windows_per_kingdom: validation windows drawn from each kingdom's val split.
+    batch_size: windows per forward during validation."""
+
+    every: int = 100
+    windows_per_kingdom: int = 32
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        check(self.every >= 0, "every", "must be >= 0")
+        check(self.windows_per_kingdom >= 1, "windows_per_kingdom", "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+class Validator:
+    """Holds this rank's share of the validation windows and evaluates a model on them."""
+
+    def __init__(
+        self,
+        cfg: EvalConfig,
+        data: DataConfig,
+        tokenizer: Any,
+        objective: Objective,
+        dist: DistInfo,
+        seed: int,
+    ) -> None:
+        tokens, kingdom, self.kingdoms = validation_windows(
+            data, tokenizer, cfg.windows_per_kingdom, seed
+        )
+        self.total_windows = len(tokens)
+        # Same number of windows on every rank: pad with repeats that carry zero weight.
+        per_rank = math.ceil(max(1, len(tokens)) / dist.world_size)
+        index = torch.arange(dist.rank, per_rank * dist.world_size, dist.world_size)
+        self.weight = (index < len(tokens)).float()
+        index = index % max(1, len(tokens))
+        self.tokens = tokens[index] if len(tokens) else tokens
+        self.kingdom = kingdom[index] if len(tokens) else kingdom
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.objective = objective
+        self.dist = dist
+        self.bases_per_token = torch.tensor(tokenizer.bases_per_token)
+
+    @torch.no_grad()
+    def __call__(self, engine: Any, model: torch.nn.Module) -> dict[str, float]:
+        """Metrics ``val/<loss>``, ``val/bits_per_base`` and ``val/bits_per_base/<kingdom>``."""
+        if self.total_windows == 0:
+            return {}
+        started = time.perf_counter()
+        engine.eval()
+        device = self.dist.device
+        n_kingdoms = len(self.kingdoms)
+        nll = torch.zeros(n_kingdoms, dtype=torch.float64, device=device)
+        bases = torch.zeros(n_kingdoms, dtype=torch.float64, device=device)
+        loss_sums: dict[str, torch.Tensor] = {}
+        weight_sum = torch.zeros((), dtype=torch.float64, device=device)
+        bpt = self.bases_per_token.to(device)
+        for start in range(0, len(self.tokens), self.cfg.batch_size):
+            rows = slice(start, start + self.cfg.batch_size)
+            weight = self.weight[rows].to(device)
+            batch = Batch(
+                tokens=self.tokens[rows].to(device),
+                kingdom=self.kingdom[rows].to(device),
+                kingdoms=self.kingdoms,
+                pad_id=self.tokenizer.pad_id,
+            )
+            outputs = self.objective.forward_views(engine, batch)
+            result = self.objective.losses(batch, outputs, model)
+            for key, value in result.metrics.items():
+                previous = loss_sums.get(key, torch.zeros((), dtype=torch.float64, device=device))
+                loss_sums[key] = previous + value.double() * weight.sum()
+            weight_sum += weight.sum()
+            if getattr(model, "causal", False):
+                token_nll, mask = next_token_nll(
+                    outputs["forward"].logits, batch.tokens, batch.pad_id
+                )
+                per_base = bpt[batch.tokens[:, 1:]] * mask
+                row_nll = (token_nll * mask).sum(1).double() * weight
+                row_bases = per_base.sum(1).double() * weight
+                nll.index_add_(0, batch.kingdom, row_nll)
+                bases.index_add_(0, batch.kingdom, row_bases)
+        engine.train()
+        keys = sorted(loss_sums)
+        packed = torch.stack([weight_sum, *[loss_sums[k] for k in keys]])
+        if self.dist.world_size > 1:
+            for tensor in (nll, bases, packed):
+                torch.distributed.all_reduce(tensor)
+        metrics = {f"val/{k}": float(packed[i + 1] / packed[0]) for i, k in enumerate(keys)}
+        if bases.sum() > 0:
+            metrics["val/bits_per_base"] = float(nll.sum() / bases.sum() / math.log(2))
+            for i, name in enumerate(self.kingdoms):
+                if bases[i] > 0:
+                    metrics[f"val/bits_per_base/{name}"] = float(nll[i] / bases[i] / math.log(2))
+        metrics["val/seconds"] = time.perf_counter() - started
+        return metrics

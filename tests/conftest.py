@@ -1,0 +1,48 @@
+"""Shared fixtures: the bundled real genome sample and shards built from it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.shards import ShardOptions, SourceFile, build_shards, read_sources_tsv
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data_pipeline" / "sample"
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def sample_file(relative: str) -> Path:
+    return SAMPLE / relative
+
+
+@pytest.fixture(scope="session")
+def sample_sources() -> list[SourceFile]:
+    return read_sources_tsv(SAMPLE / "sources.tsv")
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory: pytest.TempPathFactory, sample_sources) -> Path:
+    """The whole bundled sample, sharded with the default options."""
+    out = tmp_path_factory.mktemp("shards") / "sample"
+    build_shards(sample_sources, out, ShardOptions(), log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def four_kingdom_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four real genomes of four kingdoms, one training shard each (no validation split), so
+    that the kingdom of a window tells which shard it came from."""
+    sources = [
+        SourceFile(sample_file("viral/lambda.fasta.gz"), "viral"),
+        SourceFile(sample_file("plasmid/deinococcus_MP1.fna.gz"), "plasmid"),
+        SourceFile(sample_file("plastid/gingko.fasta.gz"), "plastid"),
+        SourceFile(sample_file("fungi/ScerR64_I.fna.gz"), "fungi"),
+    ]
+    out = tmp_path_factory.mktemp("shards") / "four"
+    options = ShardOptions(chunk_len=8192, min_shards=1, val_fraction=0.0)
+    build_shards(sources, out, options, log=lambda _: None)
+    return out

@@ -1,0 +1,168 @@
+"""End to end: ``deepspeed launch/pretrain.py`` on the bundled genomes, in 1 and 2 processes.
+
+Each run is a real DeepSpeed launch (gloo on CPU) of a tiny transformer for a few dozen steps:
+loss must fall, MLflow must hold the run, checkpoints and the export must exist, a resumed run
+must end bit-identical to an uninterrupted one, and the MLflow run must continue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from nucleo.checkpoint import complete_tags
+from nucleo.export import load_exported, state_from_checkpoint
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+TINY = [
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+    "data.seq_len=128", "train.micro_batch_size=8", "train.max_steps=40",
+    "train.lr=3e-3", "train.warmup_steps=5", "train.log_every=5",
+    "eval.every=20", "eval.windows_per_kingdom=4", "checkpoint.every=20",
+]  # fmt: skip
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pretrain(shards: Path, root: Path, *args: str, procs: int = 1, extra: list[str] = ()):
+    sets = [*TINY, f"data.shards={shards}", f"run.root={root}", *extra]
+    cmd = [
+        DEEPSPEED,
+        "--num_gpus",
+        str(procs),
+        "--master_port",
+        str(_port()),
+        "launch/pretrain.py",
+        *args,
+    ]
+    for item in sets:
+        cmd += ["--set", item]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    env.pop("OMP_NUM_THREADS", None)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def _client(root: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{root.resolve() / 'mlflow.db'}")
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_one_process_trains_tracks_checkpoints_and_exports(sample_shards, tmp_path):
+    output = pretrain(sample_shards, tmp_path, extra=["run.name=one"])
+    run_dir = tmp_path / "one"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 40 and summary["tokens"] == 40 * 8 * 128
+    assert "step 40/40" in output and "tok/s" in output and "eta" in output
+
+    client = _client(tmp_path)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["nucleo.arch"] == "transformer"
+    assert run.data.params["train.max_steps"] == "40"
+    assert run.data.tags["git.commit"]
+    loss = _history(client, run.info.run_id, "train/loss")
+    assert len(loss) == 8 and loss[-1][1] < loss[0][1] - 0.2, loss
+    bpb = _history(client, run.info.run_id, "val/bits_per_base")
+    assert [s for s, _ in bpb] == [0, 20, 40] and bpb[-1][1] < bpb[0][1] - 0.5, bpb
+    for kingdom in ("archaea", "bacteria", "viral", "mitochondrion"):
+        assert _history(client, run.info.run_id, f"val/bits_per_base/{kingdom}")
+    for key in ("train/lr", "train/grad_norm", "train/tokens_per_second", "train/ce"):
+        assert _history(client, run.info.run_id, key), key
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "export"}
+
+    ckpt = run_dir / "checkpoints"
+    assert complete_tags(ckpt) == ["step_00000020", "step_00000040"]
+    model, _tokenizer, meta = load_exported(run_dir / "export")
+    assert meta["trained"]["step"] == 40
+    reference = state_from_checkpoint(ckpt, "step_00000040", zero_stage=0)
+    exported = model.state_dict()
+    assert all(torch.equal(exported[k], reference[k]) for k in reference)
+
+
+def test_two_processes_train_together(sample_shards, tmp_path):
+    output = pretrain(sample_shards, tmp_path, procs=2, extra=["run.name=two"])
+    assert output.count("exits successfully") == 2
+    assert "2 rank(s)" in output
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["tokens"] == 40 * 2 * 8 * 128  # both ranks' micro-batches in every step
+    client = _client(tmp_path)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.tags["nucleo.world_size"] == "2"
+    assert run.data.params["derived.global_batch_windows"] == "16"
+    loss = _history(client, run.info.run_id, "train/loss")
+    assert loss[-1][1] < loss[0][1] - 0.2
+
+
+def test_resume_continues_exactly_where_it_stopped(sample_shards, tmp_path):
+    pretrain(sample_shards, tmp_path, extra=["run.name=full"])
+    # The same run interrupted after its step-20 checkpoint:
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full", cut)
+    shutil.rmtree(cut / "checkpoints" / "step_00000040")
+    shutil.rmtree(cut / "export")
+    (cut / "summary.json").unlink()
+    output = pretrain(
+        sample_shards, tmp_path, "--resume", str(cut), extra=["tracking.enabled=false"]
+    )
+    assert "resumed" in output and "step 20" in output
+    assert "step 25/40" in output and "step 5/40" not in output
+    full = load_exported(tmp_path / "full" / "export")[0].state_dict()
+    resumed = load_exported(cut / "export")[0].state_dict()
+    assert all(torch.equal(full[k], resumed[k]) for k in full), "resume diverged"
+
+
+def test_resume_continues_the_mlflow_run(sample_shards, tmp_path):
+    pretrain(sample_shards, tmp_path, extra=["run.name=grow", "train.max_steps=20"])
+    first = json.loads((tmp_path / "grow" / "summary.json").read_text())["mlflow_run_id"]
+    pretrain(
+        sample_shards, tmp_path, "--resume", str(tmp_path / "grow"), extra=["train.max_steps=30"]
+    )
+    summary = json.loads((tmp_path / "grow" / "summary.json").read_text())
+    assert summary["mlflow_run_id"] == first and summary["step"] == 30
+    client = _client(tmp_path)
+    run = client.get_run(first)
+    assert run.info.status == "FINISHED" and run.data.tags["nucleo.resumed_at_step"] == "20"
+    steps = [s for s, _ in _history(client, first, "train/loss")]
+    assert steps == [5, 10, 15, 20, 25, 30]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_an_existing_run_is_not_overwritten(sample_shards, tmp_path):
+    pretrain(
+        sample_shards,
+        tmp_path,
+        extra=["run.name=once", "train.max_steps=5", "tracking.enabled=false"],
+    )
+    cmd = [
+        sys.executable,
+        "launch/pretrain.py",
+        "--set",
+        f"data.shards={sample_shards}",
+        "--set",
+        f"run.root={tmp_path}",
+        "--set",
+        "run.name=once",
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr and "--resume" in result.stderr

@@ -1,0 +1,98 @@
+"""Schedule, parameter groups, DeepSpeed config, progress line and tracking (no launcher)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from nucleo.components import ARCHITECTURES
+from nucleo.config import load_config
+from nucleo.engine import TrainConfig, deepspeed_config, lr_lambda, parameter_groups
+from nucleo.progress import Progress, duration, rate
+from nucleo.tracking import Tracker, TrackingConfig
+
+
+def test_warmup_then_cosine_to_the_floor():
+    train = TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    f = lr_lambda(train)
+    assert f(0) < f(5) < f(9) < 1.0
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.55, abs=1e-6)
+    assert f(100) == pytest.approx(0.1) and f(150) == pytest.approx(0.1)
+
+
+def test_no_decay_for_norms_and_tied_embeddings():
+    cfg = load_config(overrides=["model.d_model=32", "model.n_layers=1"])
+    model = ARCHITECTURES.build("transformer", cfg.model, vocab_size=9)
+    decay, no_decay = parameter_groups(model, 0.1)
+    assert all(p.dim() == 2 for p in decay["params"])
+    assert model.embed.weight in no_decay["params"]
+    n_unique = len({id(p) for p in model.parameters()})
+    assert len(decay["params"]) + len(no_decay["params"]) == n_unique
+
+
+def test_deepspeed_batch_arithmetic():
+    cfg = load_config(
+        overrides=[
+            "train.micro_batch_size=4",
+            "train.grad_accum=3",
+            "engine.zero_stage=2",
+            "engine.precision=bf16",
+        ]
+    )
+    ds = deepspeed_config(cfg.train, cfg.engine, world_size=2)
+    assert ds["train_batch_size"] == 24
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"]
+
+
+def test_progress_line_has_step_loss_throughput_and_eta():
+    out = io.StringIO()
+    progress = Progress(total_steps=100, start_step=0, tokens_per_step=1000, stream=out)
+    progress.update(10, 1.2345, 1e-3)
+    line = out.getvalue()
+    for part in ("step 10/100", "loss 1.2345", "tok/s", "eta", "lr 1.00e-03"):
+        assert part in line
+    assert duration(125) == "2m05s" and duration(3725) == "1h02m" and rate(14123) == "14.1k"
+
+
+def test_tracker_logs_params_metrics_and_artifacts(tmp_path):
+    tracker = Tracker(TrackingConfig(experiment="t"), tmp_path, enabled=True)
+    run_id = tracker.start("run-a", None, {"nucleo.arch": "transformer"})
+    tracker.log_params({"train": {"lr": 0.001, "betas": [0.9, 0.95]}})
+    for step in range(3):
+        tracker.log_metrics({"train/loss": 2.0 - step, "val/bits_per_base/viral": 1.9}, step)
+    (tmp_path / "config.yaml").write_text("arch: transformer\n")
+    tracker.log_artifact(tmp_path / "config.yaml")
+    tracker.end()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.data.params["train.lr"] == "0.001" and run.data.params["train.betas"] == "0.9,0.95"
+    assert run.data.tags["nucleo.arch"] == "transformer" and run.info.status == "FINISHED"
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [2.0, 1.0, 0.0]
+    assert [a.path for a in client.list_artifacts(run_id)] == ["config.yaml"]
+
+
+def test_a_broken_store_warns_once_and_lets_training_go_on(tmp_path, capsys):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    cfg = TrackingConfig(uri=f"sqlite:///{blocker}/x/mlflow.db")
+    tracker = Tracker(cfg, tmp_path, enabled=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert tracker.start("r", None, {}) is None
+    tracker.log_metrics({"a": 1.0}, 1)
+    tracker.end()
+    err = capsys.readouterr().err
+    assert err.count("MLflow tracking failed") == 1 and "training continues" in err
+
+
+def test_rank_other_than_zero_logs_nothing(tmp_path):
+    tracker = Tracker(TrackingConfig(), tmp_path, enabled=False)
+    assert tracker.start("r", None, {}) is None
+    tracker.log_metrics({"a": 1.0}, 1)
+    tracker.end()
+    assert not (tmp_path / "mlflow.db").exists()

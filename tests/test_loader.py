@@ -1,0 +1,125 @@
+"""Streaming windows: rank/worker splits, seeded order, exact resume, N filtering, validation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from data_pipeline.loader import DataConfig, TrainLoader, crop_windows, validation_windows
+from data_pipeline.tokenizers import CharTokenizer
+
+
+def _take(loader: TrainLoader, n: int) -> list:
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def _loader(shards, rank=0, world=1, workers=0, seed=0, batch=4, seq_len=256) -> TrainLoader:
+    cfg = DataConfig(shards=str(shards), seq_len=seq_len, num_workers=workers, shuffle_buffer=64)
+    return TrainLoader(cfg, CharTokenizer(), batch, seed, rank, world)
+
+
+def test_two_ranks_by_two_workers_read_disjoint_shards(four_kingdom_shards):
+    # One shard per kingdom: the kingdom of a window names the shard it was read from.
+    seen = {}
+    for rank in (0, 1):
+        loader = _loader(four_kingdom_shards, rank=rank, world=2, workers=2)
+        batches = _take(loader, 8)
+        for j, batch in enumerate(batches):  # the DataLoader alternates its two workers
+            kingdoms = {loader.kingdoms[k] for k in batch.kingdom.tolist()}
+            assert len(kingdoms) == 1, "a worker reads only its own shard"
+            seen.setdefault((rank, j % 2), set()).update(kingdoms)
+    readers = list(seen.values())
+    assert all(len(k) == 1 for k in readers)
+    assert set().union(*readers) == {"fungi", "plasmid", "plastid", "viral"}
+
+
+def test_too_few_shards_for_the_readers_is_a_clear_error(four_kingdom_shards):
+    with pytest.raises(ValueError, match="cannot feed 6 readers"):
+        _loader(four_kingdom_shards, rank=0, world=3, workers=2)
+
+
+def test_same_seed_same_batches_other_seed_other_batches(sample_shards):
+    a = _take(_loader(sample_shards, seed=7, workers=2), 6)
+    b = _take(_loader(sample_shards, seed=7, workers=2), 6)
+    c = _take(_loader(sample_shards, seed=8, workers=2), 6)
+    assert all(torch.equal(x.tokens, y.tokens) for x, y in zip(a, b, strict=False))
+    assert not all(torch.equal(x.tokens, y.tokens) for x, y in zip(a, c, strict=False))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("workers,stop", [(0, 5), (2, 5), (2, 4), (3, 7)])
+def test_resume_gives_exactly_the_next_batches(sample_shards, workers, stop):
+    full = _take(_loader(sample_shards, workers=workers), stop + 4)
+    first = _loader(sample_shards, workers=workers)
+    _take(first, stop)
+    state = first.state_dict()
+    assert state["consumed"] == stop
+    resumed = _loader(sample_shards, workers=workers)
+    resumed.load_state_dict(state)
+    rest = _take(resumed, 4)
+    for expected, got in zip(full[stop:], rest, strict=True):
+        assert torch.equal(expected.tokens, got.tokens)
+        assert torch.equal(expected.kingdom, got.kingdom)
+
+
+def test_changed_layout_warns_and_restarts(sample_shards):
+    first = _loader(sample_shards, workers=0)
+    _take(first, 2)
+    other = _loader(sample_shards, workers=0, batch=8)
+    with pytest.warns(UserWarning, match="layout changed"):
+        other.load_state_dict(first.state_dict())
+    assert other.consumed == 0
+
+
+def test_batches_carry_tokens_and_kingdoms(sample_shards):
+    loader = _loader(sample_shards, batch=8, seq_len=128)
+    (batch,) = _take(loader, 1)
+    assert batch.tokens.shape == (8, 128) and batch.tokens.dtype == torch.int64
+    assert batch.kingdom.shape == (8,)
+    assert batch.kingdoms == loader.kingdoms and len(loader.kingdoms) == 10
+    assert int(batch.tokens.max()) <= 5  # bases, N and padding only
+
+
+def test_mostly_n_windows_are_skipped():
+    rng = random.Random(0)
+    chunk = b"N" * 900 + b"ACGT" * 25  # 100 real bases at the end
+    windows = list(crop_windows(chunk, 100, 0.1, rng))
+    assert all(w.count(b"N") <= 10 for w in windows)
+    assert list(crop_windows(b"N" * 1000, 100, 0.1, rng)) == []
+    assert len(list(crop_windows(b"ACGT" * 250, 100, 0.1, rng))) == 10
+
+
+def test_short_chunks_are_padded(tmp_path, four_kingdom_shards):
+    loader = _loader(four_kingdom_shards, seq_len=8192, batch=2)
+    (batch,) = _take(loader, 1)
+    assert batch.tokens.shape == (2, 8192)
+
+
+def test_windows_longer_than_chunks_are_refused(four_kingdom_shards):
+    with pytest.raises(ValueError, match="chunk-len"):
+        _loader(four_kingdom_shards, seq_len=10_000)
+
+
+def test_unknown_kingdom_is_named(sample_shards):
+    cfg = DataConfig(shards=str(sample_shards), kingdoms=["viral", "martian"])
+    with pytest.raises(ValueError, match=r"'martian'.*available: archaea"):
+        TrainLoader(cfg, CharTokenizer(), 2, 0)
+
+
+def test_missing_shards_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nucleo data build"):
+        TrainLoader(DataConfig(shards=str(tmp_path / "nope")), CharTokenizer(), 2, 0)
+
+
+def test_validation_windows_are_fixed_and_bounded(sample_shards):
+    cfg = DataConfig(shards=str(sample_shards), seq_len=256)
+    tokens, kingdom, names = validation_windows(cfg, CharTokenizer(), 8, seed=3)
+    again, _, _ = validation_windows(cfg, CharTokenizer(), 8, seed=3)
+    assert torch.equal(tokens, again)
+    counts = torch.bincount(kingdom, minlength=len(names)).tolist()
+    by_name = dict(zip(names, counts, strict=False))
+    assert by_name["vertebrate_other"] == 0  # one record: training only
+    assert all(c == 8 for n, c in by_name.items() if n != "vertebrate_other")
