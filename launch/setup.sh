@@ -23,12 +23,17 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 echo "setting up $venv (once; about 2 minutes) ..."
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+pip_install() {
+    # Drop pip's notes about unreachable index folders (a local mirror's layout), keep the rest.
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 \
+        | { grep -v "^WARNING: Location '.*' is ignored" || true; }
+    return "${PIPESTATUS[0]}"
+}
 torch_spec="$(grep -E '^torch==' constraints/cpu.txt)"
-"${pip[@]}" ${NUCLEO_TORCH_INDEX:+--index-url "$NUCLEO_TORCH_INDEX"} "$torch_spec"
-PIP_CONSTRAINT="$PWD/constraints/cpu.txt" "${pip[@]}" -e '.[dev]'
+pip_install ${NUCLEO_TORCH_INDEX:+--index-url "$NUCLEO_TORCH_INDEX"} "$torch_spec"
+PIP_CONSTRAINT="$PWD/constraints/cpu.txt" pip_install -e '.[dev]'
 if [ -n "${NUCLEO_GPU_KERNELS:-}" ]; then
-    PIP_CONSTRAINT="$PWD/constraints/cpu.txt" "${pip[@]}" --no-build-isolation -e '.[gpu]'
+    PIP_CONSTRAINT="$PWD/constraints/cpu.txt" pip_install --no-build-isolation -e '.[gpu]'
 fi
 echo "$want" > "$stamp"
 echo "set up $venv"

@@ -181,6 +181,7 @@ def fit(
         cfg.train.max_steps, state.step, tokens_per_step, out if dist.is_main else None
     )
     val_seconds = 0.0
+    warned_slow_eval = False
     last_val: dict[str, float] = {}
 
     def validate() -> None:
@@ -198,6 +199,15 @@ def fit(
             )
             headline = last_val.get("val/bits_per_base", last_val.get("val/loss", math.nan))
             say(f"val step {state.step} | bits/base {headline:.4f} | {per_kingdom}")
+        nonlocal warned_slow_eval
+        if not warned_slow_eval and progress.train_seconds > 60:
+            share = val_seconds / progress.train_seconds
+            if share > 0.1:
+                warned_slow_eval = True
+                say(
+                    f"note: validation has taken {100 * share:.0f}% of the training time; "
+                    "lower eval.windows_per_kingdom or raise eval.every"
+                )
         progress.resume()
 
     def checkpoint() -> None:

@@ -166,3 +166,43 @@ def test_an_existing_run_is_not_overwritten(sample_shards, tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "already holds a run" in result.stderr and "--resume" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "procs,stage,precision", [(1, 2, "bf16"), (2, 3, "fp32")], ids=["zero2-bf16", "zero3-2proc"]
+)
+def test_zero_stages_and_bf16(sample_shards, tmp_path, procs, stage, precision):
+    name = f"z{stage}"
+    pretrain(
+        sample_shards,
+        tmp_path,
+        procs=procs,
+        extra=[
+            f"run.name={name}",
+            f"engine.zero_stage={stage}",
+            f"engine.precision={precision}",
+            "train.max_steps=20",
+            "eval.every=10",
+            "checkpoint.every=10",
+            "tracking.enabled=false",
+        ],
+    )
+    run_dir = tmp_path / name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    bpb = summary["final_validation"]["val/bits_per_base"]
+    assert 1.0 < bpb < 2.9, bpb  # learned something (3.1 at initialisation)
+    exported = load_exported(run_dir / "export")[0].state_dict()
+    # The same weights through the offline path: `nucleo export` of the last checkpoint.
+    result = subprocess.run(
+        [sys.executable, "-m", "nucleo", "export", str(run_dir), "--out", str(tmp_path / "x")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    offline = load_exported(tmp_path / "x")[0].state_dict()
+    for key, value in exported.items():
+        torch.testing.assert_close(
+            offline[key], value, rtol=0, atol=1e-2 if precision == "bf16" else 0
+        )
