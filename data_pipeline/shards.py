@@ -151,7 +151,7 @@ def _safe_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
-def _scan(sources: list[SourceFile], log: Callable[[str], None]) -> list[RecordInfo]:
+def _scan(sources: list[SourceFile], log: Callable[[str], None], verbose: bool) -> list[RecordInfo]:
     """Pass 1: one RecordInfo per input record, duplicates marked."""
     infos: list[RecordInfo] = []
     by_digest: dict[str, RecordInfo] = {}
@@ -188,7 +188,9 @@ def _scan(sources: list[SourceFile], log: Callable[[str], None]) -> list[RecordI
                 by_digest[digest] = info
             infos.append(info)
             del rec
-        log(f"read {src.path}: {count} records ({src.kingdom})")
+        if verbose:
+            log(f"read {src.path}: {count} records ({src.kingdom})")
+    log(f"read {len(sources)} files: {len(infos)} records, {sum(i.length for i in infos):,} bases")
     return infos
 
 
@@ -232,15 +234,18 @@ def build_shards(
     *,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
+    verbose: bool = False,
 ) -> dict[str, Any]:
-    """Shard ``sources`` into ``out_dir``; returns the manifest (also written as manifest.json)."""
+    """Shard ``sources`` into ``out_dir``; returns the manifest (also written as manifest.json).
+
+    ``log`` receives the summary (and, when ``verbose``, a line per input file)."""
     options = options or ShardOptions()
     sources = check_sources(sources)
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     started = time.time()
-    infos = _scan(sources, log)
+    infos = _scan(sources, log, verbose)
     assign_splits(infos, options)
     kept = {i.key: i for i in infos if i.duplicate_of is None}
 

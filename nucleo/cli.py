@@ -123,7 +123,7 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         split_salt=args.split_salt,
     )
-    build_shards(sources, args.out, options, overwrite=args.overwrite)
+    build_shards(sources, args.out, options, overwrite=args.overwrite, verbose=args.verbose)
     print(f"wrote {args.out}/manifest.json")
     return 0
 
@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1, help="records held out")
     p.add_argument("--split-salt", default="nucleo", help="salt of the split hash")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--verbose", action="store_true", help="a line per input file")
     p.set_defaults(func=cmd_data_build)
     p = data.add_parser("verify", help="check shard checksums against the manifest")
     p.add_argument("dir")

@@ -3,6 +3,10 @@
 One loop for one CPU process or many GPUs: each optimizer step runs ``grad_accum``
 micro-batches through the objective, DeepSpeed averages gradients across ranks and steps the
 optimizer and schedule. Rank 0 prints progress and logs to MLflow; validation runs on all ranks.
+
+``Trainer.__init__`` builds (model, objective, data, engine, tracking, resume state);
+``Trainer.fit`` runs the loop; ``step``, ``log``, ``validate``, ``checkpoint`` and ``finish``
+are its parts, each a screen or less.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -35,6 +40,7 @@ from nucleo.export import export_model, full_state_dict
 from nucleo.objective import Objective
 from nucleo.progress import Progress, duration
 from nucleo.tracking import Tracker, run_tags
+from nucleo.types import Batch
 
 
 @dataclass
@@ -103,6 +109,259 @@ def _mean_across_ranks(
     return {k: float(v) for k, v in zip(keys, packed.tolist(), strict=False)}
 
 
+class Trainer:
+    """One training run, built from its config (and, to resume, its run directory)."""
+
+    def __init__(self, cfg: RunConfig, resume: str | Path | None = None, out: TextIO = sys.stdout):
+        self.started = time.perf_counter()
+        self.cfg = cfg
+        self.dist = dist = setup_distributed(cfg.engine)
+        self.out = out if dist.is_main else None
+        self.run_dir = prepare_run_dir(cfg, dist, resume)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.config_yaml = self.run_dir / "config.yaml"
+        if dist.is_main:
+            save_config(cfg, self.config_yaml)
+
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        torch.manual_seed(cfg.train.seed)
+        self.model = ARCHITECTURES.build(cfg.arch, cfg.model, vocab_size=self.tokenizer.vocab_size)
+        self.params = count_parameters(self.model)
+        self.objective = Objective.build(cfg.losses, cfg.loss, self.model, self.tokenizer)
+        self.loader = TrainLoader(
+            cfg.data, self.tokenizer, cfg.train.micro_batch_size, cfg.train.seed,
+            dist.rank, dist.world_size,
+        )  # fmt: skip
+        self.validator = Validator(
+            cfg.eval, cfg.data, self.tokenizer, self.objective, dist, cfg.train.seed
+        )
+        self.engine = build_engine(self.model, cfg.train, cfg.engine, dist)
+        self.tokens_per_step = (
+            cfg.train.micro_batch_size * cfg.train.grad_accum * dist.world_size * cfg.data.seq_len
+        )
+        self.state = TrainState()
+        if resume:
+            self._restore()
+        self.tracker = Tracker(cfg.tracking, cfg.run.root, enabled=dist.is_main)
+        self._start_tracking(resumed=bool(resume))
+        self.progress = Progress(
+            cfg.train.max_steps, self.state.step, self.tokens_per_step, self.out
+        )
+        self.val_seconds = 0.0
+        self.last_val: dict[str, float] = {}
+        self._warned_slow_eval = False
+
+    def say(self, text: str) -> None:
+        if self.out is not None:
+            print(text, file=self.out, flush=True)
+
+    def _restore(self) -> None:
+        tag = latest_tag(self.ckpt_dir)
+        assert tag is not None  # prepare_run_dir checked
+        client = load_checkpoint(self.engine, self.ckpt_dir, tag)
+        self.state = TrainState(
+            step=int(client["step"]),
+            tokens=int(client["tokens"]),
+            mlflow_run_id=client.get("mlflow_run_id"),
+            loader=client.get("loader", {}),
+        )
+        self.loader.load_state_dict(self.state.loader)
+        s = self.state
+        self.say(f"resumed {self.run_dir} from {tag} (step {s.step}, {s.tokens:,} tokens)")
+
+    def _start_tracking(self, resumed: bool) -> None:
+        cfg, dist, tracker = self.cfg, self.dist, self.tracker
+        run_id = tracker.start(
+            self.run_dir.name, self.state.mlflow_run_id, run_tags(cfg, dist.world_size)
+        )
+        self.state.mlflow_run_id = _agree(run_id, dist)
+        if resumed:
+            tracker.set_tags({"nucleo.resumed_at_step": str(self.state.step)})
+        else:
+            derived = {
+                "parameters": self.params["total"],
+                "non_embedding_parameters": self.params["non_embedding"],
+                "world_size": dist.world_size,
+                "global_batch_windows": self.tokens_per_step // cfg.data.seq_len,
+                "tokens_per_step": self.tokens_per_step,
+                "run_dir": str(self.run_dir),
+            }
+            ds = deepspeed_config(cfg.train, cfg.engine, dist.world_size)
+            tracker.log_params({**cfg.to_dict(), "derived": derived, "deepspeed": ds})
+            tracker.log_artifact(self.config_yaml)
+        self.say(
+            f"run {self.run_dir} | {cfg.arch} {self.params['total']:,} parameters "
+            f"({self.params['non_embedding']:,} non-embedding) | losses {','.join(cfg.losses)} | "
+            f"{dist.world_size} rank(s) on {dist.device.type} | "
+            f"{self.tokens_per_step:,} tokens/step | "
+            f"MLflow {tracker.uri if tracker.active else 'off'}"
+        )
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``train.max_steps``; returns the summary (also ``<run dir>/summary.json``)."""
+        cfg, state = self.cfg, self.state
+        status = "FAILED"
+        try:
+            if state.step == 0:
+                self.validate()
+            batches = iter(self.loader)
+            sums: dict[str, torch.Tensor] = {}
+            count = 0
+            while state.step < cfg.train.max_steps:
+                logging = (state.step + 1) % cfg.train.log_every == 0 or (
+                    state.step + 1 == cfg.train.max_steps
+                )
+                norm = self.step(batches, sums, want_norm=logging)
+                count += cfg.train.grad_accum
+                if logging:
+                    self.log(sums, count, norm)
+                    sums, count = {}, 0
+                if cfg.eval.every and state.step % cfg.eval.every == 0:
+                    self.validate()
+                if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
+                    self.checkpoint()
+            self.finish()
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self.tracker.end(status)
+        return self.summary()
+
+    def step(
+        self, batches: Iterator[Batch], sums: dict[str, torch.Tensor], want_norm: bool
+    ) -> float | None:
+        """One optimizer step over ``grad_accum`` micro-batches; adds metrics into ``sums``.
+
+        Returns the gradient norm when ``want_norm`` and DeepSpeed does not record it itself.
+        """
+        cfg, dist, state = self.cfg, self.dist, self.state
+        norm = None
+        last = cfg.train.grad_accum - 1
+        for micro in range(cfg.train.grad_accum):
+            batch = next(batches).to(dist.device)
+            # Dropout and other randomness: a function of (seed, step, rank), so resumes match.
+            torch.manual_seed(
+                (cfg.train.seed * 1_000_003 + state.step) * 4099 + dist.rank * 31 + micro
+            )
+            result = self.objective(self.engine, batch, self.model)
+            self.engine.backward(result.loss)
+            if want_norm and micro == last and needs_own_grad_norm(cfg.engine):
+                norm = grad_norm(self.model)  # gradients are all-reduced, not yet clipped
+            self.engine.step()
+            for key, value in result.metrics.items():
+                sums[key] = sums.get(key, torch.zeros((), device=dist.device)) + value
+        state.step += 1
+        state.tokens += self.tokens_per_step
+        return norm
+
+    def log(self, sums: dict[str, torch.Tensor], count: int, norm: float | None) -> None:
+        """Progress line and ``train/*`` metrics: means over the micro-batches since last time."""
+        means = _mean_across_ranks(sums, count, self.dist)
+        lr = float(self.engine.get_lr()[0])
+        loss = means.get("loss", math.nan)
+        self.progress.update(self.state.step, loss, lr)
+        metrics = {f"train/{k}": v for k, v in means.items()}
+        if norm is None and self.engine.get_global_grad_norm() is not None:
+            norm = float(self.engine.get_global_grad_norm())
+        if norm is not None:
+            metrics["train/grad_norm"] = norm
+        metrics["train/lr"] = lr
+        metrics["train/tokens"] = self.state.tokens
+        metrics["train/tokens_per_second"] = self.progress.tokens_per_second
+        self.tracker.log_metrics(metrics, self.state.step)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {self.state.step}; stopping")
+
+    def validate(self) -> None:
+        """Evaluate the fixed validation windows; log, print, and warn if it gets expensive."""
+        self.progress.pause()
+        self.last_val = val = self.validator(self.engine, self.model)
+        self.val_seconds += val.get("val/seconds", 0.0)
+        self.tracker.log_metrics(val, self.state.step)
+        self.tracker.flush()
+        if val:
+            per_kingdom = " ".join(
+                f"{k.rsplit('/', 1)[1]} {v:.3f}"
+                for k, v in val.items()
+                if k.startswith("val/bits_per_base/")
+            )
+            headline = val.get("val/bits_per_base", val.get("val/loss", math.nan))
+            self.say(f"val step {self.state.step} | bits/base {headline:.4f} | {per_kingdom}")
+        trained = self.progress.train_seconds
+        if not self._warned_slow_eval and trained > 60 and self.val_seconds > 0.1 * trained:
+            self._warned_slow_eval = True
+            self.say(
+                f"note: validation has taken {100 * self.val_seconds / trained:.0f}% of the "
+                "training time; lower eval.windows_per_kingdom or raise eval.every"
+            )
+        self.progress.resume()
+
+    def checkpoint(self) -> None:
+        self.progress.pause()
+        client = {
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "mlflow_run_id": self.state.mlflow_run_id,
+            "loader": self.loader.state_dict(),
+            "config": self.cfg.to_dict(),
+        }
+        config_text = self.config_yaml.read_text() if self.dist.is_main else ""
+        path = save_checkpoint(
+            self.engine, self.ckpt_dir, self.state.step, client, config_text,
+            self.cfg.checkpoint.keep, self.dist.is_main,
+        )  # fmt: skip
+        self.say(f"checkpoint {path}")
+        self.progress.resume()
+
+    def finish(self) -> None:
+        """Final validation and checkpoint (unless just done), then the portable export."""
+        cfg, state = self.cfg, self.state
+        if not (cfg.eval.every and state.step % cfg.eval.every == 0):
+            self.validate()
+        if not (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0):
+            self.checkpoint()
+        if not cfg.checkpoint.export:
+            return
+        weights = full_state_dict(self.engine, cfg.engine.zero_stage)  # collective on ZeRO-3
+        if self.dist.is_main:
+            trained = {"step": state.step, "tokens": state.tokens, "run_dir": str(self.run_dir)}
+            export_dir = export_model(
+                weights, cfg, self.tokenizer, self.run_dir / "export", trained
+            )
+            self.tracker.log_artifact(export_dir / "config.json", "export")
+            self.say(f"export {export_dir}")
+
+    def summary(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self.started
+        trained = self.progress.train_seconds
+        summary = {
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "run_dir": str(self.run_dir),
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "parameters": self.params,
+            "wall_seconds": round(wall, 1),
+            "train_seconds": round(trained, 1),
+            "validation_seconds": round(self.val_seconds, 1),
+            "tokens_per_second": round(
+                self.progress.train_steps * self.tokens_per_step / max(trained, 1e-9)
+            ),
+            "final_validation": self.last_val,
+            "mlflow_run_id": self.state.mlflow_run_id,
+            "tracking_uri": self.tracker.uri,
+        }
+        if self.dist.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self.say(
+                f"done: {self.state.step} steps, {self.state.tokens:,} tokens in {duration(wall)} "
+                f"({summary['tokens_per_second']:,} tok/s training; "
+                f"validation {duration(self.val_seconds)})"
+            )
+        return summary
+
+
 def fit(
     cfg: RunConfig, resume: str | Path | None = None, out: TextIO = sys.stdout
 ) -> dict[str, Any]:
@@ -111,223 +370,4 @@ def fit(
     Returns a summary (final step, tokens, validation metrics, wall time, tokens/s), which is
     also written to ``<run dir>/summary.json``.
     """
-    started = time.perf_counter()
-    dist = setup_distributed(cfg.engine)
-    say = (lambda text: print(text, file=out, flush=True)) if dist.is_main else (lambda text: None)
-    run_dir = prepare_run_dir(cfg, dist, resume)
-    config_yaml_path = run_dir / "config.yaml"
-    if dist.is_main:
-        save_config(cfg, config_yaml_path)
-
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
-    torch.manual_seed(cfg.train.seed)
-    model = ARCHITECTURES.build(cfg.arch, cfg.model, vocab_size=tokenizer.vocab_size)
-    params = count_parameters(model)
-    objective = Objective.build(cfg.losses, cfg.loss, model, tokenizer)
-    loader = TrainLoader(
-        cfg.data, tokenizer, cfg.train.micro_batch_size, cfg.train.seed, dist.rank, dist.world_size
-    )
-    validator = Validator(cfg.eval, cfg.data, tokenizer, objective, dist, cfg.train.seed)
-    engine = build_engine(model, cfg.train, cfg.engine, dist)
-
-    state = TrainState()
-    ckpt_dir = run_dir / "checkpoints"
-    if resume:
-        tag = latest_tag(ckpt_dir)
-        assert tag is not None
-        client = load_checkpoint(engine, ckpt_dir, tag)
-        state = TrainState(
-            step=int(client["step"]),
-            tokens=int(client["tokens"]),
-            mlflow_run_id=client.get("mlflow_run_id"),
-            loader=client.get("loader", {}),
-        )
-        loader.load_state_dict(state.loader)
-        say(f"resumed {run_dir} from {tag} (step {state.step}, {state.tokens:,} tokens)")
-
-    tokens_per_step = (
-        cfg.train.micro_batch_size * cfg.train.grad_accum * dist.world_size * cfg.data.seq_len
-    )
-    tracker = Tracker(cfg.tracking, cfg.run.root, enabled=dist.is_main)
-    state.mlflow_run_id = tracker.start(
-        run_dir.name, state.mlflow_run_id, run_tags(cfg, dist.world_size)
-    )
-    state.mlflow_run_id = _agree(state.mlflow_run_id, dist)
-    if not resume:
-        derived = {
-            "derived": {
-                "parameters": params["total"],
-                "non_embedding_parameters": params["non_embedding"],
-                "world_size": dist.world_size,
-                "global_batch_windows": tokens_per_step // cfg.data.seq_len,
-                "tokens_per_step": tokens_per_step,
-                "run_dir": str(run_dir),
-            },
-            "deepspeed": deepspeed_config(cfg.train, cfg.engine, dist.world_size),
-        }
-        tracker.log_params({**cfg.to_dict(), **derived})
-        tracker.log_artifact(config_yaml_path)
-    else:
-        tracker.set_tags({"nucleo.resumed_at_step": str(state.step)})
-
-    say(
-        f"run {run_dir} | {cfg.arch} {params['total']:,} parameters "
-        f"({params['non_embedding']:,} non-embedding) | losses {','.join(cfg.losses)} | "
-        f"{dist.world_size} rank(s) on {dist.device.type} | {tokens_per_step:,} tokens/step | "
-        f"MLflow {tracker.uri if tracker.active else 'off'}"
-    )
-
-    progress = Progress(
-        cfg.train.max_steps, state.step, tokens_per_step, out if dist.is_main else None
-    )
-    val_seconds = 0.0
-    warned_slow_eval = False
-    last_val: dict[str, float] = {}
-
-    def validate() -> None:
-        nonlocal val_seconds, last_val
-        progress.pause()
-        last_val = validator(engine, model)
-        val_seconds += last_val.get("val/seconds", 0.0)
-        tracker.log_metrics(last_val, state.step)
-        tracker.flush()
-        if last_val:
-            per_kingdom = " ".join(
-                f"{k.rsplit('/', 1)[1]} {v:.3f}"
-                for k, v in last_val.items()
-                if k.startswith("val/bits_per_base/")
-            )
-            headline = last_val.get("val/bits_per_base", last_val.get("val/loss", math.nan))
-            say(f"val step {state.step} | bits/base {headline:.4f} | {per_kingdom}")
-        nonlocal warned_slow_eval
-        if not warned_slow_eval and progress.train_seconds > 60:
-            share = val_seconds / progress.train_seconds
-            if share > 0.1:
-                warned_slow_eval = True
-                say(
-                    f"note: validation has taken {100 * share:.0f}% of the training time; "
-                    "lower eval.windows_per_kingdom or raise eval.every"
-                )
-        progress.resume()
-
-    def checkpoint() -> None:
-        progress.pause()
-        client = {
-            "step": state.step,
-            "tokens": state.tokens,
-            "mlflow_run_id": state.mlflow_run_id,
-            "loader": loader.state_dict(),
-            "config": cfg.to_dict(),
-        }
-        path = save_checkpoint(
-            engine,
-            ckpt_dir,
-            state.step,
-            client,
-            config_yaml_path.read_text() if dist.is_main else "",
-            cfg.checkpoint.keep,
-            dist.is_main,
-        )
-        say(f"checkpoint {path}")
-        progress.resume()
-
-    status = "FAILED"
-    try:
-        if state.step == 0:
-            validate()
-        batches = iter(loader)
-        sums: dict[str, torch.Tensor] = {}
-        count = 0
-        own_norm = needs_own_grad_norm(cfg.engine)
-        while state.step < cfg.train.max_steps:
-            logging = (state.step + 1) % cfg.train.log_every == 0 or (
-                state.step + 1 == cfg.train.max_steps
-            )
-            norm: float | None = None
-            for micro in range(cfg.train.grad_accum):
-                batch = next(batches).to(dist.device)
-                torch.manual_seed(
-                    (cfg.train.seed * 1_000_003 + state.step) * 4099 + dist.rank * 31 + micro
-                )
-                result = objective(engine, batch, model)
-                engine.backward(result.loss)
-                if logging and own_norm and micro == cfg.train.grad_accum - 1:
-                    norm = grad_norm(model)
-                engine.step()
-                for key, value in result.metrics.items():
-                    sums[key] = sums.get(key, torch.zeros((), device=dist.device)) + value
-                count += 1
-            state.step += 1
-            state.tokens += tokens_per_step
-            if logging:
-                means = _mean_across_ranks(sums, count, dist)
-                sums, count = {}, 0
-                lr = float(engine.get_lr()[0])
-                line_loss = means.get("loss", math.nan)
-                progress.update(state.step, line_loss, lr)
-                metrics = {f"train/{k}": v for k, v in means.items()}
-                if norm is None and engine.get_global_grad_norm() is not None:
-                    norm = float(engine.get_global_grad_norm())
-                if norm is not None:
-                    metrics["train/grad_norm"] = norm
-                metrics.update(
-                    {
-                        "train/lr": lr,
-                        "train/tokens": state.tokens,
-                        "train/tokens_per_second": progress.tokens_per_second,
-                    }
-                )
-                tracker.log_metrics(metrics, state.step)
-                if not math.isfinite(line_loss):
-                    raise FloatingPointError(f"loss is {line_loss} at step {state.step}; stopping")
-            if cfg.eval.every and state.step % cfg.eval.every == 0:
-                validate()
-            if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
-                checkpoint()
-        if not (cfg.eval.every and state.step % cfg.eval.every == 0):
-            validate()
-        if not (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0):
-            checkpoint()
-        if cfg.checkpoint.export:
-            weights = full_state_dict(engine, cfg.engine.zero_stage)
-            if dist.is_main:
-                export_dir = export_model(
-                    weights,
-                    cfg,
-                    tokenizer,
-                    run_dir / "export",
-                    {"step": state.step, "tokens": state.tokens, "run_dir": str(run_dir)},
-                )
-                tracker.log_artifact(export_dir / "config.json", "export")
-                say(f"export {export_dir}")
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracker.end(status)
-
-    wall = time.perf_counter() - started
-    train_seconds = progress.train_seconds
-    summary = {
-        "run_dir": str(run_dir),
-        "step": state.step,
-        "tokens": state.tokens,
-        "parameters": params,
-        "wall_seconds": round(wall, 1),
-        "train_seconds": round(train_seconds, 1),
-        "validation_seconds": round(val_seconds, 1),
-        "tokens_per_second": round(
-            progress.train_steps * tokens_per_step / max(train_seconds, 1e-9)
-        ),
-        "final_validation": last_val,
-        "mlflow_run_id": state.mlflow_run_id,
-        "tracking_uri": tracker.uri,
-    }
-    if dist.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        say(
-            f"done: {state.step} steps, {state.tokens:,} tokens in {duration(wall)} "
-            f"({summary['tokens_per_second']:,} tok/s training; validation {duration(val_seconds)})"
-        )
-    return summary
+    return Trainer(cfg, resume, out).fit()

@@ -55,6 +55,7 @@ def pretrain(shards: Path, root: Path, *args: str, procs: int = 1, extra: list[s
         cmd += ["--set", item]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     env.pop("OMP_NUM_THREADS", None)
+    env.pop("MKL_NUM_THREADS", None)
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr

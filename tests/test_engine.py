@@ -96,3 +96,18 @@ def test_rank_other_than_zero_logs_nothing(tmp_path):
     tracker.log_metrics({"a": 1.0}, 1)
     tracker.end()
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_threads_are_shared_between_local_processes(monkeypatch):
+    from nucleo.runtime import configure_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "8")  # inherited from a parent: must not survive
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(4)))
+    assert configure_threads() == 2
+    import os
+
+    assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
+    assert configure_threads() == 3
