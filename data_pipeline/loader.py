@@ -238,15 +238,16 @@ class TrainLoader:
         self.kingdoms = tuple(sorted(cfg.kingdoms or self.manifest["kingdoms"]))
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.seed = seed
+        self.base_seed = seed  # from the config
+        self.seed = seed  # of the stream; differs after a resume with a changed layout
         self.rank = rank
         self.world_size = world_size
-        self.consumed = 0  # micro-batches handed to the trainer
+        self.consumed = 0  # micro-batches of this stream handed to the trainer
 
     def layout(self) -> dict[str, Any]:
         """What must match for a saved position to mean the same stream."""
         return {
-            "seed": self.seed,
+            "seed": self.base_seed,
             "world_size": self.world_size,
             "num_workers": self.cfg.num_workers,
             "batch_size": self.batch_size,
@@ -255,20 +256,22 @@ class TrainLoader:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"consumed": self.consumed, "layout": self.layout()}
+        return {"consumed": self.consumed, "stream_seed": self.seed, "layout": self.layout()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("layout") != self.layout():
-            warnings.warn(
-                f"the data layout changed since the checkpoint ({state.get('layout')} -> "
-                f"{self.layout()}): the stream restarts with a new order instead of resuming "
-                "exactly",
-                stacklevel=2,
-            )
-            self.seed = hash((self.seed, state.get("consumed", 0))) % 2**31
-            self.consumed = 0
+        """Continue the saved stream; if the layout changed, start a fresh stream (new seed)."""
+        if state.get("layout") == self.layout():
+            self.seed = int(state.get("stream_seed", self.base_seed))
+            self.consumed = int(state["consumed"])
             return
-        self.consumed = int(state["consumed"])
+        warnings.warn(
+            f"the data layout changed since the checkpoint ({state.get('layout')} -> "
+            f"{self.layout()}): the stream restarts with a new order instead of resuming exactly",
+            stacklevel=2,
+        )
+        previous = int(state.get("stream_seed", self.base_seed))
+        self.seed = (previous * 1_000_003 + int(state.get("consumed", 0))) % 2**31
+        self.consumed = 0
 
     def __iter__(self) -> Iterator[Batch]:
         stream = WindowStream(

@@ -47,10 +47,15 @@ _KINGDOM_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 @dataclass(frozen=True)
 class SourceFile:
-    """A genome file and the kingdom its records belong to."""
+    """A genome file, the kingdom its records belong to, and an optional split group.
+
+    Records of files with the same (kingdom, group) go to the same split: give near-identical
+    genomes (strains of one species) or one organism's several files a common group.
+    """
 
     path: Path
     kingdom: str
+    group: str = ""
 
 
 @dataclass
@@ -96,25 +101,41 @@ class RecordInfo:
     organism: str = ""
     split: str = ""
     duplicate_of: str | None = None
+    group: str = ""
     split_hash: float = field(default=0.0, repr=False)
+
+    @property
+    def split_unit(self) -> str:
+        """What the split hashes: the group when there is one, else the record."""
+        return f"group:{self.group}" if self.group else self.key
 
 
 def read_sources_tsv(path: str | Path) -> list[SourceFile]:
-    """Inputs from a TSV with columns ``path`` and ``kingdom`` (paths relative to the TSV)."""
+    """Inputs from a TSV with columns ``path``, ``kingdom`` and optionally ``group``.
+
+    Paths are relative to the TSV; rows starting with ``#`` are comments.
+    """
     path = Path(path)
     base = path.parent
     with open(path, newline="") as fh:
         rows = list(csv.reader(fh, delimiter="\t"))
-    if not rows or [c.strip() for c in rows[0][:2]] != ["path", "kingdom"]:
-        raise ValueError(f"{path}:1: the header must be 'path<TAB>kingdom', got {rows[:1]}")
+    header = [c.strip() for c in rows[0]] if rows else []
+    if header not in (["path", "kingdom"], ["path", "kingdom", "group"]):
+        raise ValueError(
+            f"{path}:1: the header must be 'path<TAB>kingdom' or 'path<TAB>kingdom<TAB>group', "
+            f"got {header}"
+        )
     sources = []
     for number, row in enumerate(rows[1:], start=2):
         if not row or not "".join(row).strip() or row[0].startswith("#"):
             continue
-        if len(row) < 2:
-            raise ValueError(f"{path}:{number}: expected 'path<TAB>kingdom', got {row}")
+        if not 2 <= len(row) <= len(header):
+            raise ValueError(f"{path}:{number}: expected {'<TAB>'.join(header)}, got {row}")
         file = Path(row[0].strip())
-        sources.append(SourceFile(file if file.is_absolute() else base / file, row[1].strip()))
+        group = row[2].strip() if len(row) > 2 else ""
+        sources.append(
+            SourceFile(file if file.is_absolute() else base / file, row[1].strip(), group)
+        )
     return sources
 
 
@@ -122,7 +143,11 @@ def check_sources(sources: Iterable[SourceFile]) -> list[SourceFile]:
     sources = list(sources)
     if not sources:
         raise ValueError("no input genome files given")
+    seen: set[Path] = set()
     for src in sources:
+        if src.path.resolve() in seen:
+            raise ValueError(f"{src.path}: listed twice in the inputs")
+        seen.add(src.path.resolve())
         if not _KINGDOM_NAME.match(src.kingdom):
             raise ValueError(
                 f"{src.path}: kingdom {src.kingdom!r} is not a valid name (lower-case letters, "
@@ -179,6 +204,7 @@ def _scan(sources: list[SourceFile], log: Callable[[str], None], verbose: bool) 
                 digest=digest,
                 description=rec.description[:200],
                 organism=rec.organism,
+                group=src.group,
             )
             first = by_digest.get(digest)
             if first is not None:
@@ -195,25 +221,34 @@ def _scan(sources: list[SourceFile], log: Callable[[str], None], verbose: bool) 
 
 
 def assign_splits(infos: list[RecordInfo], options: ShardOptions) -> None:
-    """Set ``split`` of every kept record: hash of its key, with two guarantees per kingdom.
+    """Set ``split`` of every kept record by a hash of its split unit (group, else record).
 
-    A kingdom with two or more records keeps at least one in each split (the record with the
-    lowest hash goes to ``val``); a kingdom with one record keeps it for training.
+    Two guarantees per kingdom: with two or more units, each split gets at least one (the
+    smallest unit by bases moves when one split would be empty, so training keeps the most);
+    with a single unit, it trains.
     """
     kept = [i for i in infos if i.duplicate_of is None]
+    units: dict[tuple[str, str], list[RecordInfo]] = {}
     for info in kept:
-        info.split_hash = _unit_hash(f"{options.split_salt}:{info.key}")
-        info.split = "val" if info.split_hash < options.val_fraction else "train"
-    for kingdom in sorted({i.kingdom for i in kept}):
-        members = sorted((i for i in kept if i.kingdom == kingdom), key=lambda i: i.split_hash)
-        if options.val_fraction == 0 or len(members) == 1:
-            for i in members:
-                i.split = "train"
-            continue
-        if all(i.split == "train" for i in members):
-            members[0].split = "val"
-        if all(i.split == "val" for i in members):
-            members[-1].split = "train"
+        units.setdefault((info.kingdom, info.split_unit), []).append(info)
+    split: dict[tuple[str, str], str] = {}
+    for unit, members in units.items():
+        h = _unit_hash(f"{options.split_salt}:{unit[1]}")
+        for info in members:
+            info.split_hash = h
+        split[unit] = "val" if h < options.val_fraction else "train"
+    for kingdom in sorted({k for k, _ in units}):
+        mine = [u for u in units if u[0] == kingdom]
+        by_size = sorted(mine, key=lambda u: (sum(i.length for i in units[u]), u[1]))
+        if options.val_fraction == 0 or len(mine) == 1:
+            split.update(dict.fromkeys(mine, "train"))
+        elif all(split[u] == "train" for u in mine):
+            split[by_size[0]] = "val"
+        elif all(split[u] == "val" for u in mine):
+            split[by_size[-1]] = "train"
+    for unit, members in units.items():
+        for info in members:
+            info.split = split[unit]
     for info in infos:
         if info.duplicate_of is not None:
             info.split = "dropped"
@@ -393,6 +428,11 @@ def summary(manifest: dict[str, Any]) -> str:
                 f"{kingdom:<18}{split:<7}{s['records']:>8}{s['bases']:>13,}{s['chunks']:>8}"
                 f"{len(s['shards']):>8}"
             )
+    total = sum(s["bases"] for k in manifest["kingdoms"].values() for s in k.values())
+    held = sum(k.get("val", {}).get("bases", 0) for k in manifest["kingdoms"].values())
+    lines.append(
+        f"held out for validation: {held:,} of {total:,} bases ({100 * held / total:.0f}%)"
+    )
     lines.append(f"exact duplicates dropped: {manifest['duplicates']}")
     return "\n".join(lines)
 
@@ -416,7 +456,8 @@ def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
 def shard_paths(
     shard_dir: str | Path, manifest: dict[str, Any], split: str, kingdoms: Iterable[str] | None
 ) -> list[tuple[str, int]]:
-    """(shard path, chunks in it) of ``split``, sorted by path; unknown kingdoms are an error."""
+    """(shard path, chunks in it) of ``split``, kingdoms interleaved; unknown kingdoms are an
+    error."""
     available = sorted(manifest["kingdoms"])
     wanted = list(kingdoms) if kingdoms else available
     for k in wanted:
@@ -425,11 +466,13 @@ def shard_paths(
                 f"kingdom {k!r} is not in {Path(shard_dir) / MANIFEST}; available: "
                 + ", ".join(available)
             )
-    out = []
-    for k in wanted:
-        for shard in manifest["kingdoms"][k].get(split, {}).get("shards", []):
-            out.append((str(Path(shard_dir) / shard["path"]), int(shard["chunks"])))
-    return sorted(out)
+    ranked = []
+    for k in sorted(wanted):
+        for index, shard in enumerate(manifest["kingdoms"][k].get(split, {}).get("shards", [])):
+            ranked.append((index, str(Path(shard_dir) / shard["path"]), int(shard["chunks"])))
+    # Kingdoms interleaved (every kingdom's first shard, then every second, ...) so that the
+    # readers striding through this list (rank x worker) each get a mix of kingdoms.
+    return [(path, chunks) for _, path, chunks in sorted(ranked)]
 
 
 def verify_shards(shard_dir: str | Path) -> list[str]:

@@ -12,6 +12,7 @@ shards=data/shards/sample
 if [ ! -f "$shards/manifest.json" ] || [ data_pipeline/sample/sources.tsv -nt "$shards/manifest.json" ]; then
     nucleo data build --sources data_pipeline/sample/sources.tsv --out "$shards" --overwrite
 fi
-deepspeed launch/pretrain.py --config experiments/configs/demo.yaml "$@"
+# One process (DeepSpeed's CPU accelerator would otherwise start one per NUMA node).
+deepspeed --num_gpus 1 launch/pretrain.py --config experiments/configs/demo.yaml "$@"
 echo
 echo "Open the runs in MLflow:  .venv/bin/mlflow ui --backend-store-uri sqlite:///$PWD/runs/mlflow.db"

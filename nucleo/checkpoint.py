@@ -67,6 +67,22 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def _on_main(is_main: bool, action: Any) -> None:
+    """Run ``action`` on rank 0; if it fails, raise the error on every rank (no hang)."""
+    error: Exception | None = None
+    if is_main:
+        try:
+            action()
+        except Exception as err:
+            error = err
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
+
+
 def save_checkpoint(
     engine: Any,
     ckpt_dir: str | Path,
@@ -76,12 +92,20 @@ def save_checkpoint(
     keep: int,
     is_main: bool,
 ) -> Path:
-    """Save on every rank, then mark complete and prune on rank 0."""
+    """Save on every rank, then mark complete and prune on rank 0.
+
+    A step that already has a complete checkpoint (a finished run resumed) is left as it is;
+    a half-written one is removed first, so COMPLETE is only ever next to a whole save.
+    """
     tag = tag_for(step)
     root = Path(ckpt_dir)
+    if (root / tag / COMPLETE).is_file():
+        return root / tag
+    _on_main(is_main, lambda: shutil.rmtree(root / tag, ignore_errors=True))
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
     _barrier()
-    if is_main:
+
+    def mark_and_prune() -> None:
         (root / tag / "config.yaml").write_text(config_yaml)
         marker = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (root / tag / COMPLETE).write_text(json.dumps(marker) + "\n")
@@ -92,7 +116,8 @@ def save_checkpoint(
         for path in root.iterdir():  # half-written saves older than what is kept
             if _TAG.match(path.name) and path.name < newest_kept and path.name not in done:
                 shutil.rmtree(path, ignore_errors=True)
-    _barrier()
+
+    _on_main(is_main, mark_and_prune)
     return root / tag
 
 

@@ -14,6 +14,7 @@ Multi-process training goes through DeepSpeed's launcher: ``deepspeed launch/pre
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -159,7 +160,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if tag is None:
         raise UserError(f"{run_dir}: no complete checkpoint under {ckpt_dir}")
     cfg = load_config(ckpt_dir / tag / "config.yaml")
-    state = state_from_checkpoint(ckpt_dir, tag, cfg.engine.zero_stage)
+    state = state_from_checkpoint(ckpt_dir, tag, cfg)
     out = Path(args.out) if args.out else run_dir / "export"
     export_model(state, cfg, build_tokenizer(cfg.data.tokenizer), out, {"checkpoint": tag})
     print(f"exported {ckpt_dir / tag} to {out}")
@@ -223,7 +224,10 @@ def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
         UnknownNameError,
         FileNotFoundError,
         FileExistsError,
+        ValueError,  # input checks of the data pipeline (kingdom names, shard counts, ...)
     ) as err:
+        if os.environ.get("NUCLEO_DEBUG"):
+            raise
         print(f"nucleo: error: {err}", file=sys.stderr)
     return EXIT_USAGE
 

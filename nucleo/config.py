@@ -26,7 +26,7 @@ import yaml
 
 from data_pipeline.loader import DataConfig
 from nucleo.checkpoint import CheckpointConfig
-from nucleo.components import ARCHITECTURES, LOSSES
+from nucleo.components import ARCHITECTURES, LOSSES, TOKENIZERS
 from nucleo.engine import EngineConfig, TrainConfig
 from nucleo.evaluation import EvalConfig
 from nucleo.registry import UnknownNameError
@@ -120,6 +120,11 @@ def resolve(raw: dict[str, Any]) -> RunConfig:
         if name in loss_names:  # sections of unselected losses are checked, then dropped
             loss_configs[name] = parsed
     sections = {name: from_dict(cls, raw.get(name), name) for name, cls in _SECTIONS.items()}
+    if sections["data"].tokenizer not in TOKENIZERS:
+        known = ", ".join(TOKENIZERS.names())
+        raise ConfigError(
+            "data.tokenizer", f"unknown tokenizer {sections['data'].tokenizer!r}; known: {known}"
+        )
     return RunConfig(
         arch=arch,
         losses=loss_names,

@@ -55,18 +55,32 @@ class Validator:
             data, tokenizer, cfg.windows_per_kingdom, seed
         )
         self.total_windows = len(tokens)
-        # Same number of windows on every rank: pad with repeats that carry zero weight.
-        per_rank = math.ceil(max(1, len(tokens)) / dist.world_size)
-        index = torch.arange(dist.rank, per_rank * dist.world_size, dist.world_size)
-        self.weight = (index < len(tokens)).float()
-        index = index % max(1, len(tokens))
-        self.tokens = tokens[index] if len(tokens) else tokens
-        self.kingdom = kingdom[index] if len(tokens) else kingdom
+        self.tokens = tokens[dist.rank :: dist.world_size]  # this rank's windows
+        self.kingdom = kingdom[dist.rank :: dist.world_size]
+        self.stand_in = (tokens[:1], kingdom[:1])  # for forwards that are not counted
+        # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively).
+        most = math.ceil(self.total_windows / dist.world_size)
+        self.n_batches = math.ceil(most / cfg.batch_size)
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.objective = objective
         self.dist = dist
         self.bases_per_token = torch.tensor(tokenizer.bases_per_token)
+
+    def _batch(self, index: int) -> tuple[Batch, bool]:
+        """Batch ``index`` of this rank, and whether it holds real windows (else a stand-in)."""
+        rows = slice(index * self.cfg.batch_size, (index + 1) * self.cfg.batch_size)
+        tokens, kingdom = self.tokens[rows], self.kingdom[rows]
+        real = len(tokens) > 0
+        if not real:  # this rank ran out: a forward that is not counted
+            tokens, kingdom = self.stand_in
+        batch = Batch(
+            tokens=tokens.to(self.dist.device),
+            kingdom=kingdom.to(self.dist.device),
+            kingdoms=self.kingdoms,
+            pad_id=self.tokenizer.pad_id,
+        )
+        return batch, real
 
     @torch.no_grad()
     def __call__(self, engine: Any, model: torch.nn.Module) -> dict[str, float]:
@@ -76,39 +90,32 @@ class Validator:
         started = time.perf_counter()
         engine.eval()
         device = self.dist.device
-        n_kingdoms = len(self.kingdoms)
-        nll = torch.zeros(n_kingdoms, dtype=torch.float64, device=device)
-        bases = torch.zeros(n_kingdoms, dtype=torch.float64, device=device)
+        nll = torch.zeros(len(self.kingdoms), dtype=torch.float64, device=device)
+        bases = torch.zeros(len(self.kingdoms), dtype=torch.float64, device=device)
         loss_sums: dict[str, torch.Tensor] = {}
-        weight_sum = torch.zeros((), dtype=torch.float64, device=device)
+        windows = torch.zeros((), dtype=torch.float64, device=device)
         bpt = self.bases_per_token.to(device)
-        for start in range(0, len(self.tokens), self.cfg.batch_size):
-            rows = slice(start, start + self.cfg.batch_size)
-            weight = self.weight[rows].to(device)
-            batch = Batch(
-                tokens=self.tokens[rows].to(device),
-                kingdom=self.kingdom[rows].to(device),
-                kingdoms=self.kingdoms,
-                pad_id=self.tokenizer.pad_id,
-            )
+        keys: list[str] = []
+        for index in range(self.n_batches):
+            batch, real = self._batch(index)
             outputs = self.objective.forward_views(engine, batch)
             result = self.objective.losses(batch, outputs, model)
-            for key, value in result.metrics.items():
-                previous = loss_sums.get(key, torch.zeros((), dtype=torch.float64, device=device))
-                loss_sums[key] = previous + value.double() * weight.sum()
-            weight_sum += weight.sum()
+            keys = sorted(result.metrics)  # the same on every rank: the same objective
+            if not real:
+                continue
+            size = len(batch.tokens)
+            windows += size
+            for key, value in result.metrics.items():  # batch means, weighted by batch size
+                loss_sums[key] = loss_sums.get(key, torch.zeros_like(windows)) + value * size
             if getattr(model, "causal", False):
-                token_nll, mask = next_token_nll(
-                    outputs["forward"].logits, batch.tokens, batch.pad_id
-                )
+                logits = outputs["forward"].logits
+                token_nll, mask = next_token_nll(logits, batch.tokens, batch.pad_id)
                 per_base = bpt[batch.tokens[:, 1:]] * mask
-                row_nll = (token_nll * mask).sum(1).double() * weight
-                row_bases = per_base.sum(1).double() * weight
-                nll.index_add_(0, batch.kingdom, row_nll)
-                bases.index_add_(0, batch.kingdom, row_bases)
+                nll.index_add_(0, batch.kingdom, (token_nll * mask).sum(1).double())
+                bases.index_add_(0, batch.kingdom, per_base.sum(1).double())
         engine.train()
-        keys = sorted(loss_sums)
-        packed = torch.stack([weight_sum, *[loss_sums[k] for k in keys]])
+        zero = torch.zeros_like(windows)
+        packed = torch.stack([windows, *[loss_sums.get(k, zero) for k in keys]])
         if self.dist.world_size > 1:
             for tensor in (nll, bases, packed):
                 torch.distributed.all_reduce(tensor)

@@ -2,7 +2,8 @@
 
     export/config.json         architecture name, its config, tokenizer, training summary,
                                and the full run config it came from
-    export/model.safetensors   fp32 weights (tied weights stored once)
+    export/model.safetensors   fp32 weights (the fp32 master copies of bf16 runs; tied weights
+                               stored once)
     export/tokenizer.json
 
 ``load_exported(path)`` rebuilds the model from these three files alone.
@@ -21,37 +22,94 @@ from torch import nn
 from data_pipeline.tokenizers import load_tokenizer
 from nucleo import __version__
 from nucleo.components import ARCHITECTURES
+from nucleo.engine import parameter_groups
 from nucleo.schema import from_dict, to_dict
 
 FORMAT = "nucleo-export/1"
 
 
-def full_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The model's complete fp32 state dict on CPU (collective under ZeRO-3: call on all ranks)."""
-    module = engine.module
-    if zero_stage == 3:
-        import deepspeed
-
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def state_from_checkpoint(
-    ckpt_dir: str | Path, tag: str, zero_stage: int
+def _complete(
+    module: nn.Module, base: dict[str, torch.Tensor], masters: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """fp32 weights of a DeepSpeed checkpoint, read on CPU without starting DeepSpeed's engine."""
+    """A full fp32 state dict: fp32 masters where there are, ``base`` for the rest.
+
+    ``masters`` is keyed by the first name of each parameter; tied copies (``head.weight``
+    of ``embed.weight``) get the same tensor.
+    """
+    first = {id(p): name for name, p in module.named_parameters()}
+    out = {name: value.detach().float().cpu().clone() for name, value in base.items()}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        master = masters.get(first[id(param)])
+        if master is not None:
+            out[name] = master.detach().float().cpu().clone()
+    return out
+
+
+def masters_from_fp32_groups(
+    groups: list[list[torch.Tensor]], module: nn.Module, weight_decay: float
+) -> dict[str, torch.Tensor]:
+    """Name the fp32 master copies that DeepSpeed's bf16 optimizer keeps without ZeRO.
+
+    They are stored per optimizer parameter group, in the order ``parameter_groups`` built.
+    """
+    first = {id(p): name for name, p in module.named_parameters()}
+    masters = {}
+    for group, values in zip(parameter_groups(module, weight_decay), groups, strict=True):
+        for param, value in zip(group["params"], values, strict=True):
+            masters[first[id(param)]] = value
+    return masters
+
+
+def full_state_dict(engine: Any, cfg: Any) -> dict[str, torch.Tensor]:
+    """The model's fp32 weights on CPU, from the fp32 master copies when training in bf16.
+
+    Collective under ZeRO (every rank must call it).
+    """
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    stage, precision = cfg.engine.zero_stage, cfg.engine.precision
+    masters: dict[str, torch.Tensor] = {}
+    if stage > 0:
+        for name, param in module.named_parameters():  # same order on every rank
+            master = safe_get_full_fp32_param(param)
+            if master is not None:
+                masters[name] = master
+    elif precision == "bf16":
+        groups = engine.optimizer.state_dict()["fp32_groups"]
+        masters = masters_from_fp32_groups(groups, module, cfg.train.weight_decay)
+    missing = [p for n, p in module.named_parameters() if n not in masters]
+    if stage == 3 and missing:
+        with deepspeed.zero.GatheredParameters(missing, modifier_rank=None):
+            return _complete(module, module.state_dict(), masters)
+    return _complete(module, module.state_dict(), masters)
+
+
+def state_from_checkpoint(ckpt_dir: str | Path, tag: str, cfg: Any) -> dict[str, torch.Tensor]:
+    """fp32 weights of a DeepSpeed checkpoint of run config ``cfg``, read on CPU without an
+    engine (the fp32 master copies when the run trained in bf16)."""
     path = Path(ckpt_dir) / tag
-    if zero_stage == 3:
+    if cfg.engine.zero_stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
     states = path / "mp_rank_00_model_states.pt"
     if not states.is_file():
         raise FileNotFoundError(f"{states}: not found; is {path} a DeepSpeed checkpoint?")
-    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in module.items()}
+    saved = torch.load(states, map_location="cpu", weights_only=False)
+    module = ARCHITECTURES.build(cfg.arch, cfg.model, vocab_size=_vocab_size(cfg))
+    masters = {}
+    if cfg.engine.precision == "bf16":
+        groups = saved["optimizer"]["fp32_groups"]
+        masters = masters_from_fp32_groups(groups, module, cfg.train.weight_decay)
+    return _complete(module, saved["module"], masters)
+
+
+def _vocab_size(cfg: Any) -> int:
+    from data_pipeline.tokenizers import build_tokenizer
+
+    return int(build_tokenizer(cfg.data.tokenizer).vocab_size)
 
 
 def export_model(

@@ -41,8 +41,10 @@ def default_uri(runs_root: str | Path) -> str:
     return f"sqlite:///{Path(runs_root).resolve() / 'mlflow.db'}"
 
 
-def resolve_uri(cfg: TrackingConfig, runs_root: str | Path) -> str:
-    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(runs_root)
+def resolve_uri(cfg: TrackingConfig, runs_root: str | Path, previous: str | None = None) -> str:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else the store a resumed run used before,
+    else the SQLite store in the runs root."""
+    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or previous or default_uri(runs_root)
 
 
 def git_commit(path: str | Path | None = None) -> str:
@@ -89,9 +91,15 @@ def _safe(method: F) -> F:
 class Tracker:
     """Logs one training run; a no-op on ranks other than 0 or when disabled."""
 
-    def __init__(self, cfg: TrackingConfig, runs_root: str | Path, enabled: bool) -> None:
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        runs_root: str | Path,
+        enabled: bool,
+        previous_uri: str | None = None,
+    ) -> None:
         self.cfg = cfg
-        self.uri = resolve_uri(cfg, runs_root)
+        self.uri = resolve_uri(cfg, runs_root, previous_uri)
         self.runs_root = Path(runs_root)
         self.active = enabled and cfg.enabled
         self.run_id: str | None = None
@@ -100,14 +108,24 @@ class Tracker:
 
     @_safe
     def start(self, run_name: str, run_id: str | None, tags: dict[str, str]) -> str | None:
-        """Create the run (or reopen ``run_id`` when resuming); returns its id."""
+        """Create the run (or reopen ``run_id`` when resuming); returns its id.
+
+        A resumed run whose MLflow run is not in this store gets a new run, tagged with the
+        old id (``nucleo.resumed_from_run``).
+        """
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         self._client = MlflowClient(tracking_uri=self.uri)
         if run_id:
-            self._client.update_run(run_id, status="RUNNING")
-            self.run_id = run_id
-            return run_id
+            try:
+                self._client.update_run(run_id, status="RUNNING")
+                self.run_id = run_id
+                return run_id
+            except MlflowException as err:
+                if "RESOURCE_DOES_NOT_EXIST" not in str(err.error_code):
+                    raise
+                tags = {**tags, "nucleo.resumed_from_run": run_id}
         experiment = self._client.get_experiment_by_name(self.cfg.experiment)
         if experiment is None:
             location = None

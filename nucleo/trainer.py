@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,6 +42,7 @@ from nucleo.evaluation import Validator
 from nucleo.export import export_model, full_state_dict
 from nucleo.objective import Objective
 from nucleo.progress import Progress, duration
+from nucleo.schema import flatten
 from nucleo.tracking import Tracker, run_tags
 from nucleo.types import Batch
 
@@ -50,7 +54,9 @@ class TrainState:
     step: int = 0
     tokens: int = 0
     mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
     loader: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # the run config when saved
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
@@ -82,11 +88,12 @@ def prepare_run_dir(cfg: RunConfig, dist: DistInfo, resume: str | Path | None) -
                 if latest_tag(run_dir / "checkpoints") is None:
                     raise FileNotFoundError(f"{run_dir}: no complete checkpoint to resume from")
             else:
-                name = cfg.run.name or "{}-{}-{}".format(
-                    cfg.arch, "+".join(cfg.losses), time.strftime("%Y%m%d-%H%M%S")
-                )
+                name = cfg.run.name or "{}-{}-{}-{}".format(
+                    cfg.arch, "+".join(cfg.losses), time.strftime("%Y%m%d-%H%M%S"),
+                    os.urandom(2).hex(),  # runs started in the same second stay apart
+                )  # fmt: skip
                 run_dir = Path(cfg.run.root) / name
-                if (run_dir / "checkpoints").exists():
+                if (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists():
                     raise FileExistsError(
                         f"{run_dir} already holds a run; resume it with --resume {run_dir}, "
                         "or choose another --set run.name=..."
@@ -109,6 +116,10 @@ def _mean_across_ranks(
     return {k: float(v) for k, v in zip(keys, packed.tolist(), strict=False)}
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 class Trainer:
     """One training run, built from its config (and, to resume, its run directory)."""
 
@@ -117,21 +128,21 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist = setup_distributed(cfg.engine)
         self.out = out if dist.is_main else None
+        # Everything that can reject the data or the losses comes before the run directory.
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        self.loader = TrainLoader(
+            cfg.data, self.tokenizer, cfg.train.micro_batch_size, cfg.train.seed,
+            dist.rank, dist.world_size,
+        )  # fmt: skip
+        torch.manual_seed(cfg.train.seed)
+        self.model = ARCHITECTURES.build(cfg.arch, cfg.model, vocab_size=self.tokenizer.vocab_size)
+        self.params = count_parameters(self.model)
+        self.objective = Objective.build(cfg.losses, cfg.loss, self.model, self.tokenizer)
         self.run_dir = prepare_run_dir(cfg, dist, resume)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.config_yaml = self.run_dir / "config.yaml"
         if dist.is_main:
             save_config(cfg, self.config_yaml)
-
-        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
-        torch.manual_seed(cfg.train.seed)
-        self.model = ARCHITECTURES.build(cfg.arch, cfg.model, vocab_size=self.tokenizer.vocab_size)
-        self.params = count_parameters(self.model)
-        self.objective = Objective.build(cfg.losses, cfg.loss, self.model, self.tokenizer)
-        self.loader = TrainLoader(
-            cfg.data, self.tokenizer, cfg.train.micro_batch_size, cfg.train.seed,
-            dist.rank, dist.world_size,
-        )  # fmt: skip
         self.validator = Validator(
             cfg.eval, cfg.data, self.tokenizer, self.objective, dist, cfg.train.seed
         )
@@ -142,7 +153,9 @@ class Trainer:
         self.state = TrainState()
         if resume:
             self._restore()
-        self.tracker = Tracker(cfg.tracking, cfg.run.root, enabled=dist.is_main)
+        self.tracker = Tracker(
+            cfg.tracking, cfg.run.root, enabled=dist.is_main, previous_uri=self.state.tracking_uri
+        )
         self._start_tracking(resumed=bool(resume))
         self.progress = Progress(
             cfg.train.max_steps, self.state.step, self.tokens_per_step, self.out
@@ -163,7 +176,9 @@ class Trainer:
             step=int(client["step"]),
             tokens=int(client["tokens"]),
             mlflow_run_id=client.get("mlflow_run_id"),
+            tracking_uri=client.get("tracking_uri"),
             loader=client.get("loader", {}),
+            config=client.get("config", {}),
         )
         self.loader.load_state_dict(self.state.loader)
         s = self.state
@@ -174,9 +189,21 @@ class Trainer:
         run_id = tracker.start(
             self.run_dir.name, self.state.mlflow_run_id, run_tags(cfg, dist.world_size)
         )
-        self.state.mlflow_run_id = _agree(run_id, dist)
+        # If the store is down, keep the id we had: a later resume can still continue it.
+        self.state.mlflow_run_id = _agree(run_id or self.state.mlflow_run_id, dist)
+        self.state.tracking_uri = tracker.uri
         if resumed:
-            tracker.set_tags({"nucleo.resumed_at_step": str(self.state.step)})
+            before, now = flatten(self.state.config), flatten(cfg.to_dict())
+            changes = [
+                f"{k}: {before.get(k)} -> {now.get(k)}"
+                for k in sorted(set(before) | set(now))
+                if before.get(k) != now.get(k)
+            ]
+            tags = {"nucleo.resumed_at_step": str(self.state.step)}
+            if changes:
+                tags["nucleo.resume_changes"] = "; ".join(changes)[:5000]
+                tracker.log_artifact(self.config_yaml, f"resumed_step_{self.state.step}")
+            tracker.set_tags(tags)
         else:
             derived = {
                 "parameters": self.params["total"],
@@ -201,6 +228,8 @@ class Trainer:
         """Train to ``train.max_steps``; returns the summary (also ``<run dir>/summary.json``)."""
         cfg, state = self.cfg, self.state
         status = "FAILED"
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminated)  # scheduler kills: end the run as KILLED
         try:
             if state.step == 0:
                 self.validate()
@@ -222,7 +251,7 @@ class Trainer:
                     self.checkpoint()
             self.finish()
             status = "FINISHED"
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):
             status = "KILLED"
             raise
         finally:
@@ -304,9 +333,11 @@ class Trainer:
             "step": self.state.step,
             "tokens": self.state.tokens,
             "mlflow_run_id": self.state.mlflow_run_id,
+            "tracking_uri": self.state.tracking_uri,
             "loader": self.loader.state_dict(),
             "config": self.cfg.to_dict(),
         }
+        self.tracker.flush()  # metrics up to this step are in the store before it is saved
         config_text = self.config_yaml.read_text() if self.dist.is_main else ""
         path = save_checkpoint(
             self.engine, self.ckpt_dir, self.state.step, client, config_text,
@@ -324,7 +355,7 @@ class Trainer:
             self.checkpoint()
         if not cfg.checkpoint.export:
             return
-        weights = full_state_dict(self.engine, cfg.engine.zero_stage)  # collective on ZeRO-3
+        weights = full_state_dict(self.engine, cfg)  # collective under ZeRO
         if self.dist.is_main:
             trained = {"step": state.step, "tokens": state.tokens, "run_dir": str(self.run_dir)}
             export_dir = export_model(

@@ -20,6 +20,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from nucleo.checkpoint import complete_tags
+from nucleo.config import load_config
 from nucleo.export import load_exported, state_from_checkpoint
 from tests.conftest import ROOT
 
@@ -95,7 +96,7 @@ def test_one_process_trains_tracks_checkpoints_and_exports(sample_shards, tmp_pa
     assert complete_tags(ckpt) == ["step_00000020", "step_00000040"]
     model, _tokenizer, meta = load_exported(run_dir / "export")
     assert meta["trained"]["step"] == 40
-    reference = state_from_checkpoint(ckpt, "step_00000040", zero_stage=0)
+    reference = state_from_checkpoint(ckpt, "step_00000040", load_config(run_dir / "config.yaml"))
     exported = model.state_dict()
     assert all(torch.equal(exported[k], reference[k]) for k in reference)
 
@@ -114,8 +115,9 @@ def test_two_processes_train_together(sample_shards, tmp_path):
     assert loss[-1][1] < loss[0][1] - 0.2
 
 
-def test_resume_continues_exactly_where_it_stopped(sample_shards, tmp_path):
-    pretrain(sample_shards, tmp_path, extra=["run.name=full"])
+@pytest.mark.parametrize("procs", [1, 2])
+def test_resume_continues_exactly_where_it_stopped(sample_shards, tmp_path, procs):
+    pretrain(sample_shards, tmp_path, procs=procs, extra=["run.name=full"])
     # The same run interrupted after its step-20 checkpoint:
     cut = tmp_path / "cut"
     shutil.copytree(tmp_path / "full", cut)
@@ -123,8 +125,9 @@ def test_resume_continues_exactly_where_it_stopped(sample_shards, tmp_path):
     shutil.rmtree(cut / "export")
     (cut / "summary.json").unlink()
     output = pretrain(
-        sample_shards, tmp_path, "--resume", str(cut), extra=["tracking.enabled=false"]
-    )
+        sample_shards, tmp_path, "--resume", str(cut), procs=procs,
+        extra=["tracking.enabled=false"],
+    )  # fmt: skip
     assert "resumed" in output and "step 20" in output
     assert "step 25/40" in output and "step 5/40" not in output
     full = load_exported(tmp_path / "full" / "export")[0].state_dict()
@@ -146,6 +149,14 @@ def test_resume_continues_the_mlflow_run(sample_shards, tmp_path):
     steps = [s for s, _ in _history(client, first, "train/loss")]
     assert steps == [5, 10, 15, 20, 25, 30]
     assert len(client.search_runs([run.info.experiment_id])) == 1
+    assert "train.max_steps: 20 -> 30" in run.data.tags["nucleo.resume_changes"]
+    # Resuming the finished run again trains nothing and leaves its checkpoint as it was.
+    marker = tmp_path / "grow" / "checkpoints" / "step_00000030" / "COMPLETE"
+    before = marker.read_text(), marker.stat().st_mtime_ns
+    pretrain(
+        sample_shards, tmp_path, "--resume", str(tmp_path / "grow"), extra=["train.max_steps=30"]
+    )
+    assert (marker.read_text(), marker.stat().st_mtime_ns) == before
 
 
 def test_an_existing_run_is_not_overwritten(sample_shards, tmp_path):
@@ -170,7 +181,9 @@ def test_an_existing_run_is_not_overwritten(sample_shards, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "procs,stage,precision", [(1, 2, "bf16"), (2, 3, "fp32")], ids=["zero2-bf16", "zero3-2proc"]
+    "procs,stage,precision",
+    [(1, 0, "bf16"), (1, 2, "bf16"), (2, 3, "fp32")],
+    ids=["zero0-bf16", "zero2-bf16", "zero3-2proc"],
 )
 def test_zero_stages_and_bf16(sample_shards, tmp_path, procs, stage, precision):
     name = f"z{stage}"
@@ -203,7 +216,6 @@ def test_zero_stages_and_bf16(sample_shards, tmp_path, procs, stage, precision):
     )
     assert result.returncode == 0, result.stderr
     offline = load_exported(tmp_path / "x")[0].state_dict()
-    for key, value in exported.items():
-        torch.testing.assert_close(
-            offline[key], value, rtol=0, atol=1e-2 if precision == "bf16" else 0
-        )
+    for key, value in exported.items():  # fp32 masters on both paths: identical
+        assert offline[key].dtype == torch.float32
+        assert torch.equal(offline[key], value), key

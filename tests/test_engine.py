@@ -111,3 +111,36 @@ def test_threads_are_shared_between_local_processes(monkeypatch):
     assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "2"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
     assert configure_threads() == 3
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    from nucleo.tracking import resolve_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_uri(TrackingConfig(), tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_uri(TrackingConfig(), tmp_path, "sqlite:///old.db") == "sqlite:///old.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_uri(TrackingConfig(), tmp_path, "sqlite:///old.db") == "http://127.0.0.1:5000"
+    assert resolve_uri(TrackingConfig(uri="sqlite:///x.db"), tmp_path) == "sqlite:///x.db"
+
+
+def test_a_store_failing_mid_run_turns_tracking_off_once(tmp_path, capsys):
+    tracker = Tracker(TrackingConfig(), tmp_path, enabled=True)
+    tracker.start("r", None, {})
+    (tmp_path / "mlflow.db").unlink()  # the store disappears under the run
+    (tmp_path / "mlflow.db").mkdir()
+    for step in range(3):
+        tracker.log_metrics({"a": 1.0}, step)
+        tracker.flush()
+    tracker.end()
+    err = capsys.readouterr().err
+    assert err.count("MLflow tracking failed") == 1 and not tracker.active
+
+
+def test_resuming_a_run_missing_from_the_store_opens_a_linked_new_run(tmp_path):
+    tracker = Tracker(TrackingConfig(), tmp_path, enabled=True)
+    new_id = tracker.start("r", "0123456789abcdef0123456789abcdef", {"nucleo.arch": "x"})
+    assert new_id and new_id != "0123456789abcdef0123456789abcdef"
+    tracker.end()
+    run = MlflowClient(tracking_uri=tracker.uri).get_run(new_id)
+    assert run.data.tags["nucleo.resumed_from_run"] == "0123456789abcdef0123456789abcdef"

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from data_pipeline.loader import DataConfig, TrainLoader, crop_windows, validation_windows
+from data_pipeline.readers import read_sequences
+from data_pipeline.shards import ShardOptions, SourceFile, build_shards
 from data_pipeline.tokenizers import CharTokenizer
+from tests.conftest import sample_file
 
 
 def _take(loader: TrainLoader, n: int) -> list:
@@ -65,13 +68,23 @@ def test_resume_gives_exactly_the_next_batches(sample_shards, workers, stop):
         assert torch.equal(expected.kingdom, got.kingdom)
 
 
-def test_changed_layout_warns_and_restarts(sample_shards):
+def test_changed_layout_warns_restarts_and_later_resumes_are_exact(sample_shards):
     first = _loader(sample_shards, workers=0)
     _take(first, 2)
     other = _loader(sample_shards, workers=0, batch=8)
     with pytest.warns(UserWarning, match="layout changed"):
         other.load_state_dict(first.state_dict())
     assert other.consumed == 0
+    uninterrupted = _take(other, 5)
+    # The new stream, checkpointed after 3 batches, then resumed with the same new layout:
+    again = _loader(sample_shards, workers=0, batch=8)
+    with pytest.warns(UserWarning):
+        again.load_state_dict(first.state_dict())
+    _take(again, 3)
+    resumed = _loader(sample_shards, workers=0, batch=8)
+    resumed.load_state_dict(again.state_dict())
+    for expected, got in zip(uninterrupted[3:], _take(resumed, 2), strict=True):
+        assert torch.equal(expected.tokens, got.tokens)
 
 
 def test_batches_carry_tokens_and_kingdoms(sample_shards):
@@ -92,10 +105,16 @@ def test_mostly_n_windows_are_skipped():
     assert len(list(crop_windows(b"ACGT" * 250, 100, 0.1, rng))) == 10
 
 
-def test_short_chunks_are_padded(tmp_path, four_kingdom_shards):
-    loader = _loader(four_kingdom_shards, seq_len=8192, batch=2)
-    (batch,) = _take(loader, 1)
-    assert batch.tokens.shape == (2, 8192)
+def test_records_shorter_than_a_window_are_padded_at_the_end(tmp_path):
+    out = tmp_path / "short"
+    source = SourceFile(sample_file("plasmid/NC_009934.gbk"), "plasmid")  # 2,133 bases
+    build_shards([source], out, ShardOptions(min_shards=1, val_fraction=0.0), log=lambda _: None)
+    (batch,) = _take(_loader(out, seq_len=4096, batch=2), 1)
+    tok = CharTokenizer()
+    bases = bytes(next(read_sequences(source.path)).seq).decode()
+    for row in batch.tokens:
+        assert (row[:2133] != tok.pad_id).all() and (row[2133:] == tok.pad_id).all()
+        assert tok.decode(row) == bases
 
 
 def test_windows_longer_than_chunks_are_refused(four_kingdom_shards):

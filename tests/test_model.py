@@ -102,3 +102,33 @@ def test_export_round_trip_gives_the_same_logits(tmp_path):
 def test_loading_something_that_is_not_an_export(tmp_path):
     with pytest.raises(FileNotFoundError, match="nucleo export"):
         load_exported(tmp_path)
+
+
+def test_validation_reports_true_means_over_uneven_batches(sample_shards):
+    """val/ce is the mean over windows, whatever the batch size; bits/base = ce / ln 2 here."""
+    from data_pipeline.loader import DataConfig
+    from nucleo.engine import DistInfo
+    from nucleo.evaluation import EvalConfig, Validator
+
+    cfg = load_config(overrides=["model.d_model=32", "model.n_layers=1"])
+    model = _model()
+    objective = Objective.build(["ce"], cfg.loss, model, CharTokenizer())
+    data = DataConfig(shards=str(sample_shards), seq_len=64)
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    results = []
+    for batch_size in (1, 7, 64):
+        validator = Validator(
+            EvalConfig(windows_per_kingdom=3, batch_size=batch_size),
+            data,
+            CharTokenizer(),
+            objective,
+            dist,
+            seed=0,
+        )
+        results.append(validator(model, model))
+    assert results[0]["val/ce"] == pytest.approx(results[1]["val/ce"], rel=1e-6)
+    assert results[0]["val/ce"] == pytest.approx(results[2]["val/ce"], rel=1e-6)
+    assert results[0]["val/bits_per_base"] == pytest.approx(
+        results[0]["val/ce"] / 0.6931471805599453, rel=1e-6
+    )
+    assert len([k for k in results[0] if k.startswith("val/bits_per_base/")]) == 9

@@ -165,3 +165,29 @@ def test_options_are_checked():
         ShardOptions(chunk_len=10)
     with pytest.raises(ValueError, match="val_fraction"):
         ShardOptions(val_fraction=1.5)
+
+
+def test_grouped_records_share_a_split_and_a_file_listed_twice_is_refused(tmp_path):
+    sources = read_sources_tsv(SAMPLE / "sources.tsv")
+    mers = [s for s in sources if s.group == "MERS-CoV"]
+    assert len(mers) == 2
+    manifest = build_shards(sources, tmp_path / "g", log=lambda _: None)
+    splits = {r["split"] for r in manifest["records"] if r["group"] == "MERS-CoV"}
+    assert len(splits) == 1  # near-identical genomes never straddle train and validation
+    with pytest.raises(ValueError, match="listed twice"):
+        build_shards([*sources[:2], sources[0]], tmp_path / "twice", log=lambda _: None)
+
+
+def test_a_forced_validation_record_is_the_smallest(tmp_path):
+    # Two real records of one kingdom: whichever way the hash falls, validation gets one, and
+    # when it must be forced it is the smaller, so training keeps the most bases.
+    sources = [
+        SourceFile(sample_file("viral/lambda.fasta.gz"), "viral"),
+        SourceFile(sample_file("viral/NC_001422.gbk.gz"), "viral"),
+    ]
+    for salt in ("a", "b", "c", "d", "e", "f"):
+        manifest = build_shards(
+            sources, tmp_path / salt, ShardOptions(split_salt=salt), log=lambda _: None
+        )
+        split = {r["id"]: r["split"] for r in manifest["records"]}
+        assert sorted(split.values()) == ["train", "val"]
