@@ -196,7 +196,8 @@ def write_report(results: dict, path: Path) -> None:
             "",
             "## The README demo",
             "",
-            f"- command: `{d['command']}`",
+            f"- command: `{d['command']}` (on a fresh clone: no .venv, no pip cache), "
+            f"finished {d.get('finished', 'unknown')}",
             f"- {d['step']} steps, {d['tokens']:,} tokens; "
             f"wall time {d['launcher_wall_seconds']} s "
             f"for the command (training {d['train_seconds']} s, validation "
