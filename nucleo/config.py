@@ -15,7 +15,6 @@ A resolved config written with ``save_config`` loads back to the same run.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -184,7 +183,3 @@ def load_config(
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def replace(cfg: RunConfig, **sections: Any) -> RunConfig:
-    return dataclasses.replace(cfg, **sections)

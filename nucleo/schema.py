@@ -72,14 +72,13 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             if type(None) in options:
                 return None
             raise ConfigError(key, f"must not be null; expected {_describe(tp)}")
-        errors = []
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _convert(option, value, key)
-            except ConfigError as err:
-                errors.append(err.message)
+            except ConfigError:
+                continue
         raise ConfigError(key, f"expected {_describe(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):

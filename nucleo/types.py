@@ -62,7 +62,3 @@ class Batch:
             pad_id=self.pad_id,
             views={k: v.to(device, non_blocking=True) for k, v in self.views.items()},
         )
-
-    @property
-    def num_tokens(self) -> int:
-        return self.tokens.numel()
