@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from nucleo.engine import on_main
 from nucleo.schema import check
 
 COMPLETE = "COMPLETE"
@@ -67,22 +68,6 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _on_main(is_main: bool, action: Any) -> None:
-    """Run ``action`` on rank 0; if it fails, raise the error on every rank (no hang)."""
-    error: Exception | None = None
-    if is_main:
-        try:
-            action()
-        except Exception as err:
-            error = err
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        box = [error]
-        torch.distributed.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        raise error
-
-
 def save_checkpoint(
     engine: Any,
     ckpt_dir: str | Path,
@@ -101,7 +86,7 @@ def save_checkpoint(
     root = Path(ckpt_dir)
     if (root / tag / COMPLETE).is_file():
         return root / tag
-    _on_main(is_main, lambda: shutil.rmtree(root / tag, ignore_errors=True))
+    on_main(lambda: shutil.rmtree(root / tag, ignore_errors=True), is_main)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
     _barrier()
 
@@ -117,7 +102,7 @@ def save_checkpoint(
             if _TAG.match(path.name) and path.name < newest_kept and path.name not in done:
                 shutil.rmtree(path, ignore_errors=True)
 
-    _on_main(is_main, mark_and_prune)
+    on_main(mark_and_prune, is_main)
     return root / tag
 
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 import math
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import nn
 
 from nucleo.schema import check
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -119,6 +122,27 @@ def setup_distributed(cfg: EngineConfig) -> DistInfo:
         local_rank=local_rank,
         device=device,
     )
+
+
+def on_main(action: Callable[[], T], is_main: bool) -> T:
+    """Run ``action`` on rank 0 only and return its result on every rank.
+
+    If it raises, the error is raised on every rank, so no rank waits forever at the next
+    collective for one that failed (file-system work, run directories, checkpoint markers).
+    """
+    result: Any = None
+    if is_main:
+        try:
+            result = action()
+        except Exception as err:
+            result = err
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        box = [result]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result = box[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def deepspeed_config(train: TrainConfig, engine: EngineConfig, world_size: int) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from nucleo.engine import (
     deepspeed_config,
     grad_norm,
     needs_own_grad_norm,
+    on_main,
     setup_distributed,
 )
 from nucleo.evaluation import Validator
@@ -67,42 +68,29 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     return {"total": total, "non_embedding": total - embedding}
 
 
-def _agree(value: Any, dist: DistInfo) -> Any:
-    """Rank 0's ``value`` on every rank; an Exception from rank 0 is raised everywhere."""
-    if dist.world_size > 1:
-        box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
-        value = box[0]
-    if isinstance(value, Exception):
-        raise value
-    return value
-
-
 def prepare_run_dir(cfg: RunConfig, dist: DistInfo, resume: str | Path | None) -> Path:
     """The run directory, the same on every rank; refuses to overwrite another run."""
-    result: Any = None
-    if dist.is_main:
-        try:
-            if resume:
-                run_dir = Path(resume)
-                if latest_tag(run_dir / "checkpoints") is None:
-                    raise FileNotFoundError(f"{run_dir}: no complete checkpoint to resume from")
-            else:
-                name = cfg.run.name or "{}-{}-{}-{}".format(
-                    cfg.arch, "+".join(cfg.losses), time.strftime("%Y%m%d-%H%M%S"),
-                    os.urandom(2).hex(),  # runs started in the same second stay apart
-                )  # fmt: skip
-                run_dir = Path(cfg.run.root) / name
-                if (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists():
-                    raise FileExistsError(
-                        f"{run_dir} already holds a run; resume it with --resume {run_dir}, "
-                        "or choose another --set run.name=..."
-                    )
-            run_dir.mkdir(parents=True, exist_ok=True)
-            result = run_dir
-        except Exception as err:
-            result = err
-    return _agree(result, dist)
+
+    def make() -> Path:
+        if resume:
+            run_dir = Path(resume)
+            if latest_tag(run_dir / "checkpoints") is None:
+                raise FileNotFoundError(f"{run_dir}: no complete checkpoint to resume from")
+        else:
+            name = cfg.run.name or "{}-{}-{}-{}".format(
+                cfg.arch, "+".join(cfg.losses), time.strftime("%Y%m%d-%H%M%S"),
+                os.urandom(2).hex(),  # runs started in the same second stay apart
+            )  # fmt: skip
+            run_dir = Path(cfg.run.root) / name
+            if (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists():
+                raise FileExistsError(
+                    f"{run_dir} already holds a run; resume it with --resume {run_dir}, "
+                    "or choose another --set run.name=..."
+                )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+
+    return on_main(make, dist.is_main)
 
 
 def _mean_across_ranks(
@@ -186,11 +174,13 @@ class Trainer:
 
     def _start_tracking(self, resumed: bool) -> None:
         cfg, dist, tracker = self.cfg, self.dist, self.tracker
-        run_id = tracker.start(
-            self.run_dir.name, self.state.mlflow_run_id, run_tags(cfg, dist.world_size)
+        previous = self.state.mlflow_run_id
+        run_id = on_main(
+            lambda: tracker.start(self.run_dir.name, previous, run_tags(cfg, dist.world_size)),
+            dist.is_main,
         )
         # If the store is down, keep the id we had: a later resume can still continue it.
-        self.state.mlflow_run_id = _agree(run_id or self.state.mlflow_run_id, dist)
+        self.state.mlflow_run_id = run_id or previous
         self.state.tracking_uri = tracker.uri
         if resumed:
             before, now = flatten(self.state.config), flatten(cfg.to_dict())
