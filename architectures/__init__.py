@@ -5,4 +5,9 @@ and declares ``causal`` (next-token) and ``rc_equivariant`` so that the objectiv
 which losses apply. Importing this package registers them all.
 """
 
+from architectures import caduceus as caduceus
+from architectures import hybrid as hybrid
+from architectures import hyena as hyena
+from architectures import mamba as mamba
+from architectures import multires as multires
 from architectures import transformer as transformer

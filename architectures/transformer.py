@@ -1,10 +1,12 @@
-"""Transformer: pre-norm blocks, rotary positions, PyTorch's scaled-dot-product attention.
+"""Transformer: pre-norm blocks, rotary positions, attention by flash-attn or PyTorch's SDPA.
 
 tokens [B, L] -> embedding [B, L, D] -> n_layers x (x + Attn(RMSNorm(x)); x + MLP(RMSNorm(x)))
 -> RMSNorm -> hidden [B, L, D] -> tied LM head -> logits [B, L, V].
 
-Attention uses ``torch.nn.functional.scaled_dot_product_attention``, which picks a fused
-kernel (flash or memory-efficient) on GPU and a fused CPU kernel otherwise.
+Attention is causal (next-token) or bidirectional (masked-LM). On CUDA with bf16/fp16
+activations it uses flash-attn's kernel when installed; everywhere else
+``torch.nn.functional.scaled_dot_product_attention`` (a fused kernel on GPU and on CPU).
+``attention_reference`` is the readable softmax(QK^T / sqrt(d)) V that the tests hold both to.
 """
 
 from __future__ import annotations
@@ -16,22 +18,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from architectures.layers import Block, LanguageModel, ModelConfig, optional_kernel, presets
 from nucleo.registry import ARCHITECTURES
 from nucleo.schema import check
-from nucleo.types import ModelOutput
 
 
 @dataclass
-class TransformerConfig:
-    """Size and shape of a transformer.
+class TransformerConfig(ModelConfig):
+    """Size and shape of a transformer (size, d_model, n_layers, checkpointing, autocast: see
+    ModelConfig).
 
-    d_model: width D. n_layers: blocks. n_heads: attention heads (D must divide evenly).
-    mlp_ratio: MLP hidden width as a multiple of D. dropout: on attention output and MLP.
-    rope_base: rotary frequency base. causal: next-token (true) or bidirectional attention.
+    n_heads: attention heads (D must divide evenly). mlp_ratio: MLP hidden width as a multiple
+    of D. dropout: on attention output and MLP. rope_base: rotary frequency base.
+    causal: next-token (true) or bidirectional attention.
     """
 
-    d_model: int = 256
-    n_layers: int = 4
+    PRESETS = presets(
+        [
+            ("tiny", 128, 2, {"n_heads": 4}),
+            ("mini", 192, 4, {"n_heads": 4}),
+            ("small", 256, 8, {"n_heads": 4}),
+            ("base", 384, 12, {"n_heads": 6}),
+            ("medium", 640, 16, {"n_heads": 10}),
+            ("large", 1024, 20, {"n_heads": 16}),
+            ("xl", 1536, 32, {"n_heads": 24}),
+        ]
+    )
+
     n_heads: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.0
@@ -39,7 +52,7 @@ class TransformerConfig:
     causal: bool = True
 
     def __post_init__(self) -> None:
-        check(self.d_model > 0 and self.n_layers > 0, "d_model", "d_model, n_layers must be > 0")
+        super().__post_init__()
         check(self.n_heads > 0, "n_heads", "must be > 0")
         check(
             self.d_model % self.n_heads == 0,
@@ -48,6 +61,7 @@ class TransformerConfig:
         )
         check((self.d_model // self.n_heads) % 2 == 0, "n_heads", "head size must be even (rotary)")
         check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        check(self.mlp_ratio > 0, "mlp_ratio", "must be > 0")
 
 
 def rotary_tables(length: int, head_dim: int, base: float, device: torch.device) -> torch.Tensor:
@@ -60,80 +74,71 @@ def rotary_tables(length: int, head_dim: int, base: float, device: torch.device)
 
 
 def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of channels of x [B, H, L, Dh] by rotation [L, Dh/2] (complex)."""
+    """Rotate pairs of channels of x [B, L, H, Dh] by rotation [L, Dh/2] (complex)."""
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+    return torch.view_as_real(pairs * rotation[:, None, :]).flatten(-2).type_as(x)
+
+
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh)) v, masked above the diagonal when causal; [B, L, H, Dh]."""
+    scores = torch.einsum("blhd,bmhd->bhlm", q.float(), k.float()) / math.sqrt(q.shape[-1])
+    if causal:
+        length = q.shape[1]
+        mask = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    return torch.einsum("bhlm,bmhd->blhd", scores.softmax(-1), v.float()).type_as(q)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout: float = 0.0
+) -> torch.Tensor:
+    """Multi-head attention on q, k, v [B, L, H, Dh] -> [B, L, H, Dh].
+
+    flash-attn on CUDA for bf16/fp16 when installed, else PyTorch SDPA.
+    """
+    if q.dtype in (torch.bfloat16, torch.float16):
+        flash = optional_kernel("flash_attn", "flash_attn_func", "flash-attn", q.device)
+        if flash is not None:
+            return flash(q, k, v, dropout_p=dropout, causal=causal)
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, dropout_p=dropout
+    )
+    return y.transpose(1, 2)
 
 
 class Attention(nn.Module):
+    """Rotary multi-head self-attention, [B, L, D] -> [B, L, D]."""
+
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
         self.causal = cfg.causal
         self.dropout = cfg.dropout
+        self.rope_base = cfg.rope_base
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, -1).unbind(2)
+        rotation = rotary_tables(length, q.shape[-1], self.rope_base, x.device)
         q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.out(y.transpose(1, 2).reshape(batch, length, width))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: TransformerConfig) -> None:
-        super().__init__()
-        hidden = int(cfg.mlp_ratio * cfg.d_model)
-        self.norm1 = nn.RMSNorm(cfg.d_model)
-        self.attn = Attention(cfg)
-        self.norm2 = nn.RMSNorm(cfg.d_model)
-        self.mlp = nn.Sequential(
-            nn.Linear(cfg.d_model, hidden, bias=False),
-            nn.GELU(),
-            nn.Linear(hidden, cfg.d_model, bias=False),
-        )
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), rotation))
-        return x + self.drop(self.mlp(self.norm2(x)))
+        y = attention(q, k, v, self.causal, self.dropout if self.training else 0.0)
+        return self.out_proj(y.reshape(batch, length, width))
 
 
 @ARCHITECTURES.register("transformer", config=TransformerConfig)
-class Transformer(nn.Module):
-    """Pre-norm transformer with rotary positions, SDPA attention and tied embeddings."""
+class Transformer(LanguageModel):
+    """Pre-norm transformer with rotary positions, SDPA/flash attention and tied embeddings."""
 
-    rc_equivariant = False
-
-    def __init__(self, cfg: TransformerConfig, vocab_size: int) -> None:
-        super().__init__()
-        self.cfg = cfg
+    def __init__(
+        self, cfg: TransformerConfig, vocab_size: int, complement_ids: list[int] | None = None
+    ) -> None:
+        blocks = [
+            Block(Attention(cfg), cfg.d_model, cfg.mlp_ratio, cfg.dropout)
+            for _ in range(cfg.n_layers)
+        ]
+        super().__init__(cfg, vocab_size, blocks)
         self.causal = cfg.causal
-        self.embed = nn.Embedding(vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = nn.RMSNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
-        self.head.weight = self.embed.weight  # tied
-        self.apply(self._init)
-        for block in self.blocks:  # GPT-2 scaling of residual projections
-            for proj in (block.attn.out, block.mlp[2]):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
-
-    @staticmethod
-    def _init(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-
-    def forward(self, tokens: torch.Tensor) -> ModelOutput:
-        """tokens: [B, L] int64 -> hidden [B, L, D], logits [B, L, V]."""
-        head_dim = self.cfg.d_model // self.cfg.n_heads
-        rotation = rotary_tables(tokens.shape[1], head_dim, self.cfg.rope_base, tokens.device)
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x, rotation)
-        hidden = self.norm(x)
-        return ModelOutput(hidden=hidden, logits=self.head(hidden))

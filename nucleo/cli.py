@@ -60,20 +60,28 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    import torch
+
     from nucleo.components import ARCHITECTURES, LOSSES, TOKENIZERS
-    from nucleo.schema import to_dict
+    from nucleo.schema import from_dict, to_dict
     from nucleo.trainer import count_parameters
 
     tokenizer_vocab = 9
-    print("architectures (--arch):")
+    print("architectures (--arch); parameters for the 9-token char vocabulary:")
     for entry in ARCHITECTURES:
         cfg = entry.config()
-        counts = count_parameters(entry.cls(cfg, vocab_size=tokenizer_vocab))
-        print(f"  {entry.name:<14}{entry.summary}")
+        mode = "causal" if getattr(cfg, "causal", True) else "bidirectional"
+        print(f"  {entry.name:<14}{entry.summary} [{mode} by default]")
         print(f"  {'':<14}defaults: {to_dict(cfg)}")
-        print(
-            f"  {'':<14}{counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding)"
-        )
+        print(f"  {'':<14}{'size':<8}{'d_model':>8}{'layers':>8}{'total':>16}{'non-embedding':>16}")
+        for size in getattr(entry.config, "PRESETS", {}):
+            preset = from_dict(entry.config, {"size": size})
+            with torch.device("meta"):  # exact counts without allocating a billion weights
+                counts = count_parameters(entry.cls(preset, vocab_size=tokenizer_vocab))
+            print(
+                f"  {'':<14}{size:<8}{preset.d_model:>8}{preset.n_layers:>8}"
+                f"{counts['total']:>16,}{counts['non_embedding']:>16,}"
+            )
     print("losses (--losses):")
     for entry in LOSSES:
         needs = {True: "causal models", False: "bidirectional models", None: "any model"}

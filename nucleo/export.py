@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from data_pipeline.tokenizers import load_tokenizer
+from data_pipeline.tokenizers import build_tokenizer, load_tokenizer
 from nucleo import __version__
-from nucleo.components import ARCHITECTURES
+from nucleo.components import ARCHITECTURES, build_model
 from nucleo.engine import parameter_groups
 from nucleo.schema import from_dict, to_dict
 
@@ -98,18 +98,12 @@ def state_from_checkpoint(ckpt_dir: str | Path, tag: str, cfg: Any) -> dict[str,
     if not states.is_file():
         raise FileNotFoundError(f"{states}: not found; is {path} a DeepSpeed checkpoint?")
     saved = torch.load(states, map_location="cpu", weights_only=False)
-    module = ARCHITECTURES.build(cfg.arch, cfg.model, vocab_size=_vocab_size(cfg))
+    module = build_model(cfg.arch, cfg.model, build_tokenizer(cfg.data.tokenizer))
     masters = {}
     if cfg.engine.precision == "bf16":
         groups = saved["optimizer"]["fp32_groups"]
         masters = masters_from_fp32_groups(groups, module, cfg.train.weight_decay)
     return _complete(module, saved["module"], masters)
-
-
-def _vocab_size(cfg: Any) -> int:
-    from data_pipeline.tokenizers import build_tokenizer
-
-    return int(build_tokenizer(cfg.data.tokenizer).vocab_size)
 
 
 def export_model(
@@ -122,7 +116,7 @@ def export_model(
     """Write ``state`` (a full state dict of ``run_config``'s model) as a portable export."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = ARCHITECTURES.build(run_config.arch, run_config.model, vocab_size=tokenizer.vocab_size)
+    model = build_model(run_config.arch, run_config.model, tokenizer)
     model.load_state_dict(state)
     meta = {
         "format": FORMAT,
@@ -152,10 +146,8 @@ def load_exported(
     meta = json.loads(config_path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{config_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    entry = ARCHITECTURES.get(meta["arch"])
-    model = entry.cls(
-        from_dict(entry.config, meta["model"], "model"), vocab_size=meta["vocab_size"]
-    )
-    load_model(model, root / "model.safetensors", device=str(device))
     tokenizer = load_tokenizer(root)
+    entry = ARCHITECTURES.get(meta["arch"])
+    model = build_model(meta["arch"], from_dict(entry.config, meta["model"], "model"), tokenizer)
+    load_model(model, root / "model.safetensors", device=str(device))
     return model.to(device).eval(), tokenizer, meta

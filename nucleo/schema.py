@@ -128,11 +128,19 @@ def field_names(cls: type) -> list[str]:
 
 
 def from_dict(cls: type[C], data: Any, prefix: str = "") -> C:
-    """Build dataclass ``cls`` from a mapping; unknown keys and bad values raise ConfigError."""
+    """Build dataclass ``cls`` from a mapping; unknown keys and bad values raise ConfigError.
+
+    A class with a ``PRESETS`` table (size name -> settings) expands ``size: NAME`` first, so
+    the preset's settings apply and any key given beside ``size`` overrides them.
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(prefix, f"expected a mapping of {cls.__name__} settings, got {data!r}")
+    size = data.get("size")
+    table = getattr(cls, "PRESETS", None)
+    if isinstance(table, dict) and isinstance(size, str) and size in table:
+        data = {**table[size], **data}  # a preset's settings, then the keys given beside it
     hints = typing.get_type_hints(cls)
     names = field_names(cls)
     kwargs: dict[str, Any] = {}

@@ -28,7 +28,7 @@ import torch
 from data_pipeline.loader import TrainLoader
 from data_pipeline.tokenizers import build_tokenizer
 from nucleo.checkpoint import latest_tag, load_checkpoint, save_checkpoint
-from nucleo.components import ARCHITECTURES
+from nucleo.components import build_model
 from nucleo.config import RunConfig, save_config
 from nucleo.engine import (
     DistInfo,
@@ -123,7 +123,7 @@ class Trainer:
             dist.rank, dist.world_size,
         )  # fmt: skip
         torch.manual_seed(cfg.train.seed)
-        self.model = ARCHITECTURES.build(cfg.arch, cfg.model, vocab_size=self.tokenizer.vocab_size)
+        self.model = build_model(cfg.arch, cfg.model, self.tokenizer)
         self.params = count_parameters(self.model)
         self.objective = Objective.build(cfg.losses, cfg.loss, self.model, self.tokenizer)
         self.run_dir = prepare_run_dir(cfg, dist, resume)

@@ -54,7 +54,7 @@ def test_config_errors_exit_2_with_the_key(capsys):
     assert main(["config", "--set", "train.lrr=1"]) == 2
     assert "config error: train.lrr" in capsys.readouterr().err
     assert main(["config", "--arch", "nope"]) == 2
-    assert "known: transformer" in capsys.readouterr().err
+    assert "known: caduceus, hybrid, hyena, mamba, multires, transformer" in capsys.readouterr().err
 
 
 def test_export_without_checkpoint(tmp_path, capsys):

@@ -1,0 +1,182 @@
+"""Caduceus (Schiff et al. 2024): bidirectional, reverse-complement-equivariant Mamba.
+
+Reverse complement on tokens x [B, L]: rc(x) = flip_L(comp[x]). On hidden states h [B, L, D]
+it is flip over both length and channels, rc(h) = flip_{L,C}(h). With RC parameter sharing
+(``rcps: true``) every layer commutes with rc, so the model satisfies exactly
+
+    hidden(rc(x)) = flip_{L,C}(hidden(x)),    logits(rc(x)) = flip_L(logits(x)[..., comp])
+
+- RCPS embedding: h = [e(x), flip_C(e(comp[x]))], e: vocab -> D/2.
+- RCPS wrapper of any layer f on D/2 channels: [f(h1), flip_{L,C}(f(flip_{L,C}(h2)))],
+  one set of weights for both strands; used for the BiMamba mixers and the RMSNorms.
+- RCPS LM head, tied to e: logits = h1 W^T + flip_C(h2) W[comp]^T.
+
+Without RCPS (``rcps: false``, Caduceus-PH), ``conjoin: true`` averages, in eval mode, the
+outputs on x and on rc(x) mapped back ("post-hoc conjoining"); ``conjoin`` (the function) does
+the same for any model. Caduceus is bidirectional: train it with masked-LM (``mlm``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from architectures.layers import LanguageModel, autocast_context, presets
+from architectures.mamba import BiMamba, MambaConfig
+from nucleo.alphabet import COMPLEMENT_IDS
+from nucleo.registry import ARCHITECTURES
+from nucleo.schema import ConfigError, check
+from nucleo.types import ModelOutput
+
+
+@dataclass
+class CaduceusConfig(MambaConfig):
+    """Caduceus settings: those of mamba (``causal`` must stay false) plus
+
+    rcps: reverse-complement parameter sharing (exact RC equivariance; each strand gets D/2
+    channels). conjoin: without rcps, average the outputs on x and rc(x) in eval mode.
+    """
+
+    PRESETS = presets(
+        [
+            ("tiny", 256, 4, {}),
+            ("mini", 384, 6, {}),
+            ("small", 512, 12, {}),
+            ("base", 768, 20, {}),
+            ("medium", 1280, 30, {}),
+            ("large", 2048, 40, {}),
+            ("xl", 3072, 64, {}),
+        ]
+    )
+
+    causal: bool = False
+    rcps: bool = True
+    conjoin: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(not self.causal, "causal", "caduceus is bidirectional; use mamba for causal")
+        check(self.d_model % 2 == 0, "d_model", "must be even (two strands of D/2 channels)")
+        check(not (self.rcps and self.conjoin), "conjoin", "only for rcps: false")
+
+
+def rc_hidden(h: torch.Tensor) -> torch.Tensor:
+    """Reverse complement of hidden states [B, L, D] under RCPS: flip length and channels."""
+    return h.flip(-2, -1)
+
+
+class RCPS(nn.Module):
+    """Apply ``layer`` ([.., D/2] -> [.., D/2]) to both strands with one set of weights."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        forward, reverse = h.chunk(2, dim=-1)
+        return torch.cat([self.layer(forward), rc_hidden(self.layer(rc_hidden(reverse)))], -1)
+
+
+class RCPSBlock(nn.Module):
+    """h + RCPS(BiMamba)(RCPS(RMSNorm)(h))."""
+
+    def __init__(self, cfg: CaduceusConfig, width: int) -> None:
+        super().__init__()
+        self.norm = RCPS(nn.RMSNorm(width))
+        self.mixer = RCPS(BiMamba(cfg, width))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.mixer(self.norm(h))
+
+    def residual_projections(self) -> list[nn.Linear]:
+        return [self.mixer.layer.out_proj]
+
+
+class PlainBlock(nn.Module):
+    """h + BiMamba(RMSNorm(h)), for ``rcps: false``."""
+
+    def __init__(self, cfg: CaduceusConfig, width: int) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(width)
+        self.mixer = BiMamba(cfg, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.mixer(self.norm(h))
+
+    def residual_projections(self) -> list[nn.Linear]:
+        return [self.mixer.out_proj]
+
+
+def rc_logits(logits: torch.Tensor, complement: torch.Tensor) -> torch.Tensor:
+    """Map per-position logits [B, L, V] of rc(x) back onto x's positions and strand."""
+    return logits.flip(-2)[..., complement]
+
+
+def conjoin(
+    forward: Callable[[torch.Tensor], ModelOutput], tokens: torch.Tensor, complement: torch.Tensor
+) -> ModelOutput:
+    """Post-hoc conjoining: the mean of forward(x) and forward(rc(x)) mapped back to x.
+
+    The logits of the result satisfy logits(rc x) = rc_logits(logits(x)) for any model.
+    Hidden states are averaged position-wise (the rc pass flipped along L).
+    """
+    out = forward(tokens)
+    rc_out = forward(complement[tokens].flip(-1))
+    return ModelOutput(
+        hidden=(out.hidden + rc_out.hidden.flip(-2)) / 2,
+        logits=(out.logits + rc_logits(rc_out.logits, complement)) / 2,
+    )
+
+
+def complement_table(complement_ids: list[int] | None, vocab_size: int) -> torch.Tensor:
+    ids = list(complement_ids) if complement_ids is not None else list(COMPLEMENT_IDS)
+    if len(ids) != vocab_size or sorted(ids) != list(range(vocab_size)):
+        raise ConfigError(
+            "data.tokenizer",
+            f"caduceus needs a complement permutation of the {vocab_size}-token vocabulary; "
+            f"the tokenizer gives {ids}",
+        )
+    return torch.tensor(ids)
+
+
+@ARCHITECTURES.register("caduceus", config=CaduceusConfig)
+class Caduceus(LanguageModel):
+    """Bidirectional Mamba with reverse-complement parameter sharing (or post-hoc conjoining)."""
+
+    causal = False
+
+    def __init__(
+        self, cfg: CaduceusConfig, vocab_size: int, complement_ids: list[int] | None = None
+    ) -> None:
+        width = cfg.d_model // 2 if cfg.rcps else cfg.d_model
+        block = RCPSBlock if cfg.rcps else PlainBlock
+        super().__init__(cfg, vocab_size, [block(cfg, width) for _ in range(cfg.n_layers)])
+        self.rc_equivariant = cfg.rcps
+        self.register_buffer(
+            "complement", complement_table(complement_ids, vocab_size), persistent=False
+        )
+        if cfg.rcps:  # embedding, final norm and head act on the strands
+            self.embed = nn.Embedding(vocab_size, width)
+            nn.init.normal_(self.embed.weight, std=0.02)
+            self.norm = RCPS(nn.RMSNorm(width))
+            del self.head
+
+    def forward(self, tokens: torch.Tensor) -> ModelOutput:
+        """tokens: [B, L] int64 -> hidden [B, L, D], logits [B, L, V], both float32."""
+        if not self.cfg.rcps:
+            if self.cfg.conjoin and not self.training:
+                return conjoin(super().forward, tokens, self.complement)
+            return super().forward(tokens)
+        with autocast_context(self.cfg.autocast, tokens.device):
+            e = self.embed
+            h = torch.cat([e(tokens), e(self.complement[tokens]).flip(-1)], dim=-1)
+            hidden = self.norm(self.run_blocks(h))
+            forward, reverse = hidden.chunk(2, dim=-1)
+            logits = F.linear(forward, e.weight) + F.linear(
+                reverse.flip(-1), e.weight[self.complement]
+            )
+        return ModelOutput(hidden=hidden.float(), logits=logits.float())

@@ -1,0 +1,219 @@
+"""What every family shares: the config base with size presets, the residual block, the
+language-model shell (embedding, blocks, norm, tied head), gradient checkpointing, bf16
+autocast, and lazy imports of the optional CUDA kernels.
+
+A family supplies a *mixer* (the sequence-mixing layer, [B, L, D] -> [B, L, D]) and its config;
+``LanguageModel`` does the rest, so every family has the same interface:
+tokens [B, L] int64 -> ``ModelOutput(hidden [B, L, D] float32, logits [B, L, V] float32)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from nucleo.schema import check
+from nucleo.types import ModelOutput
+
+log = logging.getLogger("nucleo")
+
+# The size ladder shared by every family: about 3.5x more parameters per rung, from ~0.5M to
+# ~1B, so a scaling sweep is one flag (``--set model.size=...``). Each family's PRESETS pick a
+# width and depth that land near these totals; tests/test_architectures.py holds them to it.
+SIZES: dict[str, float] = {
+    "tiny": 0.5e6,
+    "mini": 1.75e6,
+    "small": 6e6,
+    "base": 21e6,
+    "medium": 75e6,
+    "large": 260e6,
+    "xl": 900e6,
+}
+
+
+@dataclass
+class ModelConfig:
+    """Settings every family has.
+
+    size: a preset of SIZES (null: none); it sets the family's width and depth, and any key
+        given beside it overrides the preset. d_model: width D. n_layers: blocks.
+    checkpointing: recompute each block's activations in backward (less memory, ~30% slower).
+    autocast: "bf16" runs matrix products in bfloat16 under torch.autocast (CPU and GPU) with
+        float32 weights; the FFTs and scans that need float32 stay in float32.
+    """
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    size: str | None = None
+    d_model: int = 256
+    n_layers: int = 4
+    checkpointing: bool = False
+    autocast: Literal["fp32", "bf16"] = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.size is not None:
+            check(
+                self.size in self.PRESETS,
+                "size",
+                f"unknown size {self.size!r}; presets: {', '.join(self.PRESETS)}",
+            )
+        check(self.d_model > 0, "d_model", f"must be > 0, got {self.d_model}")
+        check(self.n_layers > 0, "n_layers", f"must be > 0, got {self.n_layers}")
+
+
+def presets(rows: Iterable[tuple[str, int, int, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """PRESETS from rows (size, d_model, n_layers, other settings of the family)."""
+    out = {}
+    for size, d_model, n_layers, extra in rows:
+        assert size in SIZES, f"{size!r} is not one of {', '.join(SIZES)}"
+        out[size] = {"d_model": d_model, "n_layers": n_layers, **extra}
+    return out
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: Linear(D, r*D) -> GELU -> Linear(r*D, D)."""
+
+    def __init__(self, d_model: int, ratio: float) -> None:
+        super().__init__()
+        hidden = int(ratio * d_model)
+        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)) when mlp_ratio > 0."""
+
+    def __init__(
+        self, mixer: nn.Module, d_model: int, mlp_ratio: float = 0.0, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.RMSNorm(d_model)
+        self.mixer = mixer
+        self.norm2 = nn.RMSNorm(d_model) if mlp_ratio > 0 else None
+        self.mlp = MLP(d_model, mlp_ratio) if mlp_ratio > 0 else None
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.mixer(self.norm1(x)))
+        if self.mlp is not None:
+            assert self.norm2 is not None
+            x = x + self.drop(self.mlp(self.norm2(x)))
+        return x
+
+    def residual_projections(self) -> list[nn.Linear]:
+        """Linear layers that write into the residual stream (scaled at init)."""
+        out = [m for m in (getattr(self.mixer, "out_proj", None),) if isinstance(m, nn.Linear)]
+        return out + ([self.mlp.down] if self.mlp is not None else [])
+
+
+def autocast_context(mode: str, device: torch.device):
+    """torch.autocast for ``mode`` ("bf16", or "fp32": none) on the device type of ``device``."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "bf16")
+
+
+def float32_region(device: torch.device):
+    """Turn autocast off for a block of code that must run in float32 (FFTs, scans)."""
+    return torch.autocast(device.type, enabled=False)
+
+
+class LanguageModel(nn.Module):
+    """Embedding -> blocks -> RMSNorm -> tied LM head, shared by every family.
+
+    Subclasses set ``causal`` and ``rc_equivariant`` and pass their blocks (each
+    [B, L, D] -> [B, L, D]). Weights: normal(0.02), residual projections scaled by
+    1/sqrt(2 * n_layers) (GPT-2), so every family starts from the same footing.
+    """
+
+    causal: bool = True
+    rc_equivariant: bool = False
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, blocks: Iterable[nn.Module]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.RMSNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self.head.weight = self.embed.weight  # tied
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)) and not getattr(
+                module, "keep_init", False
+            ):
+                nn.init.normal_(module.weight, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            for proj in getattr(block, "residual_projections", list)():
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks, each recomputed in backward when ``checkpointing`` is on."""
+        for block in self.blocks:
+            if self.cfg.checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def forward(self, tokens: torch.Tensor) -> ModelOutput:
+        """tokens: [B, L] int64 -> hidden [B, L, D], logits [B, L, V], both float32."""
+        with autocast_context(self.cfg.autocast, tokens.device):
+            hidden = self.norm(self.run_blocks(self.embed(tokens)))
+            logits = self.head(hidden)
+        return ModelOutput(hidden=hidden.float(), logits=logits.float())
+
+
+_KERNELS: dict[str, Any] = {}
+
+
+def optional_kernel(module: str, attr: str, package: str, device: torch.device) -> Callable | None:
+    """``module.attr`` when running on CUDA and ``module`` imports, else None (pure PyTorch).
+
+    Imported lazily, once; when it is missing on CUDA one log line says which path runs and
+    how to get the kernel. Never imported on CPU, where these packages cannot work.
+    """
+    if device.type != "cuda":
+        return None
+    key = f"{module}.{attr}"
+    if key not in _KERNELS:
+        try:
+            _KERNELS[key] = getattr(importlib.import_module(module), attr)
+            log.info("using %s's CUDA kernel %s", package, key)
+        except Exception as err:  # ImportError, or a wheel built without its CUDA extension
+            _KERNELS[key] = None
+            log.warning(
+                "%s is not usable (%s): running nucleo's pure-PyTorch path on CUDA instead. "
+                "For the fused kernel: install a CUDA build of torch, then "
+                "`pip install -e '.[gpu]' --no-build-isolation`.",
+                package,
+                type(err).__name__,
+            )
+    return _KERNELS[key]
+
+
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """Depthwise causal convolution along L: x [B, C, L], weight [C, K] -> [B, C, L].
+
+    Output t sees inputs t-K+1..t (left zero padding). Uses causal-conv1d's kernel on CUDA
+    when installed.
+    """
+    kernel = optional_kernel("causal_conv1d", "causal_conv1d_fn", "causal-conv1d", x.device)
+    if kernel is not None and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return kernel(x, weight, bias)
+    width = weight.shape[-1]
+    return F.conv1d(F.pad(x, (width - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])

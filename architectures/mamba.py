@@ -1,0 +1,176 @@
+"""Mamba (Gu & Dao 2023): the selective state-space block, and its bidirectional form.
+
+One Mamba mixer on x [B, L, D], with inner width E = expand * D and state size N:
+
+    x, z = split(in_proj(x))                       [B, E, L] each
+    x = silu(causal_depthwise_conv(x))             width d_conv
+    dt, B, C = split(x_proj(x))                    input-dependent: [B, R, L], [B, N, L] x 2
+    dt = softplus(dt_proj(dt))                     [B, E, L], step sizes
+    y = selective_scan(x, dt, A = -exp(A_log), B, C, D) * silu(z)
+    out = out_proj(y)
+
+The scan is ``architectures.selective_scan.scan``: mamba-ssm's CUDA kernel when installed,
+otherwise nucleo's chunked pure-PyTorch scan (tied to a sequential reference by tests).
+``causal: false`` gives BiMamba (Caduceus, Schiff et al. 2024): a second mixer reads the
+sequence backwards, sharing in_proj and out_proj with the forward one, and the two outputs add.
+Blocks are x + Mixer(RMSNorm(x)) without an MLP, as in the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from architectures.layers import (
+    Block,
+    LanguageModel,
+    ModelConfig,
+    causal_depthwise_conv,
+    float32_region,
+    presets,
+)
+from architectures.selective_scan import scan
+from nucleo.registry import ARCHITECTURES
+from nucleo.schema import check
+
+
+@dataclass
+class MambaConfig(ModelConfig):
+    """Mamba settings (size, d_model, n_layers, checkpointing, autocast: see ModelConfig).
+
+    d_state: N, the state size per channel. d_conv: width of the causal conv. expand: inner
+    width E / D. dt_rank: rank R of the step-size projection (null: ceil(D / 16)).
+    dt_min, dt_max: range of the initial step sizes (log-uniform). causal: false gives BiMamba.
+    mlp_ratio: an MLP after each mixer (0: none, as in the paper).
+    """
+
+    PRESETS = presets(
+        [
+            ("tiny", 128, 4, {}),
+            ("mini", 192, 8, {}),
+            ("small", 256, 16, {}),
+            ("base", 384, 24, {}),
+            ("medium", 640, 30, {}),
+            ("large", 1024, 40, {}),
+            ("xl", 1536, 64, {}),
+        ]
+    )
+
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | None = None
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    causal: bool = True
+    mlp_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.d_state >= 1, "d_state", "must be >= 1")
+        check(self.d_conv >= 1, "d_conv", "must be >= 1")
+        check(self.expand >= 1, "expand", "must be >= 1")
+        check(self.dt_rank is None or self.dt_rank >= 1, "dt_rank", "must be >= 1 or null")
+        check(0 < self.dt_min <= self.dt_max, "dt_min", "need 0 < dt_min <= dt_max")
+        check(self.mlp_ratio >= 0, "mlp_ratio", "must be >= 0")
+
+
+class MambaMixer(nn.Module):
+    """One selective-SSM mixer, [B, L, D] -> [B, L, D], causal (left to right)."""
+
+    def __init__(self, cfg: MambaConfig, d_model: int) -> None:
+        super().__init__()
+        inner = cfg.expand * d_model
+        self.inner = inner
+        self.d_state = cfg.d_state
+        self.dt_rank = cfg.dt_rank or math.ceil(d_model / 16)
+        self.in_proj = nn.Linear(d_model, 2 * inner, bias=False)
+        self.conv_weight = nn.Parameter(
+            torch.empty(inner, cfg.d_conv).uniform_(-1, 1) / math.sqrt(cfg.d_conv)
+        )
+        self.conv_bias = nn.Parameter(torch.zeros(inner))
+        self.x_proj = nn.Linear(inner, self.dt_rank + 2 * cfg.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, inner, bias=True)
+        # Mamba keeps PyTorch's default init for these (LanguageModel's normal(0.02) would
+        # make B, C and the input nearly vanish), and its own for dt_proj.
+        for layer in (self.in_proj, self.x_proj, self.dt_proj):
+            layer.keep_init = True  # type: ignore[assignment]
+        self.A_log = nn.Parameter(
+            torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).repeat(inner, 1)
+        )
+        self.D = nn.Parameter(torch.ones(inner))
+        self.out_proj = nn.Linear(inner, d_model, bias=False)
+        self._init_steps(cfg)
+
+    def _init_steps(self, cfg: MambaConfig) -> None:
+        """Mamba's step-size init: dt_proj's bias is softplus^-1 of dt ~ log-uniform
+        [dt_min, dt_max], so initial memories span short to long."""
+        nn.init.uniform_(self.dt_proj.weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
+        log_dt = torch.rand(self.inner) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
+        dt = torch.exp(log_dt + math.log(cfg.dt_min)).clamp(min=1e-4)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xz = self.in_proj(x).transpose(1, 2)  # [B, 2E, L]
+        u, z = xz.chunk(2, dim=1)
+        u = F.silu(
+            causal_depthwise_conv(u, self.conv_weight.to(u.dtype), self.conv_bias.to(u.dtype))
+        )
+        dt, B, C = self.x_proj(u.transpose(1, 2)).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1
+        )
+        delta = (dt @ self.dt_proj.weight.t().to(dt.dtype)).transpose(1, 2)  # [B, E, L]
+        with float32_region(x.device):
+            y = scan(
+                u.float(),
+                delta.float(),
+                -torch.exp(self.A_log.float()),
+                B.transpose(1, 2).float(),
+                C.transpose(1, 2).float(),
+                self.D.float(),
+                z.float(),
+                delta_bias=self.dt_proj.bias.float(),
+                delta_softplus=True,
+            )
+        return self.out_proj(y.transpose(1, 2))
+
+
+class BiMamba(nn.Module):
+    """Forward mixer + a mixer over the reversed sequence, in_proj and out_proj shared
+    (Caduceus's BiMamba with weight tying); outputs add. [B, L, D] -> [B, L, D]."""
+
+    def __init__(self, cfg: MambaConfig, d_model: int) -> None:
+        super().__init__()
+        self.forward_mixer = MambaMixer(cfg, d_model)
+        self.reverse_mixer = MambaMixer(cfg, d_model)
+        self.reverse_mixer.in_proj = self.forward_mixer.in_proj
+        self.reverse_mixer.out_proj = self.forward_mixer.out_proj
+        self.out_proj = self.forward_mixer.out_proj  # for the residual-projection init
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_mixer(x) + self.reverse_mixer(x.flip(1)).flip(1)
+
+
+def mamba_mixer(cfg: MambaConfig, d_model: int) -> nn.Module:
+    """The mixer of ``cfg``: Mamba when causal, BiMamba otherwise."""
+    return MambaMixer(cfg, d_model) if cfg.causal else BiMamba(cfg, d_model)
+
+
+@ARCHITECTURES.register("mamba", config=MambaConfig)
+class Mamba(LanguageModel):
+    """Mamba: selective state-space blocks (BiMamba with ``causal: false``)."""
+
+    def __init__(
+        self, cfg: MambaConfig, vocab_size: int, complement_ids: list[int] | None = None
+    ) -> None:
+        blocks = [
+            Block(mamba_mixer(cfg, cfg.d_model), cfg.d_model, cfg.mlp_ratio)
+            for _ in range(cfg.n_layers)
+        ]
+        super().__init__(cfg, vocab_size, blocks)
+        self.causal = cfg.causal

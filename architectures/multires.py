@@ -1,0 +1,152 @@
+"""MultiresConv (Shi, Wang & Fox, ICML 2023): multiresolution convolutional memory.
+
+Per channel, two filters h0 (low-pass) and h1 (high-pass) of width K are shared by every
+level of a stationary wavelet tree without downsampling: level j convolves the previous
+low-pass output with both filters at dilation 2^j (causal: left padding). With J levels the
+receptive field is (K - 1)(2^J - 1) + 1 positions; J is the smallest that covers ``max_len``.
+The "fading" combination sums the high-pass outputs of every level, the last low-pass output
+and the input, each with learned per-channel weights:
+
+    y = w_skip * x + w_0 * lo_J + sum_j w_j * hi_j
+
+The layer is O(L log L) and has no attention or FFT. A block is, as in the paper,
+x + GLU(Linear(GELU(MultiresConv(norm(x))))).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from architectures.layers import Block, LanguageModel, ModelConfig, presets
+from nucleo.registry import ARCHITECTURES
+from nucleo.schema import check
+
+
+@dataclass
+class MultiresConfig(ModelConfig):
+    """MultiresConv settings (size, d_model, n_layers, checkpointing, autocast: ModelConfig).
+
+    kernel_size: width K of h0 and h1 (2 is Haar-like). max_len: the sequence length the tree
+    must cover; sets the depth J (longer inputs still run, beyond the receptive field).
+    mlp_ratio: an extra MLP after each layer (0: none, as in the paper). dropout: after the
+    activation and after the mixing.
+    """
+
+    PRESETS = presets(
+        [
+            ("tiny", 256, 4, {}),
+            ("mini", 384, 6, {}),
+            ("small", 512, 12, {}),
+            ("base", 768, 18, {}),
+            ("medium", 1280, 24, {}),
+            ("large", 2048, 32, {}),
+            ("xl", 3072, 48, {}),
+        ]
+    )
+
+    kernel_size: int = 2
+    max_len: int = 1024
+    mlp_ratio: float = 0.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.kernel_size >= 2, "kernel_size", f"must be >= 2, got {self.kernel_size}")
+        check(self.max_len >= 2, "max_len", f"must be >= 2, got {self.max_len}")
+        check(self.mlp_ratio >= 0, "mlp_ratio", "must be >= 0")
+        check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+
+    @property
+    def depth(self) -> int:
+        """Levels J so that (K - 1)(2^J - 1) + 1 >= max_len."""
+        return max(1, math.ceil(math.log2((self.max_len - 1) / (self.kernel_size - 1) + 1)))
+
+
+class MultiresConv(nn.Module):
+    """The multiresolution convolution with fading combination, [B, D, L] -> [B, D, L]."""
+
+    def __init__(self, d_model: int, kernel_size: int, depth: int) -> None:
+        super().__init__()
+        self.depth = depth
+        scale = math.sqrt(2.0 / (2 * kernel_size))
+        self.h0 = nn.Parameter(torch.empty(d_model, 1, kernel_size).uniform_(-1, 1) * scale)
+        self.h1 = nn.Parameter(torch.empty(d_model, 1, kernel_size).uniform_(-1, 1) * scale)
+        # columns: [w_0 (last low-pass), w_1..w_J (high-pass of level J..1), w_skip]
+        self.w = nn.Parameter(
+            torch.empty(d_model, depth + 2).uniform_(-1, 1) * math.sqrt(2.0 / (2 * depth + 4))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The tree's intermediates are ~2J activations; keep only x and recompute them in
+        # backward (elementwise work, cheap next to the memory it saves at long L).
+        if torch.is_grad_enabled() and x.requires_grad:
+            return checkpoint(self.tree, x, use_reentrant=False)
+        return self.tree(x)
+
+    def tree(self, x: torch.Tensor) -> torch.Tensor:
+        """Causal dilated convolutions as shifted multiply-adds (faster than dilated conv1d on
+        CPU): tap k of a level at dilation d reads x[t - (K - 1 - k) d]."""
+        length, width = x.shape[-1], self.h0.shape[-1]
+        low, y, dilation = x, x * self.w[:, -1:], 1
+        for level in range(self.depth, 0, -1):
+            high_w = self.w[:, level : level + 1] * self.h1[:, :, width - 1]
+            y = y.addcmul(high_w, low)  # tap K-1 has shift 0: the level's input itself
+            new_low = low * self.h0[:, :, width - 1]
+            reach = min(dilation * (width - 1), length)
+            padded = F.pad(low, (reach, 0))
+            for k in range(width - 1):
+                shift = min((width - 1 - k) * dilation, length)
+                tap = padded[..., reach - shift : reach - shift + length]
+                new_low = new_low.addcmul_(self.h0[:, :, k], tap)
+                y = y.addcmul_(self.w[:, level : level + 1] * self.h1[:, :, k], tap)
+            low = new_low
+            dilation *= 2
+        return y.addcmul_(self.w[:, :1], low)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The paper's formulation with dilated ``conv1d`` (slow on CPU); for tests."""
+        channels, width = x.shape[1], self.h0.shape[-1]
+        low, y, dilation = x, x * self.w[:, -1:], 1
+        for level in range(self.depth, 0, -1):
+            padded = F.pad(low, (dilation * (width - 1), 0))
+            high = F.conv1d(padded, self.h1, dilation=dilation, groups=channels)
+            low = F.conv1d(padded, self.h0, dilation=dilation, groups=channels)
+            y = y + self.w[:, level : level + 1] * high
+            dilation *= 2
+        return y + self.w[:, :1] * low
+
+
+class MultiresMixer(nn.Module):
+    """MultiresConv -> GELU -> dropout -> Linear(D, 2D) -> GLU, on [B, L, D]."""
+
+    def __init__(self, cfg: MultiresConfig) -> None:
+        super().__init__()
+        self.conv = MultiresConv(cfg.d_model, cfg.kernel_size, cfg.depth)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.out_proj = nn.Linear(cfg.d_model, 2 * cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x.transpose(1, 2)).transpose(1, 2)
+        return F.glu(self.out_proj(self.drop(F.gelu(y))), dim=-1)
+
+
+@ARCHITECTURES.register("multires", config=MultiresConfig)
+class Multires(LanguageModel):
+    """MultiresNet: causal multiresolution convolutions with GLU mixing."""
+
+    causal = True
+
+    def __init__(
+        self, cfg: MultiresConfig, vocab_size: int, complement_ids: list[int] | None = None
+    ) -> None:
+        blocks = [
+            Block(MultiresMixer(cfg), cfg.d_model, cfg.mlp_ratio, cfg.dropout)
+            for _ in range(cfg.n_layers)
+        ]
+        super().__init__(cfg, vocab_size, blocks)

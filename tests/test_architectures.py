@@ -1,0 +1,297 @@
+"""Every registered family: the interface, causality, RC-equivariance, export, presets,
+checkpointing, bf16 autocast, fast paths against their references, and learning real DNA."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from architectures.caduceus import conjoin, rc_logits
+from architectures.hyena import HyenaRecurrence, hyena_recurrence_reference
+from architectures.layers import SIZES, causal_depthwise_conv
+from architectures.multires import MultiresConv
+from architectures.transformer import attention, attention_reference
+from data_pipeline.readers import read_sequences
+from data_pipeline.tokenizers import CharTokenizer
+from nucleo.alphabet import COMPLEMENT_IDS
+from nucleo.components import ARCHITECTURES, build_model
+from nucleo.config import load_config
+from nucleo.export import export_model, load_exported
+from nucleo.schema import ConfigError, from_dict
+from nucleo.trainer import count_parameters
+from tests.conftest import sample_file
+
+TINY: dict[str, list[str]] = {
+    "transformer": ["model.d_model=32", "model.n_layers=2", "model.n_heads=4"],
+    "hyena": ["model.d_model=32", "model.n_layers=2", "model.max_len=64"],
+    "mamba": ["model.d_model=32", "model.n_layers=2"],
+    "caduceus": ["model.d_model=32", "model.n_layers=2"],
+    "multires": ["model.d_model=32", "model.n_layers=2", "model.max_len=64"],
+    "hybrid": [
+        "model.d_model=32",
+        "model.n_layers=4",
+        "model.pattern=[hyena,mamba,attention,multires]",
+        "model.hyena.max_len=64",
+        "model.multires.max_len=64",
+    ],
+}
+BIDIRECTIONAL: dict[str, tuple[str, list[str]]] = {
+    "transformer-bi": ("transformer", [*TINY["transformer"], "model.causal=false"]),
+    "hyena-bi": ("hyena", [*TINY["hyena"], "model.causal=false"]),
+    "bimamba": ("mamba", [*TINY["mamba"], "model.causal=false"]),
+    "caduceus": ("caduceus", TINY["caduceus"]),
+    "caduceus-ph": ("caduceus", [*TINY["caduceus"], "model.rcps=false", "model.conjoin=true"]),
+    "hybrid-bi": (
+        "hybrid",
+        ["model.d_model=32", "model.n_layers=3", "model.pattern=[hyena,mamba,attention]",
+         "model.causal=false"],
+    ),
+}  # fmt: skip
+CAUSAL = [name for name in TINY if name != "caduceus"]
+VARIANTS = {**{name: (name, sets) for name, sets in TINY.items()}, **BIDIRECTIONAL}
+
+
+def _config(arch: str, sets: list[str]):
+    return load_config(arch=arch, overrides=sets)
+
+
+def _model(arch: str, sets: list[str], seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(arch, _config(arch, sets).model, CharTokenizer()).eval()
+
+
+def test_every_registered_family_is_covered():
+    assert sorted(TINY) == sorted(ARCHITECTURES.names())
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_shapes_finite_and_gradients_reach_every_parameter(variant):
+    arch, sets = VARIANTS[variant]
+    model = _model(arch, sets).train()
+    tokens = torch.randint(0, 5, (2, 48))
+    out = model(tokens)
+    assert out.hidden.shape == (2, 48, 32) and out.logits.shape == (2, 48, 9)
+    assert out.hidden.dtype == out.logits.dtype == torch.float32
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.hidden).all()
+    (out.logits.logsumexp(-1).mean() + out.hidden.square().mean()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not missing, f"no gradient reaches {missing}"
+    assert model.causal == (variant in CAUSAL)
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_causal_output_at_t_never_depends_on_later_tokens(arch):
+    model = _model(arch, TINY[arch])
+    tokens = torch.randint(0, 4, (2, 40))
+    base = model(tokens)
+    for t in (0, 13, 38):
+        changed = tokens.clone()
+        changed[:, t + 1 :] = (changed[:, t + 1 :] + 1) % 4
+        out = model(changed)
+        torch.testing.assert_close(out.logits[:, : t + 1], base.logits[:, : t + 1])
+        assert not torch.allclose(out.logits[:, t + 1 :], base.logits[:, t + 1 :])
+
+
+@pytest.mark.parametrize("variant", sorted(BIDIRECTIONAL))
+def test_bidirectional_models_see_both_sides(variant):
+    arch, sets = BIDIRECTIONAL[variant]
+    model = _model(arch, sets)
+    tokens = torch.randint(0, 4, (1, 40))
+    changed = tokens.clone()
+    changed[0, 30] = (changed[0, 30] + 1) % 4
+    assert not torch.allclose(model(tokens).logits[:, 5], model(changed).logits[:, 5])
+    assert not model.causal
+
+
+@pytest.mark.parametrize("autocast", ["fp32", "bf16"])
+def test_caduceus_is_reverse_complement_equivariant(autocast):
+    model = _model("caduceus", [*TINY["caduceus"], f"model.autocast={autocast}"])
+    assert model.rc_equivariant
+    comp = torch.tensor(COMPLEMENT_IDS)
+    tokens = torch.randint(0, 5, (3, 57))
+    out, rc_out = model(tokens), model(comp[tokens].flip(-1))
+    torch.testing.assert_close(rc_out.logits, rc_logits(out.logits, comp), rtol=0, atol=1e-5)
+    torch.testing.assert_close(rc_out.hidden, out.hidden.flip(-2, -1), rtol=0, atol=1e-5)
+
+
+def test_conjoining_makes_any_model_rc_equivariant():
+    comp = torch.tensor(COMPLEMENT_IDS)
+    tokens = torch.randint(0, 5, (2, 33))
+    for model in (_model(*BIDIRECTIONAL["caduceus-ph"]), _model("transformer", TINY["hyena"][:2])):
+        forward = (
+            model
+            if getattr(model.cfg, "conjoin", False)
+            else (lambda x, m=model: conjoin(m, x, comp))
+        )
+        out, rc_out = forward(tokens), forward(comp[tokens].flip(-1))
+        torch.testing.assert_close(rc_out.logits, rc_logits(out.logits, comp), atol=1e-5, rtol=0)
+    plain = _model("caduceus", [*TINY["caduceus"], "model.rcps=false"])
+    out, rc_out = plain(tokens), plain(comp[tokens].flip(-1))
+    assert not torch.allclose(rc_out.logits, rc_logits(out.logits, comp), atol=1e-3)
+
+
+def test_caduceus_rejects_a_vocabulary_without_a_complement_map():
+    cfg = _config("caduceus", TINY["caduceus"]).model
+    with pytest.raises(ConfigError, match="complement permutation"):
+        ARCHITECTURES.build("caduceus", cfg, vocab_size=12)
+    with pytest.raises(ConfigError, match=r"model.causal"):
+        _config("caduceus", ["model.causal=true"])
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_export_round_trip_gives_identical_outputs(variant, tmp_path):
+    arch, sets = VARIANTS[variant]
+    cfg = _config(arch, sets)
+    model = _model(arch, sets, seed=3)
+    export_model(model.state_dict(), cfg, CharTokenizer(), tmp_path, {"step": 1})
+    loaded, tokenizer, meta = load_exported(tmp_path)
+    tokens = torch.from_numpy(tokenizer.encode(b"ACGTTGCANNACGTAAACCCGGGTTT")).unsqueeze(0)
+    torch.testing.assert_close(loaded(tokens).logits, model(tokens).logits, rtol=0, atol=0)
+    assert meta["causal"] == model.causal
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_presets_follow_the_shared_ladder(arch):
+    entry = ARCHITECTURES.get(arch)
+    assert list(entry.config.PRESETS) == list(SIZES)
+    totals = []
+    for size, target in SIZES.items():
+        with torch.device("meta"):
+            model = entry.cls(from_dict(entry.config, {"size": size}), vocab_size=9)
+        total = count_parameters(model)["total"]
+        assert 0.75 * target < total < 1.35 * target, (size, total)
+        totals.append(total)
+    ratios = [b / a for a, b in itertools.pairwise(totals)]
+    assert all(2.5 < r < 5 for r in ratios), ratios
+
+
+def test_a_key_beside_a_preset_overrides_it():
+    cfg = _config("hyena", ["model.size=small", "model.n_layers=3"]).model
+    assert (cfg.d_model, cfg.n_layers) == (256, 3)
+    with pytest.raises(ConfigError, match=r"model.size.*presets: tiny, mini"):
+        _config("hyena", ["model.size=huge"])
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_gradient_checkpointing_gives_the_same_gradients(arch):
+    grads = []
+    for flag in ("false", "true"):
+        model = _model(arch, [*TINY[arch], f"model.checkpointing={flag}"]).train()
+        model(torch.arange(64).remainder(5).view(2, 32)).logits.logsumexp(-1).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_bf16_autocast_runs_and_stays_close(arch):
+    tokens = torch.randint(0, 4, (2, 40))
+    ref = _model(arch, TINY[arch])(tokens).logits
+    model = _model(arch, [*TINY[arch], "model.autocast=bf16"]).train()
+    out = model(tokens)
+    assert out.logits.dtype == torch.float32
+    assert (out.logits - ref).abs().max() < 0.05 * ref.abs().max() + 0.02
+    out.logits.logsumexp(-1).mean().backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("stages,kernel_len", [(1, 12), (1, 24), (2, 12), (2, 24)])
+def test_hyena_recurrence_matches_the_sum_over_lags(stages, kernel_len):
+    """Causal (K = L) and two-sided (K = 2L) kernels; values and float64 gradients."""
+    torch.manual_seed(0)
+    b, c, length = 2, 3, 12
+    f64 = {"dtype": torch.float64, "requires_grad": True}
+    args = [
+        torch.randn(b, c, length, **f64),
+        torch.randn(b, c, length, **f64),
+        torch.randn(stages, c, kernel_len, **f64),
+        torch.randn(stages, c, **f64),
+    ]
+    gates = [torch.randn(b, c, length, **f64) for _ in range(stages)]  # fmt: skip
+    fast = HyenaRecurrence.apply(*args, *gates)
+    torch.testing.assert_close(fast, hyena_recurrence_reference(*args, *gates))
+    assert torch.autograd.gradcheck(HyenaRecurrence.apply, (*args, *gates))
+
+
+@pytest.mark.parametrize("width,depth,length", [(2, 5, 40), (3, 3, 20), (2, 7, 30)])
+def test_multires_shifted_taps_match_dilated_conv1d(width, depth, length):
+    torch.manual_seed(0)
+    layer = MultiresConv(4, width, depth).double()
+    x = torch.randn(2, 4, length, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(layer.tree(x), layer.reference(x))
+    assert torch.autograd.gradcheck(layer.tree, (x,))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_matches_the_reference(causal):
+    q, k, v = torch.randn(3, 2, 50, 4, 8).unbind(0)
+    torch.testing.assert_close(attention(q, k, v, causal), attention_reference(q, k, v, causal))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_attention_kernel_matches_the_reference(causal):
+    pytest.importorskip("flash_attn")
+    q, k, v = torch.randn(3, 2, 300, 4, 64, device="cuda", dtype=torch.bfloat16).unbind(0)
+    torch.testing.assert_close(
+        attention(q, k, v, causal), attention_reference(q, k, v, causal), atol=2e-2, rtol=2e-2
+    )
+
+
+@cuda
+def test_causal_conv1d_kernel_matches_the_reference():
+    pytest.importorskip("causal_conv1d")
+    x, w, b = torch.randn(2, 64, 300, device="cuda"), torch.randn(64, 4, device="cuda"), None
+    expected = F.conv1d(F.pad(x, (3, 0)), w.unsqueeze(1), b, groups=64)
+    torch.testing.assert_close(causal_depthwise_conv(x, w, b), expected, atol=1e-4, rtol=1e-4)
+
+
+@cuda
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_cuda_model_matches_cpu(arch):
+    model = _model(arch, TINY[arch])
+    tokens = torch.randint(0, 4, (2, 64))
+    expected = model(tokens).logits
+    got = model.cuda()(tokens.cuda()).logits.cpu()
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
+
+
+def _real_windows(length: int, count: int, seed: int) -> torch.Tensor:
+    """``count`` random windows [count, length] of S. cerevisiae chromosome I."""
+    (record,) = read_sequences(sample_file("fungi/ScerR64_I.fna.gz"))
+    tokens = torch.from_numpy(CharTokenizer().encode(bytes(record.seq)))
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(tokens) - length, (count,), generator=gen)
+    return torch.stack([tokens[s : s + length] for s in starts.tolist()])
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_each_family_learns_real_dna(arch):
+    """30 AdamW steps on yeast chromosome I; causal: next-token CE, caduceus: masked-LM
+    (15% of positions replaced by <mask>, predicted from both sides)."""
+    model = _model(arch, TINY[arch]).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(30):
+        tokens = _real_windows(128, 8, seed=step)
+        if model.causal:
+            logits = model(tokens).logits[:, :-1]
+            loss = F.cross_entropy(logits.reshape(-1, 9), tokens[:, 1:].reshape(-1))
+        else:
+            masked = torch.rand(tokens.shape, generator=gen) < 0.15
+            logits = model(tokens.masked_fill(masked, CharTokenizer.mask_id)).logits
+            loss = F.cross_entropy(logits[masked], tokens[masked])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.3 and last < math.log(4) + 0.05, losses

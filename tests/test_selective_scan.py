@@ -1,0 +1,198 @@
+"""The chunked selective scan against the sequential reference: outputs, every gradient,
+stability for large steps, float64 gradcheck, bf16, memory, and the CUDA kernel when present."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+import torch
+
+import architectures.selective_scan as ss
+from architectures import layers
+from architectures.selective_scan import scan, selective_scan, selective_scan_reference
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def _inputs(
+    b: int = 2,
+    d: int = 5,
+    n: int = 3,
+    length: int = 37,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    big_steps: bool = False,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Leaf tensors that require grad. big_steps: deltas up to 10 and A down to -16, a
+    log-decay per step of up to -160 (exp(+cumsum) tricks overflow there)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    if big_steps:
+        delta = torch.rand(b, d, length, generator=g, dtype=torch.float64) * 10
+        A = -torch.rand(d, n, generator=g, dtype=torch.float64) * 15.5 - 0.5
+    else:
+        delta = rand(b, d, length) * 0.5
+        A = -torch.rand(d, n, generator=g, dtype=torch.float64) * 2 - 0.1
+    values = {
+        "u": rand(b, d, length),
+        "delta": delta,
+        "A": A,
+        "B": rand(b, n, length),
+        "C": rand(b, n, length),
+        "D": rand(d),
+        "z": rand(b, d, length),
+        "delta_bias": rand(d) * 0.3,
+    }
+    return {k: v.to(device, dtype).requires_grad_() for k, v in values.items()}
+
+
+def _run(fn, x: dict[str, torch.Tensor], use: set[str], softplus: bool, **kw) -> torch.Tensor:
+    optional = {k: x[k] if k in use else None for k in ("D", "z", "delta_bias")}
+    return fn(x["u"], x["delta"], x["A"], x["B"], x["C"], **optional, delta_softplus=softplus, **kw)
+
+
+def _grads(y: torch.Tensor, x: dict[str, torch.Tensor], use: set[str]) -> dict[str, torch.Tensor]:
+    names = [k for k in NAMES if k in use or k in ("u", "delta", "A", "B", "C")]
+    seed = torch.Generator(device=y.device).manual_seed(1)
+    grad_out = torch.randn(y.shape, generator=seed, device=y.device, dtype=y.dtype)
+    grads = torch.autograd.grad(y, [x[k] for k in names], grad_out)
+    return dict(zip(names, grads, strict=True))
+
+
+def _assert_matches_reference(x, use, softplus, chunk, rtol=1e-4, atol=1e-4) -> None:
+    y = _run(selective_scan, x, use, softplus, chunk=chunk)
+    y_ref = _run(selective_scan_reference, x, use, softplus)
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    grads, grads_ref = _grads(y, x, use), _grads(y_ref, x, use)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_ref[name], rtol=rtol, atol=atol, msg=name)
+
+
+ALL = {"D", "z", "delta_bias"}
+
+
+@pytest.mark.parametrize(
+    "use, softplus",
+    [(set(), False), (ALL, True), ({"D"}, False), ({"z"}, True), ({"delta_bias"}, True)],
+    ids=["bare", "all", "D", "z", "bias"],
+)
+@pytest.mark.parametrize("length, chunk", [(37, 8), (64, 16), (40, 64), (1, 32), (23, 7)])
+def test_matches_reference(use, softplus, length, chunk):
+    """Output and all gradients, with and without each option, L (not) a multiple of the
+    chunk, a single chunk, L = 1, odd chunk sizes."""
+    _assert_matches_reference(_inputs(length=length), use, softplus, chunk)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 32])
+def test_large_steps_are_stable(chunk):
+    """Deltas up to 10 and A down to -16: per-step log-decays down to -160."""
+    x = _inputs(length=50, big_steps=True)
+    y = _run(selective_scan, x, ALL, False, chunk=chunk)
+    assert torch.isfinite(y).all()
+    _assert_matches_reference(x, ALL, False, chunk)
+    _assert_matches_reference(x, ALL, True, chunk)
+
+
+def test_gradcheck_float64():
+    x = _inputs(b=2, d=2, n=2, length=7, dtype=torch.float64)
+    names = list(NAMES)
+
+    def f(*tensors: torch.Tensor) -> torch.Tensor:
+        return _run(selective_scan, dict(zip(names, tensors, strict=True)), ALL, True, chunk=3)
+
+    assert torch.autograd.gradcheck(f, [x[k] for k in names])
+
+
+def test_bfloat16_inputs():
+    x = _inputs(length=40)
+    x16 = {k: v.detach().bfloat16().requires_grad_() for k, v in x.items()}
+    y16 = _run(selective_scan, x16, ALL, True, chunk=16)
+    assert y16.dtype == torch.bfloat16
+    # the same (rounded) values in float32: bf16 only rounds the inputs and the output
+    x32 = {k: v.detach().float().requires_grad_() for k, v in x16.items()}
+    y32 = _run(selective_scan, x32, ALL, True, chunk=16)
+    torch.testing.assert_close(y16.float(), y32, rtol=1e-2, atol=1e-2)
+    grads16 = _grads(y16, x16, ALL)
+    assert all(
+        g.dtype == torch.bfloat16 and torch.isfinite(g.float()).all() for g in grads16.values()
+    )
+
+
+def test_saves_no_per_position_states():
+    """Backward keeps the inputs and one state per chunk, not the [b, d, n, L] states."""
+    b, d, n, length, chunk = 2, 8, 4, 256, 32
+    x = _inputs(b=b, d=d, n=n, length=length)
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _run(selective_scan, x, ALL, True, chunk=chunk)
+    states = b * d * n * length
+    assert max(saved) <= max(b * d * length, states // chunk)
+    assert sum(saved) < 6 * b * d * length + 2 * states // chunk
+
+
+def test_scan_on_cpu_uses_the_pure_pytorch_path(monkeypatch):
+    for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.selective_scan_interface"):
+        monkeypatch.setitem(sys.modules, name, None)  # any import of it would fail
+    x = _inputs(length=20)
+    torch.testing.assert_close(
+        _run(scan, x, ALL, True), _run(selective_scan, x, ALL, True), rtol=0, atol=0
+    )
+    assert not any(key.startswith("mamba_ssm") for key in layers._KERNELS)
+
+
+def test_missing_kernel_is_logged_once(monkeypatch, caplog):
+    """On CUDA without mamba-ssm: one line naming the path that runs and how to get it."""
+    for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.selective_scan_interface"):
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setattr(layers, "_KERNELS", {})
+    cuda = torch.device("cuda")
+    with caplog.at_level(logging.WARNING, logger="nucleo"):
+        for _ in range(2):
+            assert (
+                layers.optional_kernel(
+                    "mamba_ssm.ops.selective_scan_interface", "selective_scan_fn", "mamba-ssm", cuda
+                )
+                is None
+            )
+    lines = [r.getMessage() for r in caplog.records if r.name == "nucleo"]
+    assert len(lines) == 1
+    assert "pure-PyTorch" in lines[0] and "pip install -e '.[gpu]' --no-build-isolation" in lines[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_kernel_matches_reference():
+    interface = pytest.importorskip("mamba_ssm.ops.selective_scan_interface")
+    x = _inputs(b=2, d=16, n=8, length=300, device="cuda")
+    for use, softplus in [(ALL, True), (set(), False)]:
+        y = _run(interface.selective_scan_fn, x, use, softplus)
+        y_ref = _run(selective_scan_reference, x, use, softplus)
+        torch.testing.assert_close(y, y_ref, rtol=1e-3, atol=2e-3)
+        grads, grads_ref = _grads(y, x, use), _grads(y_ref, x, use)
+        for name, g in grads.items():  # mamba-ssm's own tests allow as much for delta's grad
+            torch.testing.assert_close(g, grads_ref[name], rtol=3e-3, atol=2e-2, msg=name)
+    torch.testing.assert_close(
+        _run(scan, x, ALL, True), _run(interface.selective_scan_fn, x, ALL, True)
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pure_pytorch_scan_on_cuda_matches_reference():
+    _assert_matches_reference(_inputs(length=45, device="cuda"), ALL, True, chunk=16)
+
+
+def test_default_chunk():
+    assert ss.default_chunk(8 * 256 * 16) == 32  # b = 8, d_inner = 256, n = 16
+    assert ss.default_chunk(64 * 16) == 256
+    assert all(32 <= ss.default_chunk(s) <= 256 for s in (1, 100, 5000, 10**7))
