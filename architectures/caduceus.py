@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from architectures.layers import LanguageModel, autocast_context, presets
+from architectures.layers import Block, LanguageModel, autocast_context, presets
 from architectures.mamba import BiMamba, MambaConfig
 from nucleo.alphabet import COMPLEMENT_IDS
 from nucleo.registry import ARCHITECTURES
@@ -96,21 +96,6 @@ class RCPSBlock(nn.Module):
         return [self.mixer.layer.out_proj]
 
 
-class PlainBlock(nn.Module):
-    """h + BiMamba(RMSNorm(h)), for ``rcps: false``."""
-
-    def __init__(self, cfg: CaduceusConfig, width: int) -> None:
-        super().__init__()
-        self.norm = nn.RMSNorm(width)
-        self.mixer = BiMamba(cfg, width)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.mixer(self.norm(h))
-
-    def residual_projections(self) -> list[nn.Linear]:
-        return [self.mixer.out_proj]
-
-
 def rc_logits(logits: torch.Tensor, complement: torch.Tensor) -> torch.Tensor:
     """Map per-position logits [B, L, V] of rc(x) back onto x's positions and strand."""
     return logits.flip(-2)[..., complement]
@@ -153,8 +138,11 @@ class Caduceus(LanguageModel):
         self, cfg: CaduceusConfig, vocab_size: int, complement_ids: list[int] | None = None
     ) -> None:
         width = cfg.d_model // 2 if cfg.rcps else cfg.d_model
-        block = RCPSBlock if cfg.rcps else PlainBlock
-        super().__init__(cfg, vocab_size, [block(cfg, width) for _ in range(cfg.n_layers)])
+        blocks = [
+            RCPSBlock(cfg, width) if cfg.rcps else Block(BiMamba(cfg, width), width)
+            for _ in range(cfg.n_layers)
+        ]
+        super().__init__(cfg, vocab_size, blocks)
         self.rc_equivariant = cfg.rcps
         self.register_buffer(
             "complement", complement_table(complement_ids, vocab_size), persistent=False

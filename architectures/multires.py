@@ -132,7 +132,8 @@ class MultiresMixer(nn.Module):
         self.out_proj = nn.Linear(cfg.d_model, 2 * cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x.transpose(1, 2)).transpose(1, 2)
+        # contiguous [B, D, L]: the tree's shifted taps on a transposed view run ~1.3x slower
+        y = self.conv(x.transpose(1, 2).contiguous()).transpose(1, 2)
         return F.glu(self.out_proj(self.drop(F.gelu(y))), dim=-1)
 
 
