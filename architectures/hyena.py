@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from architectures.layers import Block, LanguageModel, ModelConfig, float32_region, presets
 from nucleo.registry import ARCHITECTURES
@@ -170,7 +171,12 @@ class ImplicitFilter(nn.Module):
     """Long filters h [channels, L] from an MLP over positional features, times a decay.
 
     channels = (order - 1) * D (times 2 when two-sided: one set for negative lags).
+    positionwise_chunk: when > 0 (set under checkpointing) and L is longer, the MLP runs over
+    checkpointed pieces of that many positions: its activations would otherwise take
+    ~7 x filter_order x L floats (1.9 GB per layer at 2^20 positions).
     """
+
+    positionwise_chunk: int = 0
 
     def __init__(self, cfg: HyenaConfig, channels: int) -> None:
         super().__init__()
@@ -195,9 +201,12 @@ class ImplicitFilter(nn.Module):
             "decay", torch.linspace(target / 1.5, target / 0.3, channels).abs(), persistent=False
         )
 
-    def features(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positional features [L, emb_dim] and t [L, 1] (t = position / max_len)."""
-        pos = torch.arange(length, device=device, dtype=torch.float32)
+    def features(
+        self, start: int, stop: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positional features [n, emb_dim] and t [n, 1] (t = position / max_len) of positions
+        start..stop-1."""
+        pos = torch.arange(start, stop, device=device, dtype=torch.float32)
         t = (pos / self.max_len)[:, None]
         bands = (self.emb_dim - 1) // 2
         freqs = torch.linspace(1e-4, bands - 1, bands, device=device)
@@ -206,9 +215,20 @@ class ImplicitFilter(nn.Module):
 
     def forward(self, length: int, device: torch.device) -> torch.Tensor:
         """[channels, L] float32."""
-        z, t = self.features(length, device)
-        h = self.mlp(z) * torch.exp(-t * self.decay)
-        return h.t()
+        chunk = self.positionwise_chunk
+        if chunk and length > chunk and torch.is_grad_enabled():
+            starts = range(0, length, chunk)
+            pieces = [
+                checkpoint(self.rows, a, min(a + chunk, length), device, use_reentrant=False)
+                for a in starts
+            ]
+            return torch.cat(pieces).t()
+        return self.rows(0, length, device).t()
+
+    def rows(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        """[stop - start, channels]: the filters at lags start..stop-1."""
+        z, t = self.features(start, stop, device)
+        return self.mlp(z) * torch.exp(-t * self.decay)
 
 
 class HyenaOperator(nn.Module):

@@ -92,8 +92,20 @@ class MLP(nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
+#: With checkpointing, the position-wise half of a block (norm, MLP, residual) runs in pieces of
+#: this many positions, each recomputed in backward, so its r*D-wide hidden layer never exists
+#: for the whole sequence at once (4 GB per layer for d_model 128 at 2^20 positions, fp32).
+POSITIONWISE_CHUNK = 65536
+
+
 class Block(nn.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)) when mlp_ratio > 0."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)) when mlp_ratio > 0.
+
+    positionwise_chunk: when > 0 (set by LanguageModel under checkpointing) and the sequence
+    is longer, the MLP half runs in checkpointed pieces of that many positions.
+    """
+
+    positionwise_chunk: int = 0
 
     def __init__(
         self, mixer: nn.Module, d_model: int, mlp_ratio: float = 0.0, dropout: float = 0.0
@@ -107,10 +119,17 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop(self.mixer(self.norm1(x)))
-        if self.mlp is not None:
-            assert self.norm2 is not None
-            x = x + self.drop(self.mlp(self.norm2(x)))
-        return x
+        if self.mlp is None:
+            return x
+        chunk = self.positionwise_chunk
+        if chunk and x.shape[1] > chunk and torch.is_grad_enabled():
+            pieces = x.split(chunk, dim=1)
+            return torch.cat([checkpoint(self._mlp, p, use_reentrant=False) for p in pieces], 1)
+        return self._mlp(x)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.mlp is not None and self.norm2 is not None
+        return x + self.drop(self.mlp(self.norm2(x)))
 
     def residual_projections(self) -> list[nn.Linear]:
         """Linear layers that write into the residual stream (scaled at init)."""
@@ -147,6 +166,10 @@ class LanguageModel(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied
+        if cfg.checkpointing:  # Block and any module that declares the attribute
+            for module in self.modules():
+                if hasattr(module, "positionwise_chunk"):
+                    module.positionwise_chunk = POSITIONWISE_CHUNK
         self.init_weights()
 
     def init_weights(self) -> None:

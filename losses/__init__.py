@@ -1,9 +1,13 @@
 """Losses, one file per loss, each registered by name in ``LOSSES``.
 
-A loss is called as ``loss(batch, outputs, model) -> LossOutput`` where ``outputs`` maps each
-view it declared (``"forward"``, ``"rc"``) to the model's output on that view. Losses are pure:
-no logging, no all-reduce, no forward passes of their own. Importing this package registers
-them all.
+A loss is built as ``cls(config, tokenizer)`` and called as ``loss(batch, outputs, model) ->
+LossOutput`` where ``outputs`` maps each view it declared to the model's output on that view.
+The objective makes the views ``"forward"`` (the tokens) and ``"rc"`` (their reverse
+complement); a loss that needs another view (``mlm``'s ``"masked"``) makes it in an optional
+``prepare(batch, generator)``, which the objective calls before any forward pass. Losses are
+pure: no logging, no all-reduce, no forward passes of their own. Importing this package
+registers them all.
 """
 
 from losses import ce as ce
+from losses import mlm as mlm

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,7 @@ class CrossEntropy:
     views = ("forward",)
     requires_causal: bool | None = True
 
-    def __init__(self, cfg: CrossEntropyConfig) -> None:
+    def __init__(self, cfg: CrossEntropyConfig, tokenizer: Any = None) -> None:
         self.cfg = cfg
 
     def __call__(

@@ -6,7 +6,7 @@ against the selected architecture's config and each ``loss.<name>`` section agai
 A resolved config written with ``save_config`` loads back to the same run.
 
     arch: transformer            # ARCHITECTURES name
-    losses: [ce]                 # LOSSES names, or "ce,rc"
+    losses: [ce]                 # LOSSES names, or "ce,rc" (default: ce, or mlm if bidirectional)
     model: {...}                 # the architecture's config
     loss: {ce: {weight: 1.0}}    # per-loss configs (weight and the loss's own settings)
     data: {...}    train: {...}    engine: {...}    eval: {...}
@@ -104,7 +104,10 @@ def resolve(raw: dict[str, Any]) -> RunConfig:
         arch_entry = ARCHITECTURES.get(arch)
     except UnknownNameError as err:
         raise ConfigError("arch", str(err)) from None
-    loss_names = _names(raw.get("losses", ["ce"]), "losses")
+    model = from_dict(arch_entry.config, raw.get("model"), "model")
+    # default: next-token CE for causal models, masked-LM for bidirectional ones
+    default_losses = ["ce"] if getattr(model, "causal", True) else ["mlm"]
+    loss_names = _names(raw.get("losses", default_losses), "losses")
     loss_sections = raw.get("loss") or {}
     if not isinstance(loss_sections, dict):
         raise ConfigError("loss", "expected a mapping of loss name -> settings")
@@ -127,7 +130,7 @@ def resolve(raw: dict[str, Any]) -> RunConfig:
     return RunConfig(
         arch=arch,
         losses=loss_names,
-        model=from_dict(arch_entry.config, raw.get("model"), "model"),
+        model=model,
         loss=loss_configs,
         **sections,
     )

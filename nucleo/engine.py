@@ -8,6 +8,7 @@ config and wraps the model; ZeRO stage and precision come from ``EngineConfig``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -96,6 +97,34 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+SHM_DIR = "/dev/shm"
+
+
+def shm_buffer_path(rank: int) -> str:
+    """Where DeepSpeed's CPU all-reduce keeps this rank's 67 MB shared-memory workspace."""
+    addr = os.environ.get("MASTER_ADDR", "")
+    port = os.environ.get("MASTER_PORT", "")
+    return os.path.join(SHM_DIR, f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+
+
+def _unlink_shm_buffer() -> None:
+    """Remove this rank's shared-memory *name* once every local rank has mapped it.
+
+    DeepSpeed's CPU communicator creates a 67 MB POSIX shared-memory segment per rank and
+    never unlinks it, so every run (and every killed run) leaves 67 MB per rank in /dev/shm
+    until the machine reboots: a few hundred runs fill RAM. Mappings outlive the name, so
+    unlinking after all ranks have opened each other's segments (the barrier) is safe, and
+    the memory is freed when the last process exits, however it exits.
+    """
+    if torch.cuda.is_available():
+        return
+    torch.distributed.barrier()
+    path = shm_buffer_path(torch.distributed.get_rank())
+    # absent when the ranks are not all local or DeepSpeed runs without its shm communicator
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 def setup_distributed(cfg: EngineConfig) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (idempotent)."""
     cuda = torch.cuda.is_available()
@@ -110,6 +139,7 @@ def setup_distributed(cfg: EngineConfig) -> DistInfo:
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        _unlink_shm_buffer()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local_rank)

@@ -3,7 +3,8 @@
 The same windows every time (drawn once from the validation shards, ``windows_per_kingdom``
 per kingdom), split across ranks, each rank running the same number of batches (ZeRO-3
 gathers parameters collectively). Reports every loss of the objective and, for causal
-models, next-token bits per base overall and per kingdom.
+models, next-token bits per base overall and per kingdom. Random views (MLM masks) are drawn
+from a generator seeded per batch, so every evaluation scores the same masked positions.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Validator:
         self.objective = objective
         self.dist = dist
         self.bases_per_token = torch.tensor(tokenizer.bases_per_token)
+        self.seed = seed
 
     def _batch(self, index: int) -> tuple[Batch, bool]:
         """Batch ``index`` of this rank, and whether it holds real windows (else a stand-in)."""
@@ -98,7 +100,10 @@ class Validator:
         keys: list[str] = []
         for index in range(self.n_batches):
             batch, real = self._batch(index)
-            outputs = self.objective.forward_views(engine, batch)
+            # the same MLM masks (and any other random view) at every evaluation
+            generator = torch.Generator(device=device)
+            generator.manual_seed((self.seed * 1_000_003 + self.dist.rank) * 4099 + index)
+            outputs = self.objective.forward_views(engine, batch, generator)
             result = self.objective.losses(batch, outputs, model)
             keys = sorted(result.metrics)  # the same on every rank: the same objective
             if not real:

@@ -45,7 +45,9 @@ class Batch:
     kingdoms: names of the kingdoms, in the order of the indices.
     pad_id: the padding token of the tokenizer (losses ignore it).
     views: token tensors by view name, filled by the objective (``"forward"`` is ``tokens``,
-        ``"rc"`` its reverse complement).
+        ``"rc"`` its reverse complement) and by losses that make their own (``"masked"``).
+    aux: tensors a loss's ``prepare`` keeps for its own call (e.g. the MLM-selected positions),
+        keyed ``"<loss>/<name>"``.
     """
 
     tokens: torch.Tensor
@@ -53,6 +55,7 @@ class Batch:
     kingdoms: tuple[str, ...]
     pad_id: int = PAD
     views: dict[str, torch.Tensor] = field(default_factory=dict)
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -61,4 +64,5 @@ class Batch:
             kingdoms=self.kingdoms,
             pad_id=self.pad_id,
             views={k: v.to(device, non_blocking=True) for k, v in self.views.items()},
+            aux={k: v.to(device, non_blocking=True) for k, v in self.aux.items()},
         )

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -144,3 +147,30 @@ def test_resuming_a_run_missing_from_the_store_opens_a_linked_new_run(tmp_path):
     tracker.end()
     run = MlflowClient(tracking_uri=tracker.uri).get_run(new_id)
     assert run.data.tags["nucleo.resumed_from_run"] == "0123456789abcdef0123456789abcdef"
+
+
+SHM_PROBE = """
+import os, sys, torch
+import nucleo.engine as engine
+seen = {}
+unlink = engine._unlink_shm_buffer
+def record():
+    seen["created"] = os.path.exists(engine.shm_buffer_path(0))
+    unlink()
+engine._unlink_shm_buffer = record
+engine.setup_distributed(engine.EngineConfig())
+total = torch.ones(3)
+torch.distributed.all_reduce(total)
+print(seen["created"], os.path.exists(engine.shm_buffer_path(0)), total.sum().item())
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs POSIX shared memory")
+def test_deepspeeds_shared_memory_workspace_does_not_outlive_the_process():
+    """DeepSpeed leaves 67 MB per rank in /dev/shm after every run unless its name is unlinked."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "MASTER_PORT")}
+    out = subprocess.run(
+        [sys.executable, "-c", SHM_PROBE], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["True", "False", "3.0"]
