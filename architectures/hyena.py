@@ -91,8 +91,9 @@ class HyenaRecurrence(torch.autograd.Function):
     K = 2L: two-sided, lags -(L-1)..-1 at L+1..2L-1); biases: [N-1, D].
 
     Autograd would keep every complex spectrum and product of the forward; this keeps only each
-    stage's input v and recomputes the rest in backward (one extra FFT per stage): about four
-    fewer activations in memory per stage, and fewer passes over memory.
+    stage's input v and the real kernels, and recomputes the rest in backward (one extra FFT
+    per stage, one for the kernels): about four fewer activations in memory per stage, and
+    fewer passes over memory.
     """
 
     @staticmethod
@@ -103,18 +104,21 @@ class HyenaRecurrence(torch.autograd.Function):
         for i, gate in enumerate(gates):
             inputs.append(v)
             z = v * gate
-            v = _fft_conv(z, k_f[i], n).addcmul_(z, biases[i, :, None])
-        ctx.save_for_backward(x0, k_f, biases, v, *inputs, *gates)
-        ctx.kernel_len = kernels.shape[-1]
+            # a fresh [B, D, L] result: a slice of irfft's [B, D, 2L] output, saved below,
+            # would keep the whole 2L buffer alive until backward
+            v = (z * biases[i, :, None]).add_(_fft_conv(z, k_f[i], n))
+        del k_f  # its spectrum is recomputed in backward: kernels take half the memory
+        ctx.save_for_backward(x0, kernels, biases, v, *inputs, *gates)
         return v * x0
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x0, k_f, biases, v, *rest = ctx.saved_tensors
+        x0, kernels, biases, v, *rest = ctx.saved_tensors
         stages = len(rest) // 2
         inputs, gates = rest[:stages], rest[stages:]
         length = grad.shape[-1]
         n = 2 * length
+        k_f = torch.fft.rfft(kernels, n=n)
         grad_x0 = grad * v
         g = grad * x0  # d loss / d (output of the current stage)
         grad_gates: list[torch.Tensor] = [grad] * stages
@@ -130,7 +134,7 @@ class HyenaRecurrence(torch.autograd.Function):
             grad_gates[i] = grad_z * inputs[i]
             g = grad_z * gates[i]
         # k_f = rfft(k, n) is linear in k: d loss / dk = irfft-adjoint of grad_k_f.
-        grad_kernels = torch.fft.irfft(grad_k_f, n=n)[..., : ctx.kernel_len]
+        grad_kernels = torch.fft.irfft(grad_k_f, n=n)[..., : kernels.shape[-1]]
         return g, grad_x0, grad_kernels, grad_biases, *grad_gates
 
 

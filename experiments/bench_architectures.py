@@ -193,8 +193,11 @@ def work_scan(spec: Record) -> Record:
 def worker(spec_json: str) -> None:
     import torch
 
+    from nucleo.runtime import configure_allocator
+
     torch.set_num_threads(1)
     spec = json.loads(spec_json)
+    configure_allocator(spec.get("allocator", "system"))
     result = work_scan(spec) if spec["kind"] == "scan" else work_model(spec)
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -311,6 +314,8 @@ def key_of(record: Record) -> str:
     env = record.get("env", {})
     if env:
         parts += ["env:", *(f"{k}={v}" for k, v in env.items())]
+    if record.get("allocator", "system") != "system":
+        parts.append(f"allocator: {record['allocator']}")
     return " ".join(parts)
 
 
@@ -412,6 +417,8 @@ class Bench:
         }
         if self.args.env:
             spec["env"] = self.args.env
+        if self.args.allocator != "system":
+            spec["allocator"] = self.args.allocator
         skip = ""
         failed = [
             r
@@ -517,7 +524,7 @@ def cell(r: Record | None) -> str:
 
 def write_report(results: Record, path: Path) -> None:
     m = results["machine"]
-    records = [r for r in results["records"] if not r.get("env")]
+    records = [r for r in results["records"] if not special(r)]
     models = [r for r in records if r["kind"] == "model"]
     lines = [
         "# Architecture benchmarks",
@@ -791,21 +798,32 @@ def million_section(models: list[Record]) -> list[str]:
     return [*lines, ""]
 
 
+def special(record: Record) -> bool:
+    """Measured with extra environment variables (--env) or glibc's cache (--allocator)."""
+    return bool(record.get("env")) or record.get("allocator", "system") != "system"
+
+
 def env_section(records: list[Record], models: list[Record]) -> list[str]:
-    """Configurations measured again with extra environment variables (--env)."""
-    rows = [r for r in records if r.get("env")]
+    """Configurations measured again with other environment or allocator settings."""
+    rows = [r for r in records if special(r)]
     if not rows:
         return []
     lines = [
-        "## With other environment settings (--env)",
+        "## With other allocator or environment settings (--allocator, --env)",
         "",
-        "| env | family | size | L (batch) | precision | default: tok/CPU-s (peak GB) | "
-        "with env | speed-up |",
+        '`allocator: cached` is `nucleo.runtime.configure_allocator("cached")`, what the '
+        "trainer applies on CPU by default (`engine.cpu_allocator`); the `MALLOC_*` variables "
+        "do the same at process start.",
+        "",
+        "| settings | family | size | L (batch) | precision | default: tok/CPU-s (peak GB) | "
+        "with them | speed-up |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = find(models, r["family"], r["size"], r["length"], r["precision"])
-        env = " ".join(f"`{k}={v}`" for k, v in r["env"].items())
+        env = " ".join(f"`{k}={v}`" for k, v in r.get("env", {}).items())
+        if r.get("allocator", "system") != "system":
+            env = " ".join([env, f"`allocator: {r['allocator']}`"]).strip()
         lines.append(
             f"| {env} | {r['family']} | {r['size']} | {r['length']:,} ({r['batch']}) | "
             f"{r['precision']} | {cell(base)} | {cell(r)} | "
@@ -911,6 +929,9 @@ def main() -> None:
     ap.add_argument("--min-seconds", type=float, default=3.0, help="timed CPU-s per config")
     ap.add_argument("--repeats", type=int, default=1, help="processes per config (median)")
     ap.add_argument(
+        "--allocator", default="system", help="system, or cached: glibc keeps freed memory"
+    )
+    ap.add_argument(
         "--env",
         type=csv(str),
         default=[],
@@ -937,6 +958,8 @@ def main() -> None:
         unknown = sorted(set(given) - set(known))
         if unknown:
             ap.error(f"--{name}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    if args.allocator not in ("system", "cached"):
+        ap.error(f"--allocator: choose system or cached, got {args.allocator}")
     bad = [item for item in args.env if "=" not in item]
     if bad:
         ap.error(f"--env: expected KEY=VALUE, got {', '.join(bad)}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -29,34 +28,19 @@ from nucleo.runtime import configure_threads  # noqa: E402
 configure_threads()
 
 import deepspeed  # noqa: E402
-import torch  # noqa: E402
 
 from data_pipeline.loader import DataConfig, TrainLoader, validation_windows  # noqa: E402
 from data_pipeline.readers import read_sequences  # noqa: E402
 from data_pipeline.shards import build_shards, read_sources_tsv  # noqa: E402
 from data_pipeline.tokenizers import CharTokenizer  # noqa: E402
+from experiments.machine import describe  # noqa: E402
 
 SAMPLE = ROOT / "data_pipeline" / "sample"
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 
 
 def machine() -> dict[str, str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": str(len(os.sched_getaffinity(0))),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "deepspeed": deepspeed.__version__,
-        "os": platform.platform(),
-    }
+    return {**describe(), "deepspeed": deepspeed.__version__}
 
 
 def bench_reading() -> dict[str, float]:

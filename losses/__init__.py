@@ -10,4 +10,9 @@ registers them all.
 """
 
 from losses import ce as ce
+from losses import cgr as cgr
+from losses import headless as headless
 from losses import mlm as mlm
+from losses import ph as ph
+from losses import rc as rc
+from losses import walk as walk

@@ -11,20 +11,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from losses.common import LossConfig
 from nucleo.registry import LOSSES
 from nucleo.schema import check
 from nucleo.types import Batch, LossOutput, ModelOutput
 
 
 @dataclass
-class CrossEntropyConfig:
-    """weight: multiplier of this loss in the total. label_smoothing: as in F.cross_entropy."""
+class CrossEntropyConfig(LossConfig):
+    """label_smoothing: as in F.cross_entropy (plus the LossConfig settings)."""
 
-    weight: float = 1.0
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
-        check(self.weight >= 0, "weight", "must be >= 0")
+        super().__post_init__()
         check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
 
 

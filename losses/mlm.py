@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from losses.common import LossConfig
 from nucleo.registry import LOSSES
 from nucleo.schema import ConfigError, check
 from nucleo.types import Batch, LossOutput, ModelOutput
@@ -26,18 +27,17 @@ SELECTED = "mlm/selected"  # Batch.aux key: [B, L] bool, the positions the loss 
 
 
 @dataclass
-class MaskedLMConfig:
-    """weight: multiplier in the total. mask_prob: fraction of base positions selected.
+class MaskedLMConfig(LossConfig):
+    """mask_prob: fraction of base positions selected (plus the LossConfig settings).
     replace_mask / replace_random: of the selected, the fractions turned into ``<mask>`` and
     into a random base; the rest (1 - both) keep their token but are still scored."""
 
-    weight: float = 1.0
     mask_prob: float = 0.15
     replace_mask: float = 0.8
     replace_random: float = 0.1
 
     def __post_init__(self) -> None:
-        check(self.weight >= 0, "weight", "must be >= 0")
+        super().__post_init__()
         check(0 < self.mask_prob <= 1, "mask_prob", "must be in (0, 1]")
         check(0 <= self.replace_mask <= 1, "replace_mask", "must be in [0, 1]")
         check(0 <= self.replace_random <= 1, "replace_random", "must be in [0, 1]")

@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import nn
 
+from nucleo.runtime import configure_allocator
 from nucleo.schema import check
 
 T = TypeVar("T")
@@ -72,11 +73,15 @@ class EngineConfig:
     zero_stage: 0 (plain data parallel) to 3 (parameters, gradients and optimizer states
         partitioned). precision: fp32, or bf16 with fp32 master weights.
     backend: torch.distributed backend; auto picks nccl on GPU and gloo on CPU.
+    cpu_allocator: on CPU, "cached" makes glibc keep freed memory for reuse instead of
+        mapping and page-faulting every large activation anew (1.7-2x faster at 16k tokens,
+        ~1.4x peak memory); "system" leaves glibc's defaults (nucleo.runtime).
     """
 
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    cpu_allocator: Literal["cached", "system"] = "cached"
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,7 @@ def setup_distributed(cfg: EngineConfig) -> DistInfo:
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        configure_allocator(cfg.cpu_allocator)
     if "RANK" not in os.environ:  # a plain `python` start: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -105,12 +105,14 @@ class Validator:
             generator.manual_seed((self.seed * 1_000_003 + self.dist.rank) * 4099 + index)
             outputs = self.objective.forward_views(engine, batch, generator)
             result = self.objective.losses(batch, outputs, model)
-            keys = sorted(result.metrics)  # the same on every rank: the same objective
+            # the same on every rank: the same objective (time per loss: training's business)
+            keys = sorted(k for k in result.metrics if not k.startswith("time/"))
             if not real:
                 continue
             size = len(batch.tokens)
             windows += size
-            for key, value in result.metrics.items():  # batch means, weighted by batch size
+            for key in keys:  # batch means, weighted by batch size
+                value = result.metrics[key]
                 loss_sums[key] = loss_sums.get(key, torch.zeros_like(windows)) + value * size
             if getattr(model, "causal", False):
                 logits = outputs["forward"].logits

@@ -94,10 +94,13 @@ def prepare_run_dir(cfg: RunConfig, dist: DistInfo, resume: str | Path | None) -
 
 
 def _mean_across_ranks(
-    sums: dict[str, torch.Tensor], count: int, dist: DistInfo
+    sums: dict[str, torch.Tensor], counts: dict[str, int], dist: DistInfo
 ) -> dict[str, float]:
+    """Each metric's mean over the micro-batches that computed it (losses with a cadence
+    appear in some only), then over ranks (every rank has the same keys: cadences follow the
+    step)."""
     keys = sorted(sums)
-    packed = torch.stack([sums[k].double() for k in keys]) / max(1, count)
+    packed = torch.stack([sums[k].double() / max(1, counts[k]) for k in keys])
     if dist.world_size > 1:
         torch.distributed.all_reduce(packed)
         packed /= dist.world_size
@@ -225,16 +228,15 @@ class Trainer:
                 self.validate()
             batches = iter(self.loader)
             sums: dict[str, torch.Tensor] = {}
-            count = 0
+            counts: dict[str, int] = {}
             while state.step < cfg.train.max_steps:
                 logging = (state.step + 1) % cfg.train.log_every == 0 or (
                     state.step + 1 == cfg.train.max_steps
                 )
-                norm = self.step(batches, sums, want_norm=logging)
-                count += cfg.train.grad_accum
+                norm = self.step(batches, sums, counts, want_norm=logging)
                 if logging:
-                    self.log(sums, count, norm)
-                    sums, count = {}, 0
+                    self.log(sums, counts, norm)
+                    sums, counts = {}, {}
                 if cfg.eval.every and state.step % cfg.eval.every == 0:
                     self.validate()
                 if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
@@ -249,9 +251,14 @@ class Trainer:
         return self.summary()
 
     def step(
-        self, batches: Iterator[Batch], sums: dict[str, torch.Tensor], want_norm: bool
+        self,
+        batches: Iterator[Batch],
+        sums: dict[str, torch.Tensor],
+        counts: dict[str, int],
+        want_norm: bool,
     ) -> float | None:
-        """One optimizer step over ``grad_accum`` micro-batches; adds metrics into ``sums``.
+        """One optimizer step over ``grad_accum`` micro-batches; adds metrics into ``sums``
+        (and how many micro-batches gave each into ``counts``).
 
         Returns the gradient norm when ``want_norm`` and DeepSpeed does not record it itself.
         """
@@ -264,20 +271,23 @@ class Trainer:
             torch.manual_seed(
                 (cfg.train.seed * 1_000_003 + state.step) * 4099 + dist.rank * 31 + micro
             )
-            result = self.objective(self.engine, batch, self.model)
+            result = self.objective(self.engine, batch, self.model, step=state.step)
             self.engine.backward(result.loss)
             if want_norm and micro == last and needs_own_grad_norm(cfg.engine):
                 norm = grad_norm(self.model)  # gradients are all-reduced, not yet clipped
             self.engine.step()
             for key, value in result.metrics.items():
                 sums[key] = sums.get(key, torch.zeros((), device=dist.device)) + value
+                counts[key] = counts.get(key, 0) + 1
         state.step += 1
         state.tokens += self.tokens_per_step
         return norm
 
-    def log(self, sums: dict[str, torch.Tensor], count: int, norm: float | None) -> None:
+    def log(
+        self, sums: dict[str, torch.Tensor], counts: dict[str, int], norm: float | None
+    ) -> None:
         """Progress line and ``train/*`` metrics: means over the micro-batches since last time."""
-        means = _mean_across_ranks(sums, count, self.dist)
+        means = _mean_across_ranks(sums, counts, self.dist)
         lr = float(self.engine.get_lr()[0])
         loss = means.get("loss", math.nan)
         self.progress.update(self.state.step, loss, lr)

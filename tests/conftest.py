@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
+from data_pipeline.readers import read_sequences
 from data_pipeline.shards import ShardOptions, SourceFile, build_shards, read_sources_tsv
+from data_pipeline.tokenizers import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data_pipeline" / "sample"
@@ -17,6 +21,21 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 def sample_file(relative: str) -> Path:
     return SAMPLE / relative
+
+
+@pytest.fixture(scope="session")
+def yeast_windows() -> Callable[[int, int, int], torch.Tensor]:
+    """``windows(length, count, seed)``: ``count`` random windows [count, length] of
+    S. cerevisiae chromosome I (real DNA for the learning tests)."""
+    (record,) = read_sequences(sample_file("fungi/ScerR64_I.fna.gz"))
+    tokens = torch.from_numpy(CharTokenizer().encode(bytes(record.seq)))
+
+    def windows(length: int, count: int, seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, len(tokens) - length, (count,), generator=gen)
+        return torch.stack([tokens[s : s + length] for s in starts.tolist()])
+
+    return windows
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ from architectures.hyena import HyenaRecurrence, hyena_recurrence_reference
 from architectures.layers import POSITIONWISE_CHUNK, SIZES, causal_depthwise_conv
 from architectures.multires import MultiresConv
 from architectures.transformer import attention, attention_reference
-from data_pipeline.readers import read_sequences
 from data_pipeline.tokenizers import CharTokenizer
 from nucleo.alphabet import COMPLEMENT_IDS
 from nucleo.components import ARCHITECTURES, build_model
@@ -25,7 +24,6 @@ from nucleo.objective import Objective
 from nucleo.schema import ConfigError, from_dict
 from nucleo.trainer import count_parameters
 from nucleo.types import Batch
-from tests.conftest import sample_file
 
 TINY: dict[str, list[str]] = {
     "transformer": ["model.d_model=32", "model.n_layers=2", "model.n_heads=4"],
@@ -274,17 +272,8 @@ def test_cuda_model_matches_cpu(arch):
     torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
 
 
-def _real_windows(length: int, count: int, seed: int) -> torch.Tensor:
-    """``count`` random windows [count, length] of S. cerevisiae chromosome I."""
-    (record,) = read_sequences(sample_file("fungi/ScerR64_I.fna.gz"))
-    tokens = torch.from_numpy(CharTokenizer().encode(bytes(record.seq)))
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(tokens) - length, (count,), generator=gen)
-    return torch.stack([tokens[s : s + length] for s in starts.tolist()])
-
-
 @pytest.mark.parametrize("arch", sorted(TINY))
-def test_each_family_learns_real_dna(arch):
+def test_each_family_learns_real_dna(arch, yeast_windows):
     """30 AdamW steps on yeast chromosome I through the objective: causal families with ``ce``,
     caduceus with ``mlm`` (its pretraining objective: 15% of bases corrupted, 80% to <mask>)."""
     losses_name = "ce" if arch in CAUSAL else "mlm"
@@ -295,7 +284,7 @@ def test_each_family_learns_real_dna(arch):
     torch.manual_seed(1)
     losses = []
     for step in range(30):
-        tokens = _real_windows(128, 8, seed=step)
+        tokens = yeast_windows(128, 8, seed=step)
         batch = Batch(tokens=tokens, kingdom=torch.zeros(8, dtype=torch.long), kingdoms=("x",))
         loss = objective(model, batch, model).loss
         opt.zero_grad()

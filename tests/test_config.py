@@ -52,7 +52,7 @@ def test_saved_config_loads_back_identically(tmp_path):
         ("trian.lr=1", "trian", "valid: arch, losses, model"),
         ("model.width=3", "model.width", "valid keys: size, d_model"),
         ("loss.ce.wieght=1", "loss.ce.wieght", "valid keys: weight"),
-        ("loss.cgrr.weight=1", "loss.cgrr", "known: ce"),
+        ("loss.cgrr.weight=1", "loss.cgrr", "known: ce, cgr"),
         ("engine.precision=fp16", "engine.precision", "choose one of 'fp32', 'bf16'"),
         ("engine.zero_stage=4", "engine.zero_stage", "choose one of 0, 1, 2, 3"),
         ("train.max_steps=ten", "train.max_steps", "expected an integer"),
@@ -76,8 +76,8 @@ def test_unknown_architecture_and_loss_list_the_known_ones():
         match=r"unknown architecture .hyenna. \(did you mean .hyena.\?\); known: caduceus",
     ):
         load_config(arch="hyenna")
-    with pytest.raises(ConfigError, match=r"losses: unknown loss 'cgr'.*known: ce"):
-        load_config(losses="ce,cgr")
+    with pytest.raises(ConfigError, match=r"losses: unknown loss 'cgrr'.*'cgr'.*known: ce, cgr"):
+        load_config(losses="ce,cgrr")
     with pytest.raises(ConfigError, match="twice"):
         load_config(losses="ce,ce")
 

@@ -274,3 +274,26 @@ def test_caduceus_trains_with_masked_lm_through_deepspeed(sample_shards, tmp_pat
     assert _history(client, run.info.run_id, "train/mlm/accuracy")
     model, _tokenizer, meta = load_exported(tmp_path / "cad" / "export")
     assert meta["arch"] == "caduceus" and not model.causal
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+@pytest.mark.parametrize("losses", ["ce,rc,cgr", "ce,ph"])
+def test_combined_losses_train_through_deepspeed(sample_shards, tmp_path, losses, procs):
+    """Each component's curve reaches MLflow, with its time per call; ph at its cadence."""
+    base = [s.replace("max_steps=40", "max_steps=20") for s in TINY]
+    extra = ["run.name=mix", "eval.every=20", "checkpoint.every=20", "loss.ph.every=5"]
+    pretrain(sample_shards, tmp_path, "--losses", losses, procs=procs, base=base, extra=extra)
+    summary = json.loads((tmp_path / "mix" / "summary.json").read_text())
+    client = _client(tmp_path)
+    run_id = summary["mlflow_run_id"]
+    total = _history(client, run_id, "train/loss")
+    assert total[-1][1] < total[0][1], total
+    for name in losses.split(","):
+        assert _history(client, run_id, f"train/{name}"), name
+        assert _history(client, run_id, f"train/time/{name}"), name
+        assert [s for s, _ in _history(client, run_id, f"val/{name}")] == [0, 20], name
+    if "ph" in losses:
+        assert _history(client, run_id, "train/ph/seconds")
+        assert _history(client, run_id, "train/ph/h1")
+    else:
+        assert _history(client, run_id, "train/cgr/fcgr")

@@ -174,3 +174,35 @@ def test_deepspeeds_shared_memory_workspace_does_not_outlive_the_process():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-3:] == ["True", "False", "3.0"]
+
+
+ALLOCATOR_PROBE = """
+import sys, torch
+from nucleo.runtime import configure_allocator
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+print(configure_allocator(sys.argv[1]))
+x = torch.ones(64 * 2**20)  # 256 MB: above glibc's mmap threshold
+del x
+print(rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
+def test_cached_allocator_keeps_freed_memory_and_system_returns_it():
+    """ "cached" keeps a freed 256 MB activation for reuse; glibc's default unmaps it."""
+    rss = {}
+    for mode in ("system", "cached"):
+        out = subprocess.run(
+            [sys.executable, "-c", ALLOCATOR_PROBE, mode], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        took, rss[mode] = out.stdout.split()
+        assert took == "True"
+    assert float(rss["cached"]) > float(rss["system"]) + 200, rss
+    from nucleo.runtime import configure_allocator
+
+    with pytest.raises(ValueError, match="'cached' or 'system'"):
+        configure_allocator("jemalloc")

@@ -1,0 +1,74 @@
+"""What every loss shares: the weight/schedule/cadence settings, and next-base predictions.
+
+Not a loss (registers nothing); the losses' files import it, the objective reads the settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from nucleo.representations import base_mask
+from nucleo.schema import check
+
+
+@dataclass
+class LossConfig:
+    """Settings of every loss.
+
+    weight: multiplier of the loss in the total, at full strength.
+    schedule: how the weight reaches full strength, in optimizer steps: "constant" (from step 0),
+        "linear" (0 until ``start``, rising to full at ``start + ramp``), "step" (0 until
+        ``start``, full from it).
+    every: compute the loss every this many steps (1: every step); expensive losses (``ph``)
+        run less often. Between, it is neither computed nor logged.
+    """
+
+    weight: float = 1.0
+    schedule: Literal["constant", "linear", "step"] = "constant"
+    start: int = 0
+    ramp: int = 0
+    every: int = 1
+
+    def __post_init__(self) -> None:
+        check(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
+        check(self.start >= 0, "start", f"must be >= 0, got {self.start}")
+        check(self.ramp >= 0, "ramp", f"must be >= 0, got {self.ramp}")
+        check(
+            self.schedule != "linear" or self.ramp > 0,
+            "ramp",
+            "must be > 0 with schedule: linear (steps from 0 to full weight)",
+        )
+        check(self.every >= 1, "every", f"must be >= 1, got {self.every}")
+
+    def weight_at(self, step: int | None) -> float:
+        """The weight at optimizer step ``step`` (None: full strength, as in validation)."""
+        if step is None or self.schedule == "constant":
+            return self.weight
+        if step < self.start:
+            return 0.0
+        if self.schedule == "step":
+            return self.weight
+        return self.weight * min(1.0, (step - self.start) / self.ramp)
+
+    def runs_at(self, step: int | None) -> bool:
+        """Whether the loss is computed at ``step`` (always in validation: None)."""
+        return step is None or step % self.every == 0
+
+
+def next_base_probs(
+    logits: torch.Tensor, tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A causal model's predicted distribution over A, C, G, T for each next position.
+
+    logits: [B, L, V] (position t predicts token t + 1); tokens: [B, L]. Returns probs
+    [B, L-1, 4] float32 or float64 (the softmax restricted to the four bases and renormalised: the
+    geometric losses place bases, not specials), targets [B, L-1] and valid [B, L-1] (the
+    target is one of A, C, G, T).
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # float64 stays (gradchecks)
+    probs = torch.softmax(logits[:, :-1, :4].to(dtype), dim=-1)
+    targets = tokens[:, 1:]
+    return probs, targets, base_mask(targets)
