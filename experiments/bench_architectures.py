@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -45,6 +44,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from experiments.machine import describe  # noqa: E402
 
 FAMILIES = ["transformer", "hyena", "mamba", "caduceus", "multires", "hybrid"]
 SIZES = ["tiny", "mini"]
@@ -203,24 +204,6 @@ def worker(spec_json: str) -> None:
 
 
 # --------------------------------------------------------------------------- parent side
-
-
-def machine() -> dict[str, str]:
-    import torch
-
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {
-        "cpu": cpu,
-        "cores": str(len(os.sched_getaffinity(0))),
-        "memory_gb": f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "os": platform.platform(),
-    }
 
 
 def available_gb() -> float:
@@ -541,7 +524,8 @@ def write_report(results: Record, path: Path) -> None:
     ]
     lines += [f"    {c['date']}: {c['command']}" for c in results["commands"]]
     lines += ["", "## Targets", ""]
-    lines += targets_table(records)
+    cached = [r for r in results["records"] if r.get("allocator") == "cached" and not r.get("env")]
+    lines += targets_table(records, cached)
     lines += ["", "## Throughput and memory, every family", ""]
     table_lengths = sorted(
         {r["length"] for r in models if not r["overrides"] and r["length"] <= max(LENGTHS)}
@@ -587,11 +571,9 @@ def growth(records: list[Record], family: str, length: int, precision: str) -> f
     return ratio(short, rate(find(records, family, "tiny", length, precision)))
 
 
-def targets_table(records: list[Record]) -> list[str]:
-    lines = [
-        "| what | fp32 | bf16 | target | reference |",
-        "|---|---|---|---|---|",
-    ]
+def hyena_rows(records: list[Record], note: str) -> list[str]:
+    """The hyena tiny target rows (throughput vs reference, growth, memory) of ``records``."""
+    lines: list[str] = []
     precisions = ("fp32", "bf16")
     for length, reference in HYENA_REFERENCE.items():
         target = 1.5 if length == 1024 else 2.0
@@ -607,7 +589,7 @@ def targets_table(records: list[Record]) -> list[str]:
                 f"{fmt(r, ',.0f')} tok/s{runs} = {fmt(x, '.2f', 'x')}, {met(x, target, True)}"
             )
         lines.append(
-            f"| hyena tiny, batch 8, L = {length:,}: tokens/CPU-s vs reference | "
+            f"| hyena tiny, batch 8, L = {length:,}: tokens/CPU-s vs reference{note} | "
             f"{cells[0]} | {cells[1]} | >= {target}x | {reference:,} tok/s |"
         )
     cells = []
@@ -615,7 +597,7 @@ def targets_table(records: list[Record]) -> list[str]:
         g = growth(records, "hyena", 16384, precision)
         cells.append(f"{fmt(g, '.2f', 'x')}, {met(g, 1.8, False)}")
     lines.append(
-        f"| hyena tiny: time per token, 16k / 1k | {cells[0]} | {cells[1]} | <= 1.8x | "
+        f"| hyena tiny: time per token, 16k / 1k{note} | {cells[0]} | {cells[1]} | <= 1.8x | "
         f"{HYENA_REFERENCE_GROWTH}x |"
     )
     cells = []
@@ -624,9 +606,23 @@ def targets_table(records: list[Record]) -> list[str]:
         gb = r["peak_gb"] if r and r["status"] == "ok" else None
         cells.append(f"{fmt(gb, '.2f', ' GB')}, {met(gb, 3.0, False)}")
     lines.append(
-        f"| hyena tiny, batch 8, L = 16k: peak memory | {cells[0]} | {cells[1]} | <= 3 GB | "
+        f"| hyena tiny, batch 8, L = 16k: peak memory{note} | {cells[0]} | {cells[1]} | <= 3 GB | "
         f"{HYENA_REFERENCE_GB} GB |"
     )
+    return lines
+
+
+def targets_table(records: list[Record], cached: list[Record] | None = None) -> list[str]:
+    """The issue's targets; ``cached``: records measured with the allocator cache (hyena rows
+    repeated for them when present)."""
+    lines = [
+        "| what | fp32 | bf16 | target | reference |",
+        "|---|---|---|---|---|",
+    ]
+    lines += hyena_rows(records, "")
+    if cached and any(r["family"] == "hyena" for r in cached if r["kind"] == "model"):
+        lines += hyena_rows(cached, " (allocator: cached, the trainer's default on CPU)")
+    precisions = ("fp32", "bf16")
     for length, reference in TRANSFORMER_REFERENCE_GROWTH.items():
         cells = [fmt(growth(records, "transformer", length, p), ".1f", "x") for p in precisions]
         lines.append(
@@ -863,24 +859,30 @@ def notes() -> list[str]:
         "- Reference numbers are those quoted in the issue (HyenaDNA tiny; transformer growth "
         "with SDPA); they were not re-measured here.",
         "",
-        "## Observations (runs of 2026-11-21 23:08 - 01:10 UTC)",
+        "## Observations (runs of 2026-11-21 23:08 UTC - 2026-11-22 02:30 UTC)",
         "",
         "- Noise: hyena tiny, 1k, fp32 gave 14,882 tok/CPU-s in the main run (load average "
         "~3 from other work) and 21,398 / 19,454 / 17,489 an hour later; the table keeps the "
         "later median. Treat single-run ratios accordingly.",
-        "- Memory limit: other work held ~12 GB of this 24 GiB machine (about 10 GB of it "
-        "shared memory), so the per-process limit was 11-12.5 GB, not 18 GB. Hyena tiny at "
-        "2^20 tokens failed at that limit with and without checkpointing; at 2^19 with "
-        "checkpointing it peaks at 10.3 GB (fp32) / 8.9 GB (bf16), so 2^20 needs about 20 GB "
-        "and ~200 CPU-s per step (not measured).",
+        "- Memory limit: until 2026-11-22 ~12 GB of this 24 GiB machine sat in /dev/shm: "
+        "185 files of 67 MB that DeepSpeed's CPU all-reduce creates per rank and never "
+        "removes, left by earlier training runs and tests. The per-process limit was "
+        "therefore 11-12.5 GB, and hyena tiny at 2^20 tokens failed at it. nucleo now unlinks "
+        "that workspace at start-up (nucleo.engine); with the memory back, hyena tiny at 2^20 "
+        "runs with checkpointing (2026-11-22 runs: 16.8 GB fp32, 15.7 GB bf16; the 2^19 rows "
+        "are older, before the position-wise chunking described next).",
+        "- Long sequences: with `model.checkpointing=true`, blocks are recomputed in backward "
+        "and, past 65,536 positions, the MLP half of each block and Hyena's implicit-filter "
+        "MLP run in recomputed pieces of 65,536 positions; the recurrence keeps the real "
+        "kernels (not their spectra) and fresh [B, D, L] outputs (not slices of [B, D, 2L] "
+        "FFT buffers). Without checkpointing 2^20 needs more than 21 GB.",
         "- Allocator: glibc malloc serves each allocation above 32 MB with a fresh mmap, which "
         "is page-faulted and zero-filled on first touch and unmapped on free (multires at "
-        "L = 4,096: 3.3M minor page faults in one layer's forward + backward). With "
-        "`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000` (freed memory stays in the "
-        "heap) long sequences run 1.7-2x faster (table above) at ~1.4x the peak memory: "
-        "hyena tiny at 16k reaches 2.4x (fp32) / 3.4x (bf16) the reference throughput and "
-        "1.0x / 1.3x growth from 1k, but 5.2-5.7 GB. A launcher setting (or jemalloc / "
-        "tcmalloc, or reusing buffers) is worth more than most kernel work here.",
+        "L = 4,096: 3.3M minor page faults in one layer's forward + backward). Keeping freed "
+        "memory in the heap (`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`, or "
+        '`nucleo.runtime.configure_allocator("cached")`, which the trainer now applies on '
+        "CPU by default: `engine.cpu_allocator`) runs long sequences 1.7-2x faster at ~1.4x "
+        "the peak memory; see the allocator section for hyena and mamba.",
         "- multires: time per token grows 2-2.6x from 1k to 4k (its depth only 10 -> 12 "
         "levels). The tree runs on `x.transpose(1, 2)`, a non-contiguous [B, D, L] view, so "
         "each elementwise op mixes layouts: one layer alone at 4k takes 5.6 CPU-s forward + "
@@ -983,7 +985,7 @@ def main() -> None:
         results["commands"].append(command)
     else:
         results = {"commands": [command], "records": []}
-    results["machine"] = machine()
+    results["machine"] = describe()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     bench = Bench(args, results)
     steps = {"table": part_table, "shape": part_shape, "scan": part_scan, "million": part_million}

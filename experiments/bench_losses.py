@@ -95,7 +95,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--combinations", default=";".join(COMBINATIONS), help="';'-separated")
     ap.add_argument("--out", type=Path, default=ROOT / "experiments/results/losses.md")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json")
     args = ap.parse_args()
+    if args.report_only:
+        record = json.loads(args.out.with_suffix(".json").read_text())
+        args.out.write_text(report(record, record["median"]["ce"]))
+        print(f"wrote {args.out}")
+        return
     if args.set is None:
         args.set = ["model.size=tiny"] + (
             [f"model.max_len={args.length}"] if args.arch == "hyena" else []
@@ -172,7 +178,9 @@ def report(record: dict, base: float) -> str:
         "`rc` runs the model on the reverse complement too: its allowance is the cost of a "
         "second forward-backward, measured as `ce` at twice the batch. `ph` runs every 10 "
         "steps (its default cadence), so its row is its amortised cost; its cost per call is "
-        "logged in training as `train/ph/seconds`.",
+        "logged in training as `train/ph/seconds`. Rounds of the same combination vary by "
+        "5-15% on this shared machine (every round is in the .json), so ratios within a few "
+        "percent of their target are ties, not verdicts.",
         "",
     ]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from nucleo.config import load_config
 from nucleo.objective import Objective
 from nucleo.schema import ConfigError
 from nucleo.types import Batch, ModelOutput
+from tests.test_architectures import VARIANTS
 
 TOKENIZER = CharTokenizer()
 
@@ -410,3 +411,20 @@ def test_training_with_ce_and_a_loss_reduces_that_loss(name, yeast_windows):
         opt.step()
     after = evaluate()
     assert after < 0.97 * before, (before, after)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_loss_runs_on_every_family_it_fits(variant):
+    """All losses a family fits, in one objective: finite, and gradients reach the model."""
+    arch, sets = VARIANTS[variant]
+    torch.manual_seed(0)
+    model = build_model(arch, load_config(arch=arch, overrides=sets).model, TOKENIZER)
+    losses = "ce,rc,cgr,walk,ph,headless" if model.causal else "mlm,rc"
+    cfg = load_config(arch=arch, losses=losses, overrides=[*sets, "loss.ph.points=16"])
+    objective = Objective.build(cfg.losses, cfg.loss, model, TOKENIZER)
+    tokens = torch.randint(0, 5, (2, 40), generator=torch.Generator().manual_seed(0))
+    result = objective(model, _batch(tokens), model, step=0)
+    assert all(torch.isfinite(v).all() for v in result.metrics.values()), result.metrics
+    result.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
