@@ -277,12 +277,15 @@ def test_caduceus_trains_with_masked_lm_through_deepspeed(sample_shards, tmp_pat
 
 
 @pytest.mark.parametrize("procs", [1, 2])
-@pytest.mark.parametrize("losses", ["ce,rc,cgr", "ce,ph"])
-def test_combined_losses_train_through_deepspeed(sample_shards, tmp_path, losses, procs):
-    """Each component's curve reaches MLflow, with its time per call; ph at its cadence."""
-    base = [s.replace("max_steps=40", "max_steps=20") for s in TINY]
+@pytest.mark.parametrize("arch,losses", [("hyena", "ce,rc,cgr"), ("transformer", "ce,ph")])
+def test_combined_losses_train_through_deepspeed(sample_shards, tmp_path, arch, losses, procs):
+    """``deepspeed launch/pretrain.py --arch hyena --losses ce,rc,cgr`` (and ce,ph): each
+    component's curve reaches MLflow, with its time per call; ph at its cadence."""
+    model = FAMILY_MODELS[arch] if arch in FAMILY_MODELS else TINY[:3]
+    base = [s.replace("max_steps=40", "max_steps=20") for s in [*model, *TINY[3:]]]
     extra = ["run.name=mix", "eval.every=20", "checkpoint.every=20", "loss.ph.every=5"]
-    pretrain(sample_shards, tmp_path, "--losses", losses, procs=procs, base=base, extra=extra)
+    pretrain(sample_shards, tmp_path, "--arch", arch, "--losses", losses, procs=procs,
+             base=base, extra=extra)  # fmt: skip
     summary = json.loads((tmp_path / "mix" / "summary.json").read_text())
     client = _client(tmp_path)
     run_id = summary["mlflow_run_id"]
