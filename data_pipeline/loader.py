@@ -20,7 +20,7 @@ import random
 import warnings
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.shards import load_manifest, shard_paths
+from nucleo.alphabet import reverse_complement_bytes
 from nucleo.schema import check
 from nucleo.types import Batch
 
@@ -39,9 +40,13 @@ class DataConfig:
 
     shards: a directory built by ``nucleo data build`` (holds manifest.json).
     kingdoms: kingdoms to train and validate on (null: all in the manifest).
-    tokenizer: tokenizer registry name.
-    seq_len: window length in tokens (bases for ``char``); at most the shards' chunk_len.
+    tokenizer: tokenizer registry name. tokenizer_options: its settings (``kmer``: ``k``).
+    seq_len: window length in tokens; windows are cut seq_len x (the tokenizer's most bases
+        per token) bases long (``char``: seq_len bases; ``kmer``: seq_len x k), at most the
+        shards' chunk_len, and their tokens truncated or padded to seq_len.
     max_n_fraction: windows with a larger fraction of N are skipped.
+    rc_prob: probability that a training window is replaced by its reverse complement
+        (augmentation: both strands are the same DNA; validation windows never are).
     shuffle_buffer: windows held by each worker's shuffle buffer.
     num_workers: DataLoader worker processes per rank (0 reads in the training process).
     open_shards: shards each worker reads at once, interleaved to mix kingdoms.
@@ -50,8 +55,10 @@ class DataConfig:
     shards: str = "data/shards/sample"
     kingdoms: list[str] | None = None
     tokenizer: str = "char"
+    tokenizer_options: dict[str, Any] = field(default_factory=dict)
     seq_len: int = 512
     max_n_fraction: float = 0.1
+    rc_prob: float = 0.0
     shuffle_buffer: int = 2048
     num_workers: int = 1
     open_shards: int = 32
@@ -59,9 +66,15 @@ class DataConfig:
     def __post_init__(self) -> None:
         check(self.seq_len >= 8, "seq_len", f"must be >= 8, got {self.seq_len}")
         check(0 <= self.max_n_fraction <= 1, "max_n_fraction", "must be in [0, 1]")
+        check(0 <= self.rc_prob <= 1, "rc_prob", f"must be in [0, 1], got {self.rc_prob}")
         check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
         check(self.open_shards >= 1, "open_shards", "must be >= 1")
+
+
+def window_bases(cfg: DataConfig, tokenizer: Any) -> int:
+    """Bases cut per window: enough for seq_len tokens of the largest kind the tokenizer has."""
+    return cfg.seq_len * int(getattr(tokenizer, "max_bases_per_token", 1))
 
 
 def _rng(*parts: Any) -> random.Random:
@@ -170,16 +183,23 @@ class WindowStream(IterableDataset):
     def windows(self, consumer: int, shards: list[tuple[str, int]]) -> Iterator[tuple[bytes, int]]:
         """Endless (window bases, kingdom index) in the order this consumer yields them."""
         cfg = self.cfg
+        bases = window_bases(cfg, self.tokenizer)
         epoch = 0
         while True:
             order = list(shards)
             _rng(self.seed, "shards", epoch, consumer).shuffle(order)
             crop_rng = _rng(self.seed, "crop", epoch, consumer)
             samples = interleave_shards(order, crop_rng, cfg.open_shards)
+            rc_rng = _rng(self.seed, "rc", epoch, consumer)  # its own stream: crops unchanged
             crops = (
-                (window, self.kingdom_index[json.loads(sample["json"])["kingdom"]])
+                (
+                    reverse_complement_bytes(window)
+                    if cfg.rc_prob and rc_rng.random() < cfg.rc_prob
+                    else window,
+                    self.kingdom_index[json.loads(sample["json"])["kingdom"]],
+                )
                 for sample in samples
-                for window in crop_windows(sample["seq"], cfg.seq_len, cfg.max_n_fraction, crop_rng)
+                for window in crop_windows(sample["seq"], bases, cfg.max_n_fraction, crop_rng)
             )
             shuffle_rng = _rng(self.seed, "shuffle", epoch, consumer)
             yield from wds.shuffle(cfg.shuffle_buffer, cfg.shuffle_buffer, rng=shuffle_rng)(crops)
@@ -220,10 +240,12 @@ class TrainLoader:
         self.cfg = cfg
         self.manifest = load_manifest(cfg.shards)
         chunk_len = self.manifest["options"]["chunk_len"]
-        if cfg.seq_len > chunk_len:
+        bases = window_bases(cfg, tokenizer)
+        if bases > chunk_len:
             raise ValueError(
-                f"data.seq_len={cfg.seq_len} is longer than the chunks of {cfg.shards} "
-                f"({chunk_len} bases): rebuild the shards with --chunk-len >= {cfg.seq_len}"
+                f"data.seq_len={cfg.seq_len} tokens of {cfg.tokenizer} need {bases} bases, more "
+                f"than the chunks of {cfg.shards} ({chunk_len} bases): rebuild the shards with "
+                f"--chunk-len >= {bases} or lower data.seq_len"
             )
         self.shards = shard_paths(cfg.shards, self.manifest, "train", cfg.kingdoms)
         if not self.shards:
@@ -324,7 +346,8 @@ def validation_windows(
             if picked == per_kingdom or not chunks:
                 break
             rng = _rng(seed, "val", kingdom, i)
-            window = next(crop_windows(chunks[i % len(chunks)], cfg.seq_len, 1.0, rng))
+            bases = window_bases(cfg, tokenizer)
+            window = next(crop_windows(chunks[i % len(chunks)], bases, 1.0, rng))
             if window.count(b"N") > cfg.max_n_fraction * len(window):
                 continue
             ids = np.full(cfg.seq_len, tokenizer.pad_id, dtype=np.int64)

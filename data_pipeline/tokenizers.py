@@ -17,6 +17,7 @@ import numpy as np
 
 from nucleo import alphabet
 from nucleo.registry import TOKENIZERS
+from nucleo.schema import check, from_dict
 
 
 @dataclass
@@ -30,11 +31,17 @@ class CharTokenizer:
 
     name = "char"
     vocab: tuple[str, ...] = alphabet.VOCAB
+    max_bases_per_token = 1
     pad_id = alphabet.PAD
     mask_id = alphabet.MASK
     bos_id = alphabet.BOS
     eos_id = alphabet.EOS
     n_id = alphabet.N
+
+    @staticmethod
+    def special_ids() -> tuple[int, int, int, int, int]:
+        """(pad, mask, bos, eos, N) ids, shared by every tokenizer built on this alphabet."""
+        return alphabet.PAD, alphabet.MASK, alphabet.BOS, alphabet.EOS, alphabet.N
 
     def __init__(self, config: CharTokenizerConfig | None = None) -> None:
         table = np.full(256, alphabet.N, dtype=np.int64)
@@ -80,17 +87,123 @@ class CharTokenizer:
         return path
 
 
-def build_tokenizer(name: str) -> Any:
-    """A tokenizer by registry name (``char``)."""
+@dataclass
+class KmerTokenizerConfig:
+    """k: bases per k-mer token (4^k k-mer tokens; Nucleotide Transformer uses 6)."""
+
+    k: int = 6
+
+    def __post_init__(self) -> None:
+        check(1 <= self.k <= 8, "k", f"must be in 1..8 (4^k tokens), got {self.k}")
+
+
+@TOKENIZERS.register("kmer", config=KmerTokenizerConfig)
+class KmerTokenizer:
+    """Non-overlapping k-mers, as in the Nucleotide Transformer: each run of A/C/G/T between
+    N's is cut into k-mers from its start, the leftover (< k) bases become single-base tokens,
+    and every N is its own token.
+
+    Ids: 0-4 the single bases A C G T N and 5-8 the specials, as in ``char`` (so base ids stay
+    0..3), then the 4^k k-mers in base-4 order (first base most significant).
+    """
+
+    name = "kmer"
+    pad_id, mask_id, bos_id, eos_id, n_id = CharTokenizer.special_ids()
+
+    def __init__(self, config: KmerTokenizerConfig | None = None) -> None:
+        self.k = (config or KmerTokenizerConfig()).k
+        self.first = len(alphabet.VOCAB)  # id of the first k-mer
+        kmers = ["".join(p) for p in _products(alphabet.BASES, self.k)]
+        self.vocab: tuple[str, ...] = (*alphabet.VOCAB, *kmers)
+        self._codes = CharTokenizer()._table  # byte -> 0..3 base, 4 N
+        self._weights = 4 ** np.arange(self.k - 1, -1, -1, dtype=np.int64)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def max_bases_per_token(self) -> int:
+        return self.k
+
+    @property
+    def complement_ids(self) -> list[int]:
+        """Each k-mer maps to its reverse complement, so reversing the token order after this
+        permutation decodes to the reverse complement of the sequence."""
+        out = list(alphabet.COMPLEMENT_IDS)
+        index = np.arange(4**self.k)
+        digits = (index[:, None] // self._weights) % 4  # [4^k, k]
+        rc = ((3 - digits[:, ::-1]) * self._weights).sum(1)
+        return out + (rc + self.first).tolist()
+
+    @property
+    def bases_per_token(self) -> np.ndarray:
+        """[V] float: 1 for A C G T N, 0 for specials, k for k-mers."""
+        out = np.zeros(self.vocab_size, dtype=np.float32)
+        out[: alphabet.N + 1] = 1.0
+        out[self.first :] = self.k
+        return out
+
+    def encode(self, seq: bytes | bytearray | str | np.ndarray) -> np.ndarray:
+        """[T] int64 ids of a normalised sequence (vectorised: no loop over bases)."""
+        if isinstance(seq, str):
+            seq = seq.encode("ascii")
+        raw = seq if isinstance(seq, np.ndarray) else np.frombuffer(seq, dtype=np.uint8)
+        codes = self._codes[raw]
+        n = len(codes)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        k = self.k
+        is_n = codes == alphabet.N
+        pos = np.arange(n)
+        # start of the A/C/G/T run each position is in, and that run's end
+        breaks = np.r_[np.flatnonzero(is_n), n]  # each N, and the end as a last break
+        run_start = np.maximum.accumulate(np.where(np.r_[True, is_n[:-1]], pos, 0))
+        run_end = breaks[np.searchsorted(breaks, pos, side="left")]
+        offset = pos - run_start
+        full = (run_end - run_start) // k * k  # bases of the run covered by whole k-mers
+        in_kmer = ~is_n & (offset < full)
+        starts = in_kmer & (offset % k == 0)
+        single = ~is_n & ~in_kmer
+        padded = np.concatenate([codes, np.zeros(k, dtype=codes.dtype)])
+        windows = np.lib.stride_tricks.sliding_window_view(padded, k)[:n]
+        kmer_ids = (windows.astype(np.int64) * self._weights).sum(1) + self.first
+        ids = np.where(starts, kmer_ids, codes.astype(np.int64))
+        return ids[starts | single | is_n]
+
+    def decode(self, ids: Any) -> str:
+        """The bases of ``ids`` as a string; special tokens are dropped."""
+        ids = np.asarray(ids).reshape(-1)
+        specials = set(range(alphabet.N + 1, self.first))
+        return "".join(self.vocab[i] for i in ids if i not in specials)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.name, "options": {"k": self.k}, "vocab": list(self.vocab)}
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / "tokenizer.json"
+        path.write_text(json.dumps(self.to_json()) + "\n")
+        return path
+
+
+def _products(alphabet_: str, k: int) -> list[tuple[str, ...]]:
+    import itertools
+
+    return list(itertools.product(alphabet_, repeat=k))
+
+
+def build_tokenizer(name: str, options: dict[str, Any] | None = None) -> Any:
+    """A tokenizer by registry name (``data.tokenizer``) and its settings
+    (``data.tokenizer_options``, checked against the tokenizer's config)."""
     entry = TOKENIZERS.get(name)
-    return entry.cls(entry.config())
+    return entry.cls(from_dict(entry.config, options or {}, "data.tokenizer_options"))
 
 
 def load_tokenizer(directory: str | Path) -> Any:
     """Load ``tokenizer.json`` from an export directory and check its vocabulary."""
     path = Path(directory) / "tokenizer.json"
     spec = json.loads(path.read_text())
-    tokenizer = build_tokenizer(spec.get("type", ""))
+    tokenizer = build_tokenizer(spec.get("type", ""), spec.get("options"))
     if list(spec.get("vocab", [])) != list(tokenizer.vocab):
         raise ValueError(f"{path}: vocabulary differs from this version's {spec['type']!r}")
     return tokenizer

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from losses.common import LossConfig, next_base_probs
+from losses.common import LossConfig, next_base_probs, require_per_base
 from nucleo.registry import LOSSES
 from nucleo.representations import corners, kmer_index
 from nucleo.schema import check
@@ -86,6 +86,7 @@ class ChaosGame:
     requires_causal: bool | None = True
 
     def __init__(self, cfg: ChaosGameConfig, tokenizer: Any = None) -> None:
+        require_per_base("cgr", tokenizer)
         self.cfg = cfg
         self.corner = corners(cfg.corners)
 

@@ -6,12 +6,12 @@ Not a loss (registers nothing); the losses' files import it, the objective reads
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from nucleo.representations import base_mask
-from nucleo.schema import check
+from nucleo.schema import ConfigError, check
 
 
 @dataclass
@@ -72,3 +72,13 @@ def next_base_probs(
     probs = torch.softmax(logits[:, :-1, :4].to(dtype), dim=-1)
     targets = tokens[:, 1:]
     return probs, targets, base_mask(targets)
+
+
+def require_per_base(loss: str, tokenizer: Any) -> None:
+    """Refuse tokenizers whose tokens are not single bases (the geometric losses place one base
+    per position: ids 0..3 must be A, C, G, T and nothing else may stand for bases)."""
+    if tokenizer is not None and getattr(tokenizer, "max_bases_per_token", 1) != 1:
+        raise ConfigError(
+            "data.tokenizer",
+            f"loss {loss!r} needs one token per base (char), not {tokenizer.name!r}",
+        )

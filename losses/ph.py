@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from losses.common import LossConfig, next_base_probs
+from losses.common import LossConfig, next_base_probs, require_per_base
 from nucleo.registry import LOSSES
 from nucleo.representations import cgr_points, corners, diagrams, onehot, wasserstein
 from nucleo.schema import check
@@ -69,6 +69,7 @@ class PersistentHomology:
     requires_causal: bool | None = True
 
     def __init__(self, cfg: PersistentHomologyConfig, tokenizer: Any = None) -> None:
+        require_per_base("ph", tokenizer)
         self.cfg = cfg
         self.corner = corners(cfg.corners)
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from losses.common import LossConfig, next_base_probs
+from losses.common import LossConfig, next_base_probs, require_per_base
 from nucleo.registry import LOSSES
 from nucleo.representations import dna_walk, onehot
 from nucleo.types import Batch, LossOutput, ModelOutput
@@ -38,6 +38,7 @@ class Walk:
     requires_causal: bool | None = True
 
     def __init__(self, cfg: WalkConfig, tokenizer: Any = None) -> None:
+        require_per_base("walk", tokenizer)
         self.cfg = cfg
 
     def __call__(

@@ -170,7 +170,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = load_config(ckpt_dir / tag / "config.yaml")
     state = state_from_checkpoint(ckpt_dir, tag, cfg)
     out = Path(args.out) if args.out else run_dir / "export"
-    export_model(state, cfg, build_tokenizer(cfg.data.tokenizer), out, {"checkpoint": tag})
+    export_model(
+        state,
+        cfg,
+        build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_options),
+        out,
+        {"checkpoint": tag},
+    )
     print(f"exported {ckpt_dir / tag} to {out}")
     return 0
 

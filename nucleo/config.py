@@ -122,11 +122,14 @@ def resolve(raw: dict[str, Any]) -> RunConfig:
         if name in loss_names:  # sections of unselected losses are checked, then dropped
             loss_configs[name] = parsed
     sections = {name: from_dict(cls, raw.get(name), name) for name, cls in _SECTIONS.items()}
-    if sections["data"].tokenizer not in TOKENIZERS:
+    data = sections["data"]
+    if data.tokenizer not in TOKENIZERS:
         known = ", ".join(TOKENIZERS.names())
-        raise ConfigError(
-            "data.tokenizer", f"unknown tokenizer {sections['data'].tokenizer!r}; known: {known}"
-        )
+        raise ConfigError("data.tokenizer", f"unknown tokenizer {data.tokenizer!r}; known: {known}")
+    # the options must fit the tokenizer's own config (names the key when they do not)
+    from_dict(
+        TOKENIZERS.get(data.tokenizer).config, data.tokenizer_options, "data.tokenizer_options"
+    )
     return RunConfig(
         arch=arch,
         losses=loss_names,

@@ -98,7 +98,9 @@ def state_from_checkpoint(ckpt_dir: str | Path, tag: str, cfg: Any) -> dict[str,
     if not states.is_file():
         raise FileNotFoundError(f"{states}: not found; is {path} a DeepSpeed checkpoint?")
     saved = torch.load(states, map_location="cpu", weights_only=False)
-    module = build_model(cfg.arch, cfg.model, build_tokenizer(cfg.data.tokenizer))
+    module = build_model(
+        cfg.arch, cfg.model, build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_options)
+    )
     masters = {}
     if cfg.engine.precision == "bf16":
         groups = saved["optimizer"]["fp32_groups"]

@@ -120,7 +120,7 @@ class Trainer:
         self.dist = dist = setup_distributed(cfg.engine)
         self.out = out if dist.is_main else None
         # Everything that can reject the data or the losses comes before the run directory.
-        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_options)
         self.loader = TrainLoader(
             cfg.data, self.tokenizer, cfg.train.micro_batch_size, cfg.train.seed,
             dist.rank, dist.world_size,

@@ -10,7 +10,8 @@ import torch
 from data_pipeline.loader import DataConfig, TrainLoader, crop_windows, validation_windows
 from data_pipeline.readers import read_sequences
 from data_pipeline.shards import ShardOptions, SourceFile, build_shards
-from data_pipeline.tokenizers import CharTokenizer
+from data_pipeline.tokenizers import CharTokenizer, build_tokenizer
+from nucleo.alphabet import reverse_complement
 from tests.conftest import sample_file
 
 
@@ -142,3 +143,38 @@ def test_validation_windows_are_fixed_and_bounded(sample_shards):
     by_name = dict(zip(names, counts, strict=False))
     assert by_name["vertebrate_other"] == 0  # one record: training only
     assert all(c == 8 for n, c in by_name.items() if n != "vertebrate_other")
+
+
+def test_kmer_windows_cut_enough_bases_for_seq_len_tokens(sample_shards):
+    """seq_len counts tokens: a k-mer tokenizer's windows are seq_len x k bases long."""
+    tok = build_tokenizer("kmer", {"k": 6})
+    cfg = DataConfig(
+        shards=str(sample_shards), seq_len=64, tokenizer="kmer", tokenizer_options={"k": 6},
+        num_workers=0, shuffle_buffer=64,
+    )  # fmt: skip
+    (batch,) = _take(TrainLoader(cfg, tok, 8, 0), 1)
+    assert batch.tokens.shape == (8, 64)
+    filled = (batch.tokens != tok.pad_id).float().mean().item()
+    assert filled > 0.9, filled  # not 1/6 of the row: the windows hold 384 bases
+    assert int(batch.tokens.max()) >= tok.first  # k-mer ids
+    tokens, _, _ = validation_windows(cfg, tok, 2, seed=0)
+    assert tokens.shape[1] == 64 and (tokens != tok.pad_id).float().mean() > 0.9
+
+
+def test_reverse_complement_augmentation(sample_shards):
+    """rc_prob=1 gives exactly the reverse complements of the windows rc_prob=0 gives (same
+    crops: the coin flips have their own random stream); 0.5 flips about half."""
+    plain = _take(_loader(sample_shards, batch=32, seq_len=64), 2)
+    cfg = DataConfig(str(sample_shards), seq_len=64, num_workers=0, shuffle_buffer=64, rc_prob=1.0)
+    flipped = _take(TrainLoader(cfg, CharTokenizer(), 32, 0), 2)
+    for a, b in zip(plain, flipped, strict=True):
+        assert torch.equal(reverse_complement(a.tokens), b.tokens)
+        assert torch.equal(a.kingdom, b.kingdom)
+    cfg.rc_prob = 0.5
+    half = _take(TrainLoader(cfg, CharTokenizer(), 32, 0), 2)
+    same = sum(
+        torch.equal(x, y)
+        for a, h in zip(plain, half, strict=True)
+        for x, y in zip(a.tokens, h.tokens, strict=True)
+    )
+    assert 16 <= same <= 48, same  # of 64 windows

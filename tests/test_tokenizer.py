@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from data_pipeline.readers import read_sequences
@@ -68,3 +69,73 @@ def test_save_and_load(tmp_path):
     tok.save(tmp_path)
     again = load_tokenizer(tmp_path)
     assert again.vocab == tok.vocab
+
+
+# ----------------------------------------------------------------------------- kmer
+
+
+def _kmer_reference(seq: str, k: int) -> list[str]:
+    """Nucleotide-Transformer tokens, one at a time: k-mers from the start of each run of
+    A/C/G/T, leftovers as single bases, each N alone."""
+    out: list[str] = []
+    for run in seq.replace("N", " N ").split(" "):
+        if run == "N":
+            out.append("N")
+            continue
+        whole = len(run) // k * k
+        out += [run[i : i + k] for i in range(0, whole, k)] + list(run[whole:])
+    return out
+
+
+def test_kmer_tokens_by_hand_and_against_the_reference():
+    tok = build_tokenizer("kmer", {"k": 3})
+    ids = tok.encode("ACGNNACGTTA")  # ACG N N ACG TTA
+    assert [tok.vocab[i] for i in ids] == ["ACG", "N", "N", "ACG", "TTA"]
+    assert tok.vocab[:9] == CharTokenizer.vocab and tok.vocab_size == 9 + 64
+    assert ids[0] == 9 + 0 * 16 + 1 * 4 + 2  # base-4, first base most significant
+    rng = np.random.default_rng(0)
+    for k in (1, 2, 3, 6):
+        tok = build_tokenizer("kmer", {"k": k})
+        for _ in range(20):
+            seq = "".join(
+                rng.choice(list("ACGTN"), p=[0.23] * 4 + [0.08], size=rng.integers(0, 60))
+            )
+            assert [tok.vocab[i] for i in tok.encode(seq)] == _kmer_reference(seq, k), seq
+
+
+def test_kmer_round_trip_bases_per_token_and_reverse_complement_on_a_real_genome():
+    tok = build_tokenizer("kmer", {"k": 6})
+    rec = next(read_sequences(sample_file("viral/lambda.fasta.gz")))
+    seq = bytes(rec.seq)[:20_000] + b"NNNNN" + bytes(rec.seq)[20_000:20_103]  # N run, leftover
+    ids = tok.encode(seq)
+    assert tok.decode(ids) == seq.decode()
+    assert tok.bases_per_token[ids].sum() == len(seq)
+    assert len(ids) == 20_000 // 6 + 2 + 5 + 103 // 6 + 103 % 6
+    complement = torch.tensor(tok.complement_ids)
+    rc = reverse_complement(torch.from_numpy(ids), complement, None)
+    assert tok.decode(rc.numpy()) == reverse_complement_bytes(seq).decode()
+    assert torch.equal(reverse_complement(rc, complement, None), torch.from_numpy(ids))
+
+
+def test_kmer_options_are_checked_saved_and_loaded(tmp_path):
+    from nucleo.config import load_config
+    from nucleo.schema import ConfigError
+
+    cfg = load_config(overrides=["data.tokenizer=kmer", "data.tokenizer_options.k=4"])
+    tok = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_options)
+    assert tok.k == 4 and tok.vocab_size == 9 + 256
+    tok.save(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert again.k == 4 and again.vocab == tok.vocab
+    for bad, key in (("k=0", "data.tokenizer_options.k"), ("kk=3", "data.tokenizer_options.kk")):
+        with pytest.raises(ConfigError) as info:
+            load_config(overrides=["data.tokenizer=kmer", f"data.tokenizer_options.{bad}"])
+        assert info.value.key == key
+
+
+def test_geometric_losses_need_one_token_per_base():
+    from losses.cgr import ChaosGame, ChaosGameConfig
+    from nucleo.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.tokenizer: loss 'cgr' needs one token per base"):
+        ChaosGame(ChaosGameConfig(), build_tokenizer("kmer"))
