@@ -21,7 +21,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -47,6 +47,10 @@ class DataConfig:
     max_n_fraction: windows with a larger fraction of N are skipped.
     rc_prob: probability that a training window is replaced by its reverse complement
         (augmentation: both strands are the same DNA; validation windows never are).
+    mixture: how training draws kingdoms: "natural" (in proportion to their bases, one pass
+        over the shards per epoch), "uniform" (each kingdom equally often), "temperature"
+        (p_k ~ n_k^mixture_alpha, n_k the kingdom's training chunks; alpha 1 = natural,
+        0 = uniform); the last two cycle each kingdom's shards on its own.
     shuffle_buffer: windows held by each worker's shuffle buffer.
     num_workers: DataLoader worker processes per rank (0 reads in the training process).
     open_shards: shards each worker reads at once, interleaved to mix kingdoms.
@@ -59,6 +63,8 @@ class DataConfig:
     seq_len: int = 512
     max_n_fraction: float = 0.1
     rc_prob: float = 0.0
+    mixture: Literal["natural", "uniform", "temperature"] = "natural"
+    mixture_alpha: float = 0.5
     shuffle_buffer: int = 2048
     num_workers: int = 1
     open_shards: int = 32
@@ -67,6 +73,7 @@ class DataConfig:
         check(self.seq_len >= 8, "seq_len", f"must be >= 8, got {self.seq_len}")
         check(0 <= self.max_n_fraction <= 1, "max_n_fraction", "must be in [0, 1]")
         check(0 <= self.rc_prob <= 1, "rc_prob", f"must be in [0, 1], got {self.rc_prob}")
+        check(0 <= self.mixture_alpha <= 1, "mixture_alpha", "must be in [0, 1]")
         check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
         check(self.open_shards >= 1, "open_shards", "must be >= 1")
@@ -128,6 +135,28 @@ def interleave_shards(
         yield sample
 
 
+def mixture_weights(cfg: DataConfig, chunks: dict[str, int]) -> dict[str, float]:
+    """Probability of drawing each kingdom, from its training chunks n_k: natural n_k,
+    uniform 1, temperature n_k^alpha; normalised."""
+    alpha = {"natural": 1.0, "uniform": 0.0, "temperature": cfg.mixture_alpha}[cfg.mixture]
+    raw = {k: float(n) ** alpha for k, n in chunks.items() if n > 0}
+    total = sum(raw.values())
+    return {k: v / total for k, v in raw.items()}
+
+
+def kingdom_cycle(
+    shards: list[tuple[str, int]], seed: int, kingdom: str, consumer: int, open_shards: int
+) -> Iterator[dict[str, Any]]:
+    """Endless samples of one kingdom's shards, reshuffled every pass."""
+    cycle = 0
+    while True:
+        order = list(shards)
+        rng = _rng(seed, "kingdom", kingdom, cycle, consumer)
+        rng.shuffle(order)
+        yield from interleave_shards(order, rng, open_shards)
+        cycle += 1
+
+
 class WindowStream(IterableDataset):
     """An endless stream of micro-batches for one rank; each DataLoader worker reads its shards.
 
@@ -146,8 +175,12 @@ class WindowStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         skip_batches: int = 0,
+        shard_kingdom: dict[str, str] | None = None,
+        kingdom_chunks: dict[str, int] | None = None,
     ) -> None:
         self.shards = shards
+        self.shard_kingdom = shard_kingdom or {}
+        self.kingdom_chunks = kingdom_chunks or {}
         self.kingdoms = kingdoms
         self.kingdom_index = {k: i for i, k in enumerate(kingdoms)}
         self.tokenizer = tokenizer
@@ -189,7 +222,10 @@ class WindowStream(IterableDataset):
             order = list(shards)
             _rng(self.seed, "shards", epoch, consumer).shuffle(order)
             crop_rng = _rng(self.seed, "crop", epoch, consumer)
-            samples = interleave_shards(order, crop_rng, cfg.open_shards)
+            if cfg.mixture == "natural":
+                samples = interleave_shards(order, crop_rng, cfg.open_shards)
+            else:  # endless: one "epoch" of the mixed stream
+                samples = self.mixed(shards, consumer, crop_rng)
             rc_rng = _rng(self.seed, "rc", epoch, consumer)  # its own stream: crops unchanged
             crops = (
                 (
@@ -204,6 +240,24 @@ class WindowStream(IterableDataset):
             shuffle_rng = _rng(self.seed, "shuffle", epoch, consumer)
             yield from wds.shuffle(cfg.shuffle_buffer, cfg.shuffle_buffer, rng=shuffle_rng)(crops)
             epoch += 1
+
+    def mixed(
+        self, shards: list[tuple[str, int]], consumer: int, rng: random.Random
+    ) -> Iterator[dict[str, Any]]:
+        """Samples drawn kingdom by kingdom with the mixture's probabilities (restricted to the
+        kingdoms among this reader's shards), each kingdom cycling its own shards."""
+        by_kingdom: dict[str, list[tuple[str, int]]] = {}
+        for path, chunks in shards:
+            by_kingdom.setdefault(self.shard_kingdom[path], []).append((path, chunks))
+        weights = mixture_weights(self.cfg, self.kingdom_chunks)
+        names = sorted(k for k in by_kingdom if k in weights)
+        streams = {
+            k: kingdom_cycle(by_kingdom[k], self.seed, k, consumer, self.cfg.open_shards)
+            for k in names
+        }
+        probs = [weights[k] for k in names]
+        while True:
+            yield next(streams[rng.choices(names, weights=probs)[0]])
 
     def __iter__(self) -> Iterator[Batch]:
         consumer, total = self.consumer()
@@ -258,6 +312,14 @@ class TrainLoader:
                 "shards with more (--min-shards) or lower data.num_workers"
             )
         self.kingdoms = tuple(sorted(cfg.kingdoms or self.manifest["kingdoms"]))
+        self.shard_kingdom = {
+            path: kingdom
+            for kingdom in self.kingdoms
+            for path, _ in shard_paths(cfg.shards, self.manifest, "train", [kingdom])
+        }
+        self.kingdom_chunks = {k: 0 for k in self.kingdoms}
+        for path, chunks in self.shards:
+            self.kingdom_chunks[self.shard_kingdom[path]] += chunks
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.base_seed = seed  # from the config
@@ -275,7 +337,12 @@ class TrainLoader:
             "batch_size": self.batch_size,
             "seq_len": self.cfg.seq_len,
             "shards": len(self.shards),
+            **({} if self.cfg.mixture == "natural" else {"mixture": self.mixture()}),
         }
+
+    def mixture(self) -> dict[str, float]:
+        """The probability of each kingdom in training (``data.mixture``)."""
+        return mixture_weights(self.cfg, self.kingdom_chunks)
 
     def state_dict(self) -> dict[str, Any]:
         return {"consumed": self.consumed, "stream_seed": self.seed, "layout": self.layout()}
@@ -306,6 +373,8 @@ class TrainLoader:
             self.rank,
             self.world_size,
             skip_batches=self.consumed,
+            shard_kingdom=self.shard_kingdom,
+            kingdom_chunks=self.kingdom_chunks,
         )
         loader = DataLoader(
             stream,

@@ -205,6 +205,7 @@ class Trainer:
                 "global_batch_windows": self.tokens_per_step // cfg.data.seq_len,
                 "tokens_per_step": self.tokens_per_step,
                 "run_dir": str(self.run_dir),
+                "kingdom_mixture": {k: round(v, 6) for k, v in self.loader.mixture().items()},
             }
             ds = deepspeed_config(cfg.train, cfg.engine, dist.world_size)
             tracker.log_params({**cfg.to_dict(), "derived": derived, "deepspeed": ds})

@@ -303,17 +303,21 @@ def test_combined_losses_train_through_deepspeed(sample_shards, tmp_path, arch, 
 
 
 def test_a_kmer_tokenizer_trains_and_reports_bits_per_base(sample_shards, tmp_path):
-    """``data.tokenizer=kmer``: windows of seq_len 3-mers, validation in bits per base (so it
-    compares with char runs), and the export carries the tokenizer and its k."""
+    """``data.tokenizer=kmer`` (with a uniform kingdom mixture and RC augmentation): windows of
+    seq_len 3-mers, validation in bits per base (so it compares with char runs), the mixture
+    recorded in MLflow, and the export carries the tokenizer and its k."""
     base = [s.replace("data.seq_len=128", "data.seq_len=64") for s in TINY]
     base = [s.replace("max_steps=40", "max_steps=20") for s in base]
     extra = ["run.name=kmer", "data.tokenizer=kmer", "data.tokenizer_options.k=3",
-             "eval.every=20", "checkpoint.every=20"]  # fmt: skip
+             "data.mixture=uniform", "data.rc_prob=0.5", "eval.every=20",
+             "checkpoint.every=20"]  # fmt: skip
     pretrain(sample_shards, tmp_path, "--losses", "ce", base=base, extra=extra)
     summary = json.loads((tmp_path / "kmer" / "summary.json").read_text())
     client = _client(tmp_path)
     bpb = _history(client, summary["mlflow_run_id"], "val/bits_per_base")
     assert [s for s, _ in bpb] == [0, 20] and bpb[-1][1] < bpb[0][1], bpb
+    params = client.get_run(summary["mlflow_run_id"]).data.params
+    assert float(params["derived.kingdom_mixture.viral"]) == pytest.approx(0.1)  # 10 kingdoms
     # per base: a near-uniform start costs log2(73) / 3 = 2.06 bits per base (6.2 per token)
     assert bpb[0][1] < 3, bpb
     _model, tokenizer, meta = load_exported(tmp_path / "kmer" / "export")

@@ -178,3 +178,43 @@ def test_reverse_complement_augmentation(sample_shards):
         for x, y in zip(a.tokens, h.tokens, strict=True)
     )
     assert 16 <= same <= 48, same  # of 64 windows
+
+
+def _kingdom_shares(shards, batches: int, **options) -> dict[str, float]:
+    cfg = DataConfig(str(shards), seq_len=256, num_workers=0, shuffle_buffer=64, **options)
+    loader = TrainLoader(cfg, CharTokenizer(), 16, 0)
+    counts = torch.zeros(len(loader.kingdoms))
+    for batch in _take(loader, batches):
+        counts += torch.bincount(batch.kingdom, minlength=len(loader.kingdoms))
+    return dict(zip(loader.kingdoms, (counts / counts.sum()).tolist(), strict=True))
+
+
+def test_kingdom_mixtures_natural_uniform_and_temperature(four_kingdom_shards):
+    """Four genomes of 48 kb to 230 kb: natural draws follow their sizes, uniform evens them
+    out, temperature 0.5 lands in between."""
+    natural = _kingdom_shares(four_kingdom_shards, 40)
+    uniform = _kingdom_shares(four_kingdom_shards, 40, mixture="uniform")
+    tempered = _kingdom_shares(four_kingdom_shards, 40, mixture="temperature", mixture_alpha=0.5)
+    assert natural["viral"] < 0.15 and natural["fungi"] > 0.3, natural
+    assert all(abs(share - 0.25) < 0.06 for share in uniform.values()), uniform
+    assert natural["viral"] < tempered["viral"] < uniform["viral"], (natural, tempered, uniform)
+    cfg = DataConfig(str(four_kingdom_shards), mixture="temperature", mixture_alpha=0.5)
+    weights = TrainLoader(cfg, CharTokenizer(), 4, 0).mixture()
+    assert sum(weights.values()) == pytest.approx(1.0)
+    assert weights["viral"] == pytest.approx(tempered["viral"], abs=0.06)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_resume_is_exact_with_a_mixture(sample_shards):
+    def make() -> TrainLoader:
+        cfg = DataConfig(str(sample_shards), seq_len=128, num_workers=2, shuffle_buffer=64,
+                         mixture="uniform", rc_prob=0.5)  # fmt: skip
+        return TrainLoader(cfg, CharTokenizer(), 4, 3)
+
+    full = _take(make(), 9)
+    first = make()
+    _take(first, 5)
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    for expected, got in zip(full[5:], _take(resumed, 4), strict=True):
+        assert torch.equal(expected.tokens, got.tokens)
