@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import random
+import tarfile
 import warnings
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -47,6 +49,8 @@ class DataConfig:
     max_n_fraction: windows with a larger fraction of N are skipped.
     rc_prob: probability that a training window is replaced by its reverse complement
         (augmentation: both strands are the same DNA; validation windows never are).
+    on_bad_shard: a missing or corrupt training shard stops the run with an error naming it
+        ("error"), or is skipped with a warning and counted (``data/skipped_shards``).
     mixture: how training draws kingdoms: "natural" (in proportion to their bases, one pass
         over the shards per epoch), "uniform" (each kingdom equally often), "temperature"
         (p_k ~ n_k^mixture_alpha, n_k the kingdom's training chunks; alpha 1 = natural,
@@ -63,6 +67,7 @@ class DataConfig:
     seq_len: int = 512
     max_n_fraction: float = 0.1
     rc_prob: float = 0.0
+    on_bad_shard: Literal["error", "skip"] = "error"
     mixture: Literal["natural", "uniform", "temperature"] = "natural"
     mixture_alpha: float = 0.5
     shuffle_buffer: int = 2048
@@ -106,13 +111,44 @@ def crop_windows(
                 break
 
 
-def tar_samples(path: str) -> Iterator[dict[str, Any]]:
-    """The samples (dicts of member bytes by extension) of one shard."""
-    return iter(wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples()))
+class BadShardError(ValueError):
+    """A shard that is missing, truncated or not a shard (the message names it)."""
+
+
+#: Shards skipped by this process (``data.on_bad_shard: skip``), path -> reason.
+SKIPPED_SHARDS: dict[str, str] = {}
+#: Batch.aux key of [reader index, shards that reader skipped so far] (with ``skip``).
+SKIPPED_KEY = "data/skipped_shards"
+
+
+def tar_samples(path: str, on_bad: str = "error") -> Iterator[dict[str, Any]]:
+    """The samples (dicts of member bytes by extension) of one shard.
+
+    A shard that cannot be read (missing, truncated, not a tar, a sample without its sequence
+    or metadata) raises BadShardError naming it; with ``on_bad="skip"`` the rest of that shard
+    is skipped instead, with a warning, and recorded in SKIPPED_SHARDS.
+    """
+    pipeline = wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples())
+    try:
+        for sample in pipeline:
+            if "seq" not in sample or "json" not in sample:
+                raise ValueError(f"sample {sample.get('__key__')!r} lacks .seq or .json")
+            yield sample
+    except (OSError, tarfile.TarError, ValueError) as err:
+        reason = f"{type(err).__name__}: {err}"
+        message = (
+            f"shard {path} is unreadable ({reason}); re-check the folder with `nucleo data "
+            f"verify {Path(path).parent.parent}` and rebuild it, or set data.on_bad_shard=skip"
+        )
+        if on_bad != "skip":
+            raise BadShardError(message) from err
+        if path not in SKIPPED_SHARDS:
+            warnings.warn(f"skipping the rest of {message.split(';')[0]}", stacklevel=2)
+        SKIPPED_SHARDS[path] = reason
 
 
 def interleave_shards(
-    shards: list[tuple[str, int]], rng: random.Random, open_shards: int
+    shards: list[tuple[str, int]], rng: random.Random, open_shards: int, on_bad: str = "error"
 ) -> Iterator[dict[str, Any]]:
     """Samples of ``shards`` ((path, chunks) in reading order), drawn from up to
     ``open_shards`` open shards at a time, each draw weighted by the chunks a shard has left.
@@ -125,7 +161,7 @@ def interleave_shards(
     while pending or pool:
         while pending and len(pool) < open_shards:
             path, chunks = pending.popleft()
-            pool.append([tar_samples(path), chunks])
+            pool.append([tar_samples(path, on_bad), chunks])
         pick = rng.choices(range(len(pool)), weights=[max(1, left) for _, left in pool])[0]
         sample = next(pool[pick][0], None)
         if sample is None:
@@ -145,7 +181,7 @@ def mixture_weights(cfg: DataConfig, chunks: dict[str, int]) -> dict[str, float]
 
 
 def kingdom_cycle(
-    shards: list[tuple[str, int]], seed: int, kingdom: str, consumer: int, open_shards: int
+    shards: list[tuple[str, int]], seed: int, kingdom: str, consumer: int, cfg: DataConfig
 ) -> Iterator[dict[str, Any]]:
     """Endless samples of one kingdom's shards, reshuffled every pass."""
     cycle = 0
@@ -153,7 +189,12 @@ def kingdom_cycle(
         order = list(shards)
         rng = _rng(seed, "kingdom", kingdom, cycle, consumer)
         rng.shuffle(order)
-        yield from interleave_shards(order, rng, open_shards)
+        read = 0
+        for sample in interleave_shards(order, rng, cfg.open_shards, cfg.on_bad_shard):
+            read += 1
+            yield sample
+        if not read:
+            raise BadShardError(f"no readable shard left for kingdom {kingdom!r}")
         cycle += 1
 
 
@@ -223,7 +264,7 @@ class WindowStream(IterableDataset):
             _rng(self.seed, "shards", epoch, consumer).shuffle(order)
             crop_rng = _rng(self.seed, "crop", epoch, consumer)
             if cfg.mixture == "natural":
-                samples = interleave_shards(order, crop_rng, cfg.open_shards)
+                samples = interleave_shards(order, crop_rng, cfg.open_shards, cfg.on_bad_shard)
             else:  # endless: one "epoch" of the mixed stream
                 samples = self.mixed(shards, consumer, crop_rng)
             rc_rng = _rng(self.seed, "rc", epoch, consumer)  # its own stream: crops unchanged
@@ -238,7 +279,16 @@ class WindowStream(IterableDataset):
                 for window in crop_windows(sample["seq"], bases, cfg.max_n_fraction, crop_rng)
             )
             shuffle_rng = _rng(self.seed, "shuffle", epoch, consumer)
-            yield from wds.shuffle(cfg.shuffle_buffer, cfg.shuffle_buffer, rng=shuffle_rng)(crops)
+            before = len(SKIPPED_SHARDS)
+            produced = 0
+            for item in wds.shuffle(cfg.shuffle_buffer, cfg.shuffle_buffer, rng=shuffle_rng)(crops):
+                produced += 1
+                yield item
+            if not produced and len(SKIPPED_SHARDS) > before:
+                raise BadShardError(
+                    f"reader {consumer}: none of its {len(shards)} shards is readable "
+                    f"({', '.join(sorted(SKIPPED_SHARDS))[:2000]})"
+                )
             epoch += 1
 
     def mixed(
@@ -251,10 +301,7 @@ class WindowStream(IterableDataset):
             by_kingdom.setdefault(self.shard_kingdom[path], []).append((path, chunks))
         weights = mixture_weights(self.cfg, self.kingdom_chunks)
         names = sorted(k for k in by_kingdom if k in weights)
-        streams = {
-            k: kingdom_cycle(by_kingdom[k], self.seed, k, consumer, self.cfg.open_shards)
-            for k in names
-        }
+        streams = {k: kingdom_cycle(by_kingdom[k], self.seed, k, consumer, self.cfg) for k in names}
         probs = [weights[k] for k in names]
         while True:
             yield next(streams[rng.choices(names, weights=probs)[0]])
@@ -276,7 +323,10 @@ class WindowStream(IterableDataset):
                 window, kingdom[row] = next(stream)
                 ids = self.tokenizer.encode(window)[:seq_len]
                 tokens[row, : len(ids)] = ids
-            yield Batch(torch.from_numpy(tokens), torch.from_numpy(kingdom), self.kingdoms, pad)
+            batch = Batch(torch.from_numpy(tokens), torch.from_numpy(kingdom), self.kingdoms, pad)
+            if self.cfg.on_bad_shard == "skip":  # (reader, shards it skipped so far)
+                batch.aux[SKIPPED_KEY] = torch.tensor([consumer, len(SKIPPED_SHARDS)])
+            yield batch
 
 
 class TrainLoader:

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 import torch
 
-from data_pipeline.loader import TrainLoader
+from data_pipeline.loader import SKIPPED_KEY, TrainLoader
 from data_pipeline.tokenizers import build_tokenizer
 from nucleo.checkpoint import latest_tag, load_checkpoint, save_checkpoint
 from nucleo.components import build_model
@@ -121,6 +121,7 @@ class Trainer:
         self.out = out if dist.is_main else None
         # Everything that can reject the data or the losses comes before the run directory.
         self.tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_options)
+        self.skipped_shards: dict[int, int] = {}  # reader -> shards it skipped (on_bad_shard)
         self.loader = TrainLoader(
             cfg.data, self.tokenizer, cfg.train.micro_batch_size, cfg.train.seed,
             dist.rank, dist.world_size,
@@ -267,7 +268,11 @@ class Trainer:
         norm = None
         last = cfg.train.grad_accum - 1
         for micro in range(cfg.train.grad_accum):
-            batch = next(batches).to(dist.device)
+            batch = next(batches)
+            skipped = batch.aux.pop(SKIPPED_KEY, None)
+            if skipped is not None:  # per reader: the latest count is its total
+                self.skipped_shards[int(skipped[0])] = int(skipped[1])
+            batch = batch.to(dist.device)
             # Dropout and other randomness: a function of (seed, step, rank), so resumes match.
             torch.manual_seed(
                 (cfg.train.seed * 1_000_003 + state.step) * 4099 + dist.rank * 31 + micro
@@ -298,6 +303,13 @@ class Trainer:
         if norm is not None:
             metrics["train/grad_norm"] = norm
         metrics["train/lr"] = lr
+        if self.cfg.data.on_bad_shard == "skip":  # every rank takes part in the all-reduce
+            skipped = torch.tensor(
+                float(sum(self.skipped_shards.values())), device=self.dist.device
+            )
+            if self.dist.world_size > 1:
+                torch.distributed.all_reduce(skipped)
+            metrics["train/data/skipped_shards"] = float(skipped)
         metrics["train/tokens"] = self.state.tokens
         metrics["train/tokens_per_second"] = self.progress.tokens_per_second
         self.tracker.log_metrics(metrics, self.state.step)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -322,3 +323,19 @@ def test_a_kmer_tokenizer_trains_and_reports_bits_per_base(sample_shards, tmp_pa
     assert bpb[0][1] < 3, bpb
     _model, tokenizer, meta = load_exported(tmp_path / "kmer" / "export")
     assert tokenizer.name == "kmer" and tokenizer.k == 3 and meta["vocab_size"] == 9 + 64
+
+
+def test_a_corrupt_shard_stops_the_run_by_name_or_is_skipped_and_counted(sample_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(sample_shards, shards)
+    bad = sorted((shards / "bacteria").glob("train-*.tar"))[0]
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 10])
+    base = [s.replace("max_steps=40", "max_steps=10") for s in TINY]
+    cmd_extra = ["eval.every=0", "checkpoint.every=0"]
+    with pytest.raises(AssertionError, match=rf"shard {re.escape(str(bad))} is unreadable"):
+        pretrain(shards, tmp_path, base=base, extra=[*cmd_extra, "run.name=stop"])
+    pretrain(shards, tmp_path, base=base,
+             extra=[*cmd_extra, "run.name=skip", "data.on_bad_shard=skip"])  # fmt: skip
+    summary = json.loads((tmp_path / "skip" / "summary.json").read_text())
+    skipped = _history(_client(tmp_path), summary["mlflow_run_id"], "train/data/skipped_shards")
+    assert skipped and skipped[-1][1] >= 1, skipped

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import random
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,3 +221,39 @@ def test_resume_is_exact_with_a_mixture(sample_shards):
     resumed.load_state_dict(first.state_dict())
     for expected, got in zip(full[5:], _take(resumed, 4), strict=True):
         assert torch.equal(expected.tokens, got.tokens)
+
+
+def _with_a_corrupt_shard(source, tmp_path) -> tuple[Path, str]:
+    """A copy of ``source`` whose first fungi training shard is cut in half."""
+    out = tmp_path / "copy"
+    shutil.copytree(source, out)
+    shard = sorted((out / "fungi").glob("train-*.tar"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 10 + 100])  # a truncated tar: mid-member
+    return out, str(shard)
+
+
+def test_a_corrupt_or_missing_shard_is_named(tmp_path, four_kingdom_shards):
+    from data_pipeline.loader import BadShardError, tar_samples
+
+    (tmp_path / "junk.tar").write_bytes(b"not a tar" * 200)
+    for path in (tmp_path / "junk.tar", tmp_path / "missing.tar"):
+        with pytest.raises(BadShardError, match=f"shard {path} is unreadable"):
+            list(tar_samples(str(path)))
+    shards, bad = _with_a_corrupt_shard(four_kingdom_shards, tmp_path)
+    cfg = DataConfig(str(shards), seq_len=256, num_workers=0, shuffle_buffer=8)
+    with pytest.raises(BadShardError, match=re.escape(bad)):
+        _take(TrainLoader(cfg, CharTokenizer(), 16, 0), 60)
+
+
+def test_bad_shards_can_be_skipped_and_are_counted(tmp_path, four_kingdom_shards):
+    from data_pipeline.loader import SKIPPED_KEY, SKIPPED_SHARDS
+
+    shards, bad = _with_a_corrupt_shard(four_kingdom_shards, tmp_path)
+    cfg = DataConfig(str(shards), seq_len=256, num_workers=0, shuffle_buffer=8,
+                     on_bad_shard="skip")  # fmt: skip
+    with pytest.warns(UserWarning, match=f"skipping the rest of shard {re.escape(bad)}"):
+        batches = _take(TrainLoader(cfg, CharTokenizer(), 16, 0), 60)
+    assert bad in SKIPPED_SHARDS
+    assert batches[-1].aux[SKIPPED_KEY].tolist() == [0, len(SKIPPED_SHARDS)]
+    assert len({int(k) for b in batches for k in b.kingdom}) == 4  # the rest still flows
