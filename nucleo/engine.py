@@ -9,9 +9,12 @@ config and wraps the model; ZeRO stage and precision come from ``EngineConfig``.
 from __future__ import annotations
 
 import contextlib
+import glob
+import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -23,6 +26,7 @@ from nucleo.runtime import configure_allocator
 from nucleo.schema import check
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -130,6 +134,25 @@ def _unlink_shm_buffer() -> None:
         os.unlink(path)
 
 
+def stale_jit_locks(max_age_s: float = 600.0) -> list[str]:
+    """torch JIT-extension build locks older than ``max_age_s`` seconds.
+
+    A process killed while DeepSpeed builds or loads an op (``deepspeed_shm_comm`` on CPU)
+    leaves ``<extensions dir>/<op>/lock``, and every later process waits on it forever. A real
+    build takes about a minute, so a lock ten minutes old is almost surely stale.
+    """
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "torch_extensions"
+    )
+    now = time.time()
+    found = []
+    for lock in glob.glob(os.path.join(root, "*", "*", "lock")):
+        with contextlib.suppress(OSError):
+            if now - os.path.getmtime(lock) > max_age_s:
+                found.append(lock)
+    return sorted(found)
+
+
 def setup_distributed(cfg: EngineConfig) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (idempotent)."""
     cuda = torch.cuda.is_available()
@@ -140,6 +163,12 @@ def setup_distributed(cfg: EngineConfig) -> DistInfo:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    for lock in stale_jit_locks():
+        log.warning(
+            "%s is over 10 minutes old: a killed process left it, and start-up will wait on it "
+            "forever. Delete it if no other run is starting.",
+            lock,
+        )
     import deepspeed
 
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")

@@ -206,3 +206,20 @@ def test_cached_allocator_keeps_freed_memory_and_system_returns_it():
 
     with pytest.raises(ValueError, match="'cached' or 'system'"):
         configure_allocator("jemalloc")
+
+
+def test_stale_jit_build_locks_are_found(tmp_path, monkeypatch):
+    """A killed DeepSpeed start leaves a JIT lock that hangs every later start: it is named."""
+    import time
+
+    from nucleo.engine import stale_jit_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    new = tmp_path / "py311_cpu" / "other_op" / "lock"
+    for lock in (old, new):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    assert stale_jit_locks() == [str(old)]
