@@ -55,6 +55,10 @@ class DataConfig:
         over the shards per epoch), "uniform" (each kingdom equally often), "temperature"
         (p_k ~ n_k^mixture_alpha, n_k the kingdom's training chunks; alpha 1 = natural,
         0 = uniform); the last two cycle each kingdom's shards on its own.
+    seq_len_warmup: sequence-length warm-up (HyenaDNA): training windows start this many
+        tokens long and double stage by stage until seq_len (0: off). Validation always uses
+        seq_len. seq_len_warmup_steps: optimizer steps until seq_len, split evenly among the
+        shorter stages.
     shuffle_buffer: windows held by each worker's shuffle buffer.
     num_workers: DataLoader worker processes per rank (0 reads in the training process).
     open_shards: shards each worker reads at once, interleaved to mix kingdoms.
@@ -70,6 +74,8 @@ class DataConfig:
     on_bad_shard: Literal["error", "skip"] = "error"
     mixture: Literal["natural", "uniform", "temperature"] = "natural"
     mixture_alpha: float = 0.5
+    seq_len_warmup: int = 0
+    seq_len_warmup_steps: int = 0
     shuffle_buffer: int = 2048
     num_workers: int = 1
     open_shards: int = 32
@@ -82,11 +88,41 @@ class DataConfig:
         check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
         check(self.open_shards >= 1, "open_shards", "must be >= 1")
+        check(
+            self.seq_len_warmup == 0 or 1 <= self.seq_len_warmup < self.seq_len,
+            "seq_len_warmup",
+            f"must be 0 (off) or in [1, seq_len={self.seq_len}), got {self.seq_len_warmup}",
+        )
+        check(
+            not self.seq_len_warmup or self.seq_len_warmup_steps >= 1,
+            "seq_len_warmup_steps",
+            "must be >= 1 when seq_len_warmup is on",
+        )
+
+    def warmup_stages(self) -> list[int]:
+        """Window lengths (tokens) of the warm-up stages before seq_len; empty when off."""
+        stages: list[int] = []
+        length = self.seq_len_warmup
+        while 0 < length < self.seq_len:
+            stages.append(length)
+            length *= 2
+        return stages
+
+    def seq_len_at(self, step: int) -> int:
+        """Training window length (tokens) at optimizer step ``step`` (0-based)."""
+        stages = self.warmup_stages()
+        if not stages or step >= self.seq_len_warmup_steps:
+            return self.seq_len
+        return stages[step * len(stages) // self.seq_len_warmup_steps]
 
 
-def window_bases(cfg: DataConfig, tokenizer: Any) -> int:
-    """Bases cut per window: enough for seq_len tokens of the largest kind the tokenizer has."""
-    return cfg.seq_len * int(getattr(tokenizer, "max_bases_per_token", 1))
+def window_bases(cfg: DataConfig, tokenizer: Any, seq_len: int | None = None) -> int:
+    """Bases cut per window: enough for seq_len tokens of the largest kind the tokenizer has
+    (``char``, ``kmer``), or what the tokenizer asks for (``bpe``: ``bases_for``)."""
+    seq_len = seq_len or cfg.seq_len
+    if hasattr(tokenizer, "bases_for"):
+        return int(tokenizer.bases_for(seq_len))
+    return seq_len * int(getattr(tokenizer, "max_bases_per_token", 1))
 
 
 def _rng(*parts: Any) -> random.Random:
@@ -218,7 +254,9 @@ class WindowStream(IterableDataset):
         skip_batches: int = 0,
         shard_kingdom: dict[str, str] | None = None,
         kingdom_chunks: dict[str, int] | None = None,
+        grad_accum: int = 1,
     ) -> None:
+        self.grad_accum = grad_accum
         self.shards = shards
         self.shard_kingdom = shard_kingdom or {}
         self.kingdom_chunks = kingdom_chunks or {}
@@ -315,12 +353,16 @@ class WindowStream(IterableDataset):
         for _ in range(done * self.batch_size):
             next(stream)
         pad = self.tokenizer.pad_id
-        seq_len = self.cfg.seq_len
+        index = done * workers + role  # this rank's micro-batch index of the next batch
         while True:
+            seq_len = self.cfg.seq_len_at(index // self.grad_accum)  # warm-up: a prefix
+            index += workers
             tokens = np.full((self.batch_size, seq_len), pad, dtype=np.int64)
             kingdom = np.zeros(self.batch_size, dtype=np.int64)
             for row in range(self.batch_size):
                 window, kingdom[row] = next(stream)
+                if seq_len < self.cfg.seq_len:  # encode about the bases the prefix needs
+                    window = window[: window_bases(self.cfg, self.tokenizer, seq_len)]
                 ids = self.tokenizer.encode(window)[:seq_len]
                 tokens[row, : len(ids)] = ids
             batch = Batch(torch.from_numpy(tokens), torch.from_numpy(kingdom), self.kingdoms, pad)
@@ -340,8 +382,10 @@ class TrainLoader:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        grad_accum: int = 1,
     ) -> None:
         self.cfg = cfg
+        self.grad_accum = grad_accum
         self.manifest = load_manifest(cfg.shards)
         chunk_len = self.manifest["options"]["chunk_len"]
         bases = window_bases(cfg, tokenizer)
@@ -387,6 +431,17 @@ class TrainLoader:
             "batch_size": self.batch_size,
             "seq_len": self.cfg.seq_len,
             "shards": len(self.shards),
+            **(
+                {
+                    "warmup": [
+                        self.cfg.seq_len_warmup,
+                        self.cfg.seq_len_warmup_steps,
+                        self.grad_accum,
+                    ]
+                }
+                if self.cfg.seq_len_warmup
+                else {}
+            ),
             **({} if self.cfg.mixture == "natural" else {"mixture": self.mixture()}),
         }
 
@@ -425,6 +480,7 @@ class TrainLoader:
             skip_batches=self.consumed,
             shard_kingdom=self.shard_kingdom,
             kingdom_chunks=self.kingdom_chunks,
+            grad_accum=self.grad_accum,
         )
         loader = DataLoader(
             stream,

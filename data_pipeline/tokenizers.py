@@ -9,6 +9,8 @@ base whatever the tokenization.
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,6 +201,208 @@ def _products(alphabet_: str, k: int) -> list[tuple[str, ...]]:
     return list(itertools.product(alphabet_, repeat=k))
 
 
+@dataclass
+class BpeTokenizerConfig:
+    """path: a BPE trained by ``nucleo data bpe`` (its ``tokenizer.json``, or the folder that
+    holds it). The vocabulary size is chosen when training (``--vocab-size``)."""
+
+    path: str = ""
+
+    def __post_init__(self) -> None:
+        check(bool(self.path), "path", "give a trained BPE: train one with `nucleo data bpe`")
+
+
+@TOKENIZERS.register("bpe", config=BpeTokenizerConfig)
+class BpeTokenizer:
+    """Byte-pair encoding learned on genomes with Hugging Face ``tokenizers`` (as DNABERT-2).
+
+    Ids: 0-8 as in ``char`` (A C G T N and the specials; N is never merged), then the learned
+    tokens in the order BPE learned them. A window of ``seq_len`` tokens needs a varying number
+    of bases, so the loader cuts ``bases_for(seq_len)`` bases (the measured mean bases per
+    token x 1.25, plus 16) and truncates the encoding to seq_len; windows that come out short
+    are padded. There is no complement map (the complement of a learned token need not be
+    one), so the ``rc`` loss and caduceus need ``char`` or ``kmer``; RC augmentation works.
+    """
+
+    name = "bpe"
+    pad_id, mask_id, bos_id, eos_id, n_id = CharTokenizer.special_ids()
+    complement_ids = None
+
+    def __init__(self, config: BpeTokenizerConfig | None = None) -> None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # loader workers fork
+        from tokenizers import Tokenizer
+
+        path = Path((config or BpeTokenizerConfig("?")).path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"data.tokenizer_options.path: {path}: no trained BPE tokenizer there; "
+                "train one with `nucleo data bpe --shards DIR --out FILE`"
+            )
+        spec = json.loads(path.read_text())
+        if spec.get("type") != "bpe" or "hf" not in spec:
+            raise ValueError(f"{path}: not a nucleo BPE tokenizer (type {spec.get('type')!r})")
+        self.path = path
+        self.spec = spec
+        self._tk = Tokenizer.from_str(json.dumps(spec["hf"]))
+        hf_vocab = self._tk.get_vocab()  # token -> HF id
+        learned = [t for t, _ in sorted(hf_vocab.items(), key=lambda kv: kv[1])]
+        learned = [t for t in learned if t not in alphabet.VOCAB]
+        self.vocab: tuple[str, ...] = (*alphabet.VOCAB, *learned)
+        index = {t: i for i, t in enumerate(self.vocab)}
+        self._map = np.zeros(max(hf_vocab.values()) + 1, dtype=np.int64)
+        for token, hf_id in hf_vocab.items():
+            self._map[hf_id] = index[token]
+        self.mean_bases_per_token = float(spec["stats"]["mean_bases_per_token"])
+        self._normalise = bytes(CharTokenizer()._table.astype(np.uint8))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def max_bases_per_token(self) -> int:
+        return max(len(t) for t in (*self.vocab[alphabet.N + 1 :], "A"))
+
+    @property
+    def bases_per_token(self) -> np.ndarray:
+        """[V] float: the length of each token's bases (0 for specials)."""
+        out = np.array([len(t) for t in self.vocab], dtype=np.float32)
+        out[alphabet.N + 1 : len(alphabet.VOCAB)] = 0.0
+        return out
+
+    def bases_for(self, seq_len: int) -> int:
+        """Bases to cut for a window of ``seq_len`` tokens (rarely short: then padded)."""
+        return math.ceil(seq_len * self.mean_bases_per_token * 1.25) + 16
+
+    def encode(self, seq: bytes | bytearray | str | np.ndarray) -> np.ndarray:
+        """[T] int64 ids of a normalised sequence."""
+        if isinstance(seq, np.ndarray):
+            seq = seq.tobytes()
+        if isinstance(seq, str):
+            seq = seq.encode("ascii")
+        # anything but A C G T becomes N, as in char (the BPE alphabet is ACGTN)
+        text = bytes(seq).translate(self._normalise).translate(_ID_TO_BASE).decode("ascii")
+        return self._map[np.asarray(self._tk.encode(text).ids, dtype=np.int64)]
+
+    def decode(self, ids: Any) -> str:
+        """The bases of ``ids`` as a string; special tokens are dropped."""
+        ids = np.asarray(ids).reshape(-1)
+        specials = set(range(alphabet.N + 1, len(alphabet.VOCAB)))
+        return "".join(self.vocab[i] for i in ids if i not in specials)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.spec, "vocab": list(self.vocab)}
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / "tokenizer.json"
+        path.write_text(json.dumps(self.to_json()) + "\n")
+        return path
+
+
+_ID_TO_BASE = bytes.maketrans(bytes(range(5)), b"ACGTN")
+
+
+def _training_text(
+    shard_dir: str | Path, max_bases: int, piece_len: int, seed: int
+) -> tuple[list[str], dict[str, int]]:
+    """Pieces of ``piece_len`` bases from the training shards: each kingdom contributes up to
+    max_bases / kingdoms (all it has when less), so small kingdoms are in the vocabulary."""
+    import random
+
+    from data_pipeline.loader import tar_samples
+    from data_pipeline.shards import load_manifest, shard_paths
+
+    manifest = load_manifest(shard_dir)
+    kingdoms = sorted(manifest["kingdoms"])
+    share = max_bases // max(1, len(kingdoms))
+    pieces: list[str] = []
+    used: dict[str, int] = {}
+    for kingdom in kingdoms:
+        shards = [p for p, _ in shard_paths(shard_dir, manifest, "train", [kingdom])]
+        random.Random(f"{seed}:{kingdom}").shuffle(shards)
+        used[kingdom] = 0
+        for path in shards:
+            for sample in tar_samples(path):
+                seq = sample["seq"].decode("ascii")
+                for start in range(0, len(seq), piece_len):
+                    piece = seq[start : start + piece_len]
+                    pieces.append(piece)
+                    used[kingdom] += len(piece)
+                    if used[kingdom] >= share:
+                        break
+                if used[kingdom] >= share:
+                    break
+            if used[kingdom] >= share:
+                break
+    return pieces, used
+
+
+def train_bpe(
+    shard_dir: str | Path,
+    out: str | Path,
+    vocab_size: int = 4096,
+    max_bases: int = 50_000_000,
+    piece_len: int = 2000,
+    seed: int = 0,
+    log: Any = print,
+) -> BpeTokenizer:
+    """Learn a BPE vocabulary on the training split of ``shard_dir``; write it to ``out`` (a
+    self-contained ``tokenizer.json``) and return it.
+
+    The text is split at N (N stays a single token) and into pieces of ``piece_len`` bases, so
+    no token spans a gap or a window boundary it never sees in training. ``vocab_size`` counts
+    the 9 ids of ``char`` too.
+    """
+    import time
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    if vocab_size < 16:
+        raise ValueError(f"--vocab-size must be >= 16 (9 char ids + merges), got {vocab_size}")
+    started = time.time()
+    pieces, used = _training_text(shard_dir, max_bases, piece_len, seed)
+    if not pieces:
+        raise ValueError(f"{shard_dir}: no training bases to learn a BPE from")
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("N"), behavior="isolated")
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - (len(alphabet.VOCAB) - 5),  # the specials are nucleo's own
+        initial_alphabet=list("ACGTN"),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tk.train_from_iterator(pieces, trainer=trainer, length=len(pieces))
+    sample = "".join(pieces[:: max(1, len(pieces) // 200)])
+    tokens = len(tk.encode(sample).ids)
+    spec = {
+        "type": "bpe",
+        "hf": json.loads(tk.to_str()),
+        "stats": {
+            "mean_bases_per_token": round(len(sample) / max(1, tokens), 4),
+            "trained_on": str(shard_dir),
+            "training_bases": used,
+            "piece_len": piece_len,
+            "seconds": round(time.time() - started, 1),
+        },
+    }
+    out = Path(out)
+    if out.suffix != ".json":
+        out = out / "tokenizer.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(spec) + "\n")
+    tmp.replace(out)
+    tokenizer = BpeTokenizer(BpeTokenizerConfig(str(out)))
+    log(
+        f"BPE: {tokenizer.vocab_size} tokens from {sum(used.values()):,} bases in "
+        f"{spec['stats']['seconds']} s; {spec['stats']['mean_bases_per_token']} bases per token; "
+        f"wrote {out}"
+    )
+    return tokenizer
+
+
 def build_tokenizer(name: str, options: dict[str, Any] | None = None) -> Any:
     """A tokenizer by registry name (``data.tokenizer``) and its settings
     (``data.tokenizer_options``, checked against the tokenizer's config)."""
@@ -210,7 +414,8 @@ def load_tokenizer(directory: str | Path) -> Any:
     """Load ``tokenizer.json`` from an export directory and check its vocabulary."""
     path = Path(directory) / "tokenizer.json"
     spec = json.loads(path.read_text())
-    tokenizer = build_tokenizer(spec.get("type", ""), spec.get("options"))
+    options = {"path": str(path)} if spec.get("type") == "bpe" else spec.get("options")
+    tokenizer = build_tokenizer(spec.get("type", ""), options)
     if list(spec.get("vocab", [])) != list(tokenizer.vocab):
         raise ValueError(f"{path}: vocabulary differs from this version's {spec['type']!r}")
     return tokenizer

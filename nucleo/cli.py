@@ -217,6 +217,17 @@ def cmd_data_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_bpe(args: argparse.Namespace) -> int:
+    from data_pipeline.tokenizers import train_bpe
+
+    train_bpe(
+        args.shards, args.out, vocab_size=args.vocab_size, max_bases=args.max_bases,
+        piece_len=args.piece_len, seed=args.seed,
+    )  # fmt: skip
+    print(f"use it with: --set data.tokenizer=bpe --set data.tokenizer_options.path={args.out}")
+    return 0
+
+
 def cmd_data_stats(args: argparse.Namespace) -> int:
     from data_pipeline.stats import report
 
@@ -236,7 +247,7 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from data_pipeline.tokenizers import build_tokenizer
+    from data_pipeline.tokenizers import build_tokenizer, load_tokenizer
     from nucleo.checkpoint import latest_tag
     from nucleo.config import load_config
     from nucleo.export import export_model, state_from_checkpoint
@@ -249,13 +260,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = load_config(ckpt_dir / tag / "config.yaml")
     state = state_from_checkpoint(ckpt_dir, tag, cfg)
     out = Path(args.out) if args.out else run_dir / "export"
-    export_model(
-        state,
-        cfg,
-        build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_options),
-        out,
-        {"checkpoint": tag},
-    )
+    if (run_dir / "tokenizer.json").is_file():  # the run's own copy (a BPE file may have moved)
+        tokenizer = load_tokenizer(run_dir)
+    else:
+        tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_options)
+    export_model(state, cfg, tokenizer, out, {"checkpoint": tag})
     print(f"exported {ckpt_dir / tag} to {out}")
     return 0
 
@@ -329,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=4, help="parallel downloads")
     p.add_argument("--max-files", type=int, help="at most this many files per kingdom")
     p.set_defaults(func=cmd_data_download)
+    p = data.add_parser("bpe", help="learn a BPE tokenizer on a shard set's training split")
+    p.add_argument("--shards", required=True, help="shard directory (holds manifest.json)")
+    p.add_argument("--out", required=True, help="tokenizer file to write (.json)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="tokens, the 9 char ids included")
+    p.add_argument("--max-bases", type=int, default=50_000_000, help="training bases, all kingdoms")
+    p.add_argument("--piece-len", type=int, default=2000, help="bases per training piece")
+    p.add_argument("--seed", type=int, default=0, help="which shards are read first")
+    p.set_defaults(func=cmd_data_bpe)
     p = data.add_parser("stats", help="per-kingdom statistics of a shard set: markdown + plots")
     p.add_argument("dir", help="shard directory (holds manifest.json)")
     p.add_argument(

@@ -41,6 +41,7 @@ class Progress:
         start_step: int,
         tokens_per_step: int,
         stream: TextIO | None = sys.stdout,
+        start_tokens: int | None = None,
     ) -> None:
         self.total = total_steps
         self.tokens_per_step = tokens_per_step
@@ -51,7 +52,9 @@ class Progress:
         self._pending = 0.0  # training seconds since the last update, before the mark
         self.train_seconds = 0.0  # all measured training time
         self.train_steps = 0
+        self.train_tokens = 0  # tokens of the measured steps
         self.tokens_per_second = 0.0
+        self._mark_tokens = start_tokens  # tokens trained at the mark (when counted)
 
     def pause(self) -> None:
         """Call before non-training work (validation, checkpoints): it is not throughput."""
@@ -62,16 +65,24 @@ class Progress:
     def resume(self) -> None:
         self._mark = time.perf_counter()
 
-    def update(self, step: int, loss: float, lr: float) -> str:
-        """Print and return the progress line for optimizer step ``step``."""
+    def update(self, step: int, loss: float, lr: float, tokens: int | None = None) -> str:
+        """Print and return the progress line for optimizer step ``step``. ``tokens``: tokens
+        trained so far, when steps differ in size (sequence-length warm-up); else
+        tokens_per_step per step."""
         now = time.perf_counter()
         seconds = self._pending + (now - self._mark)
         steps = step - self._mark_step
+        if tokens is None or self._mark_tokens is None:
+            new_tokens = steps * self.tokens_per_step
+        else:
+            new_tokens = tokens - self._mark_tokens
         self._pending, self._mark, self._mark_step = 0.0, now, step
+        self._mark_tokens = tokens
         if steps > 0 and seconds > 0:
-            self.tokens_per_second = steps * self.tokens_per_step / seconds
+            self.tokens_per_second = new_tokens / seconds
             self.train_seconds += seconds
             self.train_steps += steps
+            self.train_tokens += new_tokens
         per_step = self.train_seconds / self.train_steps if self.train_steps else 0.0
         eta = (self.total - step) * per_step
         line = (

@@ -124,7 +124,7 @@ class Trainer:
         self.skipped_shards: dict[int, int] = {}  # reader -> shards it skipped (on_bad_shard)
         self.loader = TrainLoader(
             cfg.data, self.tokenizer, cfg.train.micro_batch_size, cfg.train.seed,
-            dist.rank, dist.world_size,
+            dist.rank, dist.world_size, cfg.train.grad_accum,
         )  # fmt: skip
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.arch, cfg.model, self.tokenizer)
@@ -135,6 +135,7 @@ class Trainer:
         self.config_yaml = self.run_dir / "config.yaml"
         if dist.is_main:
             save_config(cfg, self.config_yaml)
+            self.tokenizer.save(self.run_dir)  # tokenizer.json: the run's exact vocabulary
         self.validator = Validator(
             cfg.eval, cfg.data, self.tokenizer, self.objective, dist, cfg.train.seed
         )
@@ -150,7 +151,7 @@ class Trainer:
         )
         self._start_tracking(resumed=bool(resume))
         self.progress = Progress(
-            cfg.train.max_steps, self.state.step, self.tokens_per_step, self.out
+            cfg.train.max_steps, self.state.step, self.tokens_per_step, self.out, self.state.tokens
         )
         self.val_seconds = 0.0
         self.last_val: dict[str, float] = {}
@@ -211,11 +212,12 @@ class Trainer:
             ds = deepspeed_config(cfg.train, cfg.engine, dist.world_size)
             tracker.log_params({**cfg.to_dict(), "derived": derived, "deepspeed": ds})
             tracker.log_artifact(self.config_yaml)
+            tracker.log_artifact(self.run_dir / "tokenizer.json")
         self.say(
             f"run {self.run_dir} | {cfg.arch} {self.params['total']:,} parameters "
             f"({self.params['non_embedding']:,} non-embedding) | losses {','.join(cfg.losses)} | "
             f"{dist.world_size} rank(s) on {dist.device.type} | "
-            f"{self.tokens_per_step:,} tokens/step | "
+            f"{self.tokens_per_step:,} tokens/step{self._warmup_note()} | "
             f"MLflow {tracker.uri if tracker.active else 'off'}"
         )
 
@@ -285,9 +287,22 @@ class Trainer:
             for key, value in result.metrics.items():
                 sums[key] = sums.get(key, torch.zeros((), device=dist.device)) + value
                 counts[key] = counts.get(key, 0) + 1
+        state.tokens += self.step_tokens(state.step)
         state.step += 1
-        state.tokens += self.tokens_per_step
         return norm
+
+    def _warmup_note(self) -> str:
+        data = self.cfg.data
+        if not data.seq_len_warmup:
+            return ""
+        return (
+            f" (seq-len warm-up {data.seq_len_warmup} -> {data.seq_len} by step "
+            f"{data.seq_len_warmup_steps})"
+        )
+
+    def step_tokens(self, step: int) -> int:
+        """Tokens of optimizer step ``step`` over all ranks (fewer during seq-len warm-up)."""
+        return self.tokens_per_step // self.cfg.data.seq_len * self.cfg.data.seq_len_at(step)
 
     def log(
         self, sums: dict[str, torch.Tensor], counts: dict[str, int], norm: float | None
@@ -296,7 +311,7 @@ class Trainer:
         means = _mean_across_ranks(sums, counts, self.dist)
         lr = float(self.engine.get_lr()[0])
         loss = means.get("loss", math.nan)
-        self.progress.update(self.state.step, loss, lr)
+        self.progress.update(self.state.step, loss, lr, tokens=self.state.tokens)
         metrics = {f"train/{k}": v for k, v in means.items()}
         if norm is None and self.engine.get_global_grad_norm() is not None:
             norm = float(self.engine.get_global_grad_norm())
@@ -389,9 +404,7 @@ class Trainer:
             "wall_seconds": round(wall, 1),
             "train_seconds": round(trained, 1),
             "validation_seconds": round(self.val_seconds, 1),
-            "tokens_per_second": round(
-                self.progress.train_steps * self.tokens_per_step / max(trained, 1e-9)
-            ),
+            "tokens_per_second": round(self.progress.train_tokens / max(trained, 1e-9)),
             "final_validation": self.last_val,
             "mlflow_run_id": self.state.mlflow_run_id,
             "tracking_uri": self.tracker.uri,

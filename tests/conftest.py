@@ -65,3 +65,13 @@ def four_kingdom_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     options = ShardOptions(chunk_len=8192, min_shards=1, val_fraction=0.0)
     build_shards(sources, out, options, log=lambda _: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def sample_bpe(tmp_path_factory: pytest.TempPathFactory, sample_shards) -> Path:
+    """A 256-token BPE learned on 1 Mb of the sample's training split (about a second)."""
+    from data_pipeline.tokenizers import train_bpe
+
+    out = tmp_path_factory.mktemp("bpe") / "bpe256.json"
+    train_bpe(sample_shards, out, vocab_size=256, max_bases=1_000_000, log=lambda _: None)
+    return out

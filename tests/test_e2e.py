@@ -11,9 +11,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -126,7 +128,7 @@ def test_two_processes_train_together(sample_shards, tmp_path):
     assert loss[-1][1] < loss[0][1] - 0.2
 
 
-@pytest.mark.parametrize("procs", [1, 2])
+@pytest.mark.parametrize("procs", [2])  # 1 process: the BPE kill-and-resume test below
 def test_resume_continues_exactly_where_it_stopped(sample_shards, tmp_path, procs):
     pretrain(sample_shards, tmp_path, procs=procs, extra=["run.name=full"])
     # The same run interrupted after its step-20 checkpoint:
@@ -303,26 +305,68 @@ def test_combined_losses_train_through_deepspeed(sample_shards, tmp_path, arch, 
         assert _history(client, run_id, "train/cgr/fcgr")
 
 
-def test_a_kmer_tokenizer_trains_and_reports_bits_per_base(sample_shards, tmp_path):
-    """``data.tokenizer=kmer`` (with a uniform kingdom mixture and RC augmentation): windows of
-    seq_len 3-mers, validation in bits per base (so it compares with char runs), the mixture
-    recorded in MLflow, and the export carries the tokenizer and its k."""
-    base = [s.replace("data.seq_len=128", "data.seq_len=64") for s in TINY]
-    base = [s.replace("max_steps=40", "max_steps=20") for s in base]
-    extra = ["run.name=kmer", "data.tokenizer=kmer", "data.tokenizer_options.k=3",
-             "data.mixture=uniform", "data.rc_prob=0.5", "eval.every=20",
-             "checkpoint.every=20"]  # fmt: skip
-    pretrain(sample_shards, tmp_path, "--losses", "ce", base=base, extra=extra)
-    summary = json.loads((tmp_path / "kmer" / "summary.json").read_text())
+def _launch(shards: Path, root: Path, *args: str, extra: list[str], base: list[str]):
+    """``deepspeed launch/pretrain.py`` in its own process group, not waited for."""
+    cmd = [DEEPSPEED, "--num_gpus", "1", "--master_port", str(_port()), "launch/pretrain.py"]
+    cmd += list(args)
+    for item in [*base, f"data.shards={shards}", f"run.root={root}", *extra]:
+        cmd += ["--set", item]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def test_bpe_run_with_mixture_and_rc_is_killed_and_resumes_without_repeating_data(
+    sample_shards, sample_bpe, tmp_path
+):
+    """The data pipeline's done-when run, on the sample: a BPE tokenizer, a temperature kingdom
+    mixture, RC augmentation and a seq-len warm-up; killed (SIGKILL) after a checkpoint, then
+    resumed: it must end bit-identical to the uninterrupted run, which it can only do if the
+    loader continues exactly where the checkpoint left it (no window repeated or skipped).
+    Validation is in bits per base, and the run and its export carry the tokenizer."""
+    base = [s.replace("max_steps=40", "max_steps=120") for s in TINY]
+    base = [s.replace("eval.every=20", "eval.every=60") for s in base]
+    extra = [
+        "data.tokenizer=bpe", f"data.tokenizer_options.path={sample_bpe}",
+        "data.mixture=temperature", "data.mixture_alpha=0.3", "data.rc_prob=0.5",
+        "data.seq_len_warmup=32", "data.seq_len_warmup_steps=30", "train.grad_accum=2",
+    ]  # fmt: skip
+    pretrain(sample_shards, tmp_path, "--losses", "ce", base=base, extra=[*extra, "run.name=full"])
+
+    proc = _launch(sample_shards, tmp_path, "--losses", "ce", base=base,
+                   extra=[*extra, "run.name=killed"])  # fmt: skip
+    ckpt = tmp_path / "killed" / "checkpoints"
+    try:
+        deadline = time.time() + 300
+        while not complete_tags(ckpt) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        proc.stdout.close()
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    killed_at = complete_tags(ckpt)[-1]
+    output = pretrain(sample_shards, tmp_path, "--resume", str(tmp_path / "killed"),
+                      "--losses", "ce", base=base, extra=extra)  # fmt: skip
+    assert f"step {int(killed_at.split('_')[1])}" in output and "resumed" in output
+
+    full = load_exported(tmp_path / "full" / "export")[0].state_dict()
+    resumed, tokenizer, meta = load_exported(tmp_path / "killed" / "export")
+    assert all(torch.equal(full[k], resumed.state_dict()[k]) for k in full), "resume diverged"
+    assert tokenizer.name == "bpe" and meta["vocab_size"] == 256
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    # warm-up: steps 0-14 at 32 tokens, 15-29 at 64, then 128 (16 windows per step)
+    assert summary["tokens"] == 16 * (15 * 32 + 15 * 64 + 90 * 128)
     client = _client(tmp_path)
-    bpb = _history(client, summary["mlflow_run_id"], "val/bits_per_base")
-    assert [s for s, _ in bpb] == [0, 20] and bpb[-1][1] < bpb[0][1], bpb
-    params = client.get_run(summary["mlflow_run_id"]).data.params
-    assert float(params["derived.kingdom_mixture.viral"]) == pytest.approx(0.1)  # 10 kingdoms
-    # per base: a near-uniform start costs log2(73) / 3 = 2.06 bits per base (6.2 per token)
-    assert bpb[0][1] < 3, bpb
-    _model, tokenizer, meta = load_exported(tmp_path / "kmer" / "export")
-    assert tokenizer.name == "kmer" and tokenizer.k == 3 and meta["vocab_size"] == 9 + 64
+    run = summary["mlflow_run_id"]
+    bpb = _history(client, run, "val/bits_per_base")
+    assert [s for s, _ in bpb] == [0, 60, 120] and bpb[-1][1] < bpb[0][1], bpb
+    assert {a.path for a in client.list_artifacts(run)} >= {"tokenizer.json", "config.yaml"}
+    params = client.get_run(run).data.params
+    assert 0 < float(params["derived.kingdom_mixture.viral"]) < 0.5
 
 
 def test_a_corrupt_shard_stops_the_run_by_name_or_is_skipped_and_counted(sample_shards, tmp_path):

@@ -15,6 +15,7 @@ from data_pipeline.readers import read_sequences
 from data_pipeline.shards import ShardOptions, SourceFile, build_shards
 from data_pipeline.tokenizers import CharTokenizer, build_tokenizer
 from nucleo.alphabet import reverse_complement
+from nucleo.schema import ConfigError
 from tests.conftest import sample_file
 
 
@@ -257,3 +258,42 @@ def test_bad_shards_can_be_skipped_and_are_counted(tmp_path, four_kingdom_shards
     assert bad in SKIPPED_SHARDS
     assert batches[-1].aux[SKIPPED_KEY].tolist() == [0, len(SKIPPED_SHARDS)]
     assert len({int(k) for b in batches for k in b.kingdom}) == 4  # the rest still flows
+
+
+def test_seq_len_warmup_stages_by_optimizer_step():
+    cfg = DataConfig(seq_len=256, seq_len_warmup=32, seq_len_warmup_steps=12)
+    assert cfg.warmup_stages() == [32, 64, 128]
+    assert [cfg.seq_len_at(s) for s in range(14)] == [32] * 4 + [64] * 4 + [128] * 4 + [256] * 2
+    assert DataConfig(seq_len=256).seq_len_at(0) == 256  # off
+    with pytest.raises(ConfigError, match="seq_len_warmup"):
+        DataConfig(seq_len=256, seq_len_warmup=256, seq_len_warmup_steps=4)
+    with pytest.raises(ConfigError, match="seq_len_warmup_steps"):
+        DataConfig(seq_len=256, seq_len_warmup=32)
+
+
+def _bpe_loader(shards, bpe, workers=2) -> TrainLoader:
+    """BPE tokens, a temperature mixture, RC augmentation and a seq-len warm-up, 2 micro-batches
+    per step: everything that makes a batch depend on its position in the stream."""
+    cfg = DataConfig(
+        str(shards), seq_len=128, num_workers=workers, shuffle_buffer=64, tokenizer="bpe",
+        tokenizer_options={"path": str(bpe)}, mixture="temperature", mixture_alpha=0.3,
+        rc_prob=0.5, seq_len_warmup=32, seq_len_warmup_steps=4,
+    )  # fmt: skip
+    return TrainLoader(cfg, build_tokenizer("bpe", cfg.tokenizer_options), 4, 7, grad_accum=2)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("stop", [3, 6])
+def test_bpe_mixture_rc_warmup_stream_resumes_exactly(sample_shards, sample_bpe, stop):
+    full = _take(_bpe_loader(sample_shards, sample_bpe), 12)
+    # micro-batch j belongs to step j // 2: 32 tokens for steps 0-1, 64 for 2-3, then 128
+    assert [b.tokens.shape[1] for b in full] == [32] * 4 + [64] * 4 + [128] * 4
+    pad = build_tokenizer("bpe", {"path": str(sample_bpe)}).pad_id
+    assert (full[-1].tokens != pad).float().mean() > 0.95  # the windows cut enough bases
+    first = _bpe_loader(sample_shards, sample_bpe)
+    _take(first, stop)
+    resumed = _bpe_loader(sample_shards, sample_bpe)
+    resumed.load_state_dict(first.state_dict())
+    for expected, got in zip(full[stop:], _take(resumed, 12 - stop), strict=True):
+        assert torch.equal(expected.tokens, got.tokens)
+        assert torch.equal(expected.kingdom, got.kingdom)

@@ -139,3 +139,77 @@ def test_geometric_losses_need_one_token_per_base():
 
     with pytest.raises(ConfigError, match=r"data.tokenizer: loss 'cgr' needs one token per base"):
         ChaosGame(ChaosGameConfig(), build_tokenizer("kmer"))
+
+
+def _bpe(path):
+    return build_tokenizer("bpe", {"path": str(path)})
+
+
+def test_bpe_keeps_char_ids_round_trips_and_counts_bases(sample_bpe):
+    tok = _bpe(sample_bpe)
+    assert tok.vocab_size == 256 and tok.vocab[:9] == alphabet.VOCAB
+    record = next(read_sequences(sample_file("viral/lambda.fasta.gz")))
+    seq = bytes(record.seq[:20000])
+    ids = tok.encode(seq)
+    assert tok.decode(ids) == seq.decode()
+    # learned tokens are longer than one base: fewer tokens than bases, bits per base add up
+    assert len(ids) < 0.6 * len(seq)
+    assert tok.bases_per_token[ids].sum() == len(seq)
+    assert tok.max_bases_per_token == max(len(t) for t in tok.vocab[9:])
+    assert all(set(t) <= set("ACGT") for t in tok.vocab[9:])  # N is never merged
+    ids = tok.encode(b"ACGTNNNACGT")
+    assert list(ids[ids == alphabet.N]) == [alphabet.N] * 3
+    assert tok.decode(ids) == "ACGTNNNACGT"
+    # lower case and IUPAC codes read as the char tokenizer reads them
+    assert tok.decode(tok.encode(b"acgtRY")) == "ACGTNN"
+    assert tok.complement_ids is None  # no complement map: the rc loss and caduceus refuse it
+
+
+def test_bpe_is_saved_whole_and_loads_without_its_training_file(sample_bpe, tmp_path):
+    tok = _bpe(sample_bpe)
+    export = tmp_path / "export"
+    export.mkdir()
+    tok.save(export)
+    moved = tmp_path / "moved.json"
+    sample_bpe.rename(moved)  # the export must not depend on the original file
+    try:
+        loaded = load_tokenizer(export)
+        assert loaded.vocab == tok.vocab
+        seq = b"ACGTTGCAAGGCTTAGCNNACGTACGATCGATCGGGCTA" * 20
+        assert np.array_equal(loaded.encode(seq), tok.encode(seq))
+        assert loaded.bases_for(100) == tok.bases_for(100) > 100 * tok.mean_bases_per_token
+    finally:
+        moved.rename(sample_bpe)
+
+
+def test_bpe_errors_name_the_problem(tmp_path, sample_shards):
+    from data_pipeline.tokenizers import train_bpe
+    from nucleo.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.tokenizer_options\.path"):
+        build_tokenizer("bpe", {})
+    with pytest.raises(FileNotFoundError, match="nucleo data bpe"):
+        build_tokenizer("bpe", {"path": str(tmp_path / "nope.json")})
+    bad = tmp_path / "char.json"
+    CharTokenizer().save(tmp_path)
+    (tmp_path / "tokenizer.json").rename(bad)
+    with pytest.raises(ValueError, match="not a nucleo BPE"):
+        build_tokenizer("bpe", {"path": str(bad)})
+    with pytest.raises(ValueError, match="vocab-size"):
+        train_bpe(sample_shards, tmp_path / "x.json", vocab_size=8)
+
+
+def test_rc_loss_and_caduceus_refuse_bpe_clearly(sample_bpe):
+    from nucleo.components import build_model
+    from nucleo.config import load_config
+    from nucleo.objective import Objective
+    from nucleo.schema import ConfigError
+
+    tok = _bpe(sample_bpe)
+    cfg = load_config(arch="caduceus", overrides=["model.d_model=16", "model.n_layers=1"])
+    with pytest.raises(ConfigError, match="complement"):
+        build_model("caduceus", cfg.model, tok)
+    cfg = load_config(arch="transformer", losses="ce,rc", overrides=["model.d_model=16"])
+    model = build_model("transformer", cfg.model, tok)
+    with pytest.raises(ConfigError, match="complement"):
+        Objective.build(cfg.losses, cfg.loss, model, tok)
