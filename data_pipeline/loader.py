@@ -353,6 +353,7 @@ class WindowStream(IterableDataset):
         for _ in range(done * self.batch_size):
             next(stream)
         pad = self.tokenizer.pad_id
+        encode = getattr(self.tokenizer, "encode_compact", self.tokenizer.encode)
         index = done * workers + role  # this rank's micro-batch index of the next batch
         while True:
             seq_len = self.cfg.seq_len_at(index // self.grad_accum)  # warm-up: a prefix
@@ -363,8 +364,8 @@ class WindowStream(IterableDataset):
                 window, kingdom[row] = next(stream)
                 if seq_len < self.cfg.seq_len:  # encode about the bases the prefix needs
                     window = window[: window_bases(self.cfg, self.tokenizer, seq_len)]
-                ids = self.tokenizer.encode(window)[:seq_len]
-                tokens[row, : len(ids)] = ids
+                ids = encode(window)[:seq_len]
+                tokens[row, : len(ids)] = ids  # widens compact (uint8) ids
             batch = Batch(torch.from_numpy(tokens), torch.from_numpy(kingdom), self.kingdoms, pad)
             if self.cfg.on_bad_shard == "skip":  # (reader, shards it skipped so far)
                 batch.aux[SKIPPED_KEY] = torch.tensor([consumer, len(SKIPPED_SHARDS)])

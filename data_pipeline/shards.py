@@ -207,15 +207,17 @@ def write_sources_tsv(sources: Iterable[SourceFile], path: str | Path) -> Path:
     when they are below its folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["\t".join(SOURCE_COLUMNS)]
-    for src in sources:
-        try:
-            rel = str(src.path.resolve().relative_to(path.parent.resolve()))
-        except ValueError:
-            rel = str(src.path.resolve())
-        cells = [rel, src.kingdom, src.group, src.include, src.exclude, src.fmt or "", src.package]
-        lines.append("\t".join(cells))
-    path.write_text("\n".join(lines) + "\n")
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh, delimiter="\t", lineterminator="\n")  # quotes what needs it
+        writer.writerow(SOURCE_COLUMNS)
+        for src in sources:
+            try:
+                rel = str(src.path.resolve().relative_to(path.parent.resolve()))
+            except ValueError:
+                rel = str(src.path.resolve())
+            writer.writerow(
+                [rel, src.kingdom, src.group, src.include, src.exclude, src.fmt or "", src.package]
+            )
     return path
 
 
@@ -363,28 +365,34 @@ def _join_units(kept: list[RecordInfo]) -> None:
 
 
 def assign_splits(infos: list[RecordInfo], options: ShardOptions) -> None:
-    """Set ``split`` of every kept record by a hash of its split unit (group, else record).
+    """Set ``split`` of every kept record by a hash of its split unit (a record, or records
+    joined by a group or a near-duplicate cluster): a unit is never split.
 
-    Two guarantees per kingdom: with two or more units, each split gets at least one (the
-    smallest unit by bases moves when one split would be empty, so training keeps the most);
-    with a single unit, it trains.
+    Two guarantees per kingdom, made by moving only units that lie wholly in that kingdom (a
+    cluster spanning kingdoms keeps its hashed split everywhere): with two or more units, each
+    split gets at least one (the smallest unit by bases moves when one split would be empty, so
+    training keeps the most); with a single unit, it trains.
     """
     kept = [i for i in infos if i.duplicate_of is None]
     _join_units(kept)
-    units: dict[tuple[str, str], list[RecordInfo]] = {}
+    units: dict[str, list[RecordInfo]] = {}
     for info in kept:
-        units.setdefault((info.kingdom, info.split_unit), []).append(info)
-    split: dict[tuple[str, str], str] = {}
+        units.setdefault(info.split_unit, []).append(info)
+    split: dict[str, str] = {}
     for unit, members in units.items():
-        h = _unit_hash(f"{options.split_salt}:{unit[1]}")
+        h = _unit_hash(f"{options.split_salt}:{unit}")
         for info in members:
             info.split_hash = h
-        split[unit] = "val" if h < options.val_fraction else "train"
-    for kingdom in sorted({k for k, _ in units}):
-        mine = [u for u in units if u[0] == kingdom]
-        by_size = sorted(mine, key=lambda u: (sum(i.length for i in units[u]), u[1]))
-        if options.val_fraction == 0 or len(mine) == 1:
-            split.update(dict.fromkeys(mine, "train"))
+        split[unit] = "train" if options.val_fraction == 0 or h >= options.val_fraction else "val"
+    kingdoms_of = {u: {i.kingdom for i in members} for u, members in units.items()}
+    for kingdom in sorted({i.kingdom for i in kept}):
+        mine = [u for u in units if kingdom in kingdoms_of[u]]
+        local = [u for u in mine if kingdoms_of[u] == {kingdom}]
+        by_size = sorted(local, key=lambda u: (sum(i.length for i in units[u]), u))
+        if not local or options.val_fraction == 0:
+            continue
+        if len(mine) == 1:
+            split[local[0]] = "train"
         elif all(split[u] == "train" for u in mine):
             split[by_size[0]] = "val"
         elif all(split[u] == "val" for u in mine):

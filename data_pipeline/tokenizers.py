@@ -80,6 +80,12 @@ class CharTokenizer:
         np.copyto(out, ids)
         return out
 
+    def encode_compact(self, seq: bytes | bytearray | np.ndarray) -> np.ndarray:
+        """[L] uint8 ids: the byte translation alone, no widening copy (the loader widens
+        while it fills the batch, so this is the tokenization step it pays for)."""
+        raw = seq.tobytes() if isinstance(seq, np.ndarray) else bytes(seq)
+        return np.frombuffer(raw.translate(self._bytes_table), dtype=np.uint8)
+
     def decode(self, ids: Any) -> str:
         """The bases of ``ids`` as a string; special tokens are dropped."""
         ids = np.asarray(ids).reshape(-1)

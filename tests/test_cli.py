@@ -60,3 +60,38 @@ def test_config_errors_exit_2_with_the_key(capsys):
 def test_export_without_checkpoint(tmp_path, capsys):
     assert main(["export", str(tmp_path)]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_data_bpe_and_build_from_folders_and_tables(tmp_path, capsys, sample_shards):
+    out = tmp_path / "bpe.json"
+    args = ["data", "bpe", "--shards", str(sample_shards), "--out", str(out)]
+    assert main([*args, "--vocab-size", "64", "--max-bases", "200000"]) == 0
+    assert "data.tokenizer=bpe" in capsys.readouterr().out
+    from data_pipeline.tokenizers import build_tokenizer
+
+    assert build_tokenizer("bpe", {"path": str(out)}).vocab_size == 64
+    assert main(["data", "bpe", "--shards", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert "no shard manifest" in capsys.readouterr().err
+
+    # a kingdom-per-folder tree and a parquet table, sharded together
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "tree" / "viral").mkdir(parents=True)
+    shutil.copy(sample_file("viral/lambda.fasta.gz"), tmp_path / "tree" / "viral")
+    table = pa.table({"sequence": ["ACGT" * 500, "GGCCTA" * 400], "id": ["s1", "s2"],
+                      "kingdom": ["plasmid", "plasmid"]})  # fmt: skip
+    pq.write_table(table, tmp_path / "t.parquet")
+    shards = tmp_path / "mixed"
+    tree, parquet = str(tmp_path / "tree"), str(tmp_path / "t.parquet")
+    code = main(["data", "build", "--folder", tree, "--table", parquet, "--out", str(shards),
+                 "--min-shards", "1"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert main(["data", "summary", str(shards)]) == 0
+    text = capsys.readouterr().out
+    assert "viral" in text and "plasmid" in text
+    code = main(["data", "build", "--table", str(tmp_path / "t.parquet"), "--sequence-column",
+                 "seq", "--out", str(tmp_path / "bad")])  # fmt: skip
+    assert code == 2 and "seq" in capsys.readouterr().err

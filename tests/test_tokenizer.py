@@ -29,6 +29,14 @@ def test_round_trip_on_a_real_genome():
     assert tok.decode(ids) == bytes(rec.seq).decode()
 
 
+def test_compact_ids_are_the_same_ids_in_uint8():
+    (record,) = read_sequences(sample_file("viral/lambda.fasta.gz"))
+    tok = CharTokenizer()
+    compact = tok.encode_compact(bytes(record.seq) + b"acgtRN")
+    assert compact.dtype == np.uint8
+    assert np.array_equal(compact, tok.encode(bytes(record.seq) + b"acgtRN"))
+
+
 def test_specials_are_dropped_when_decoding():
     tok = CharTokenizer()
     assert tok.decode([tok.bos_id, 0, 1, tok.pad_id, tok.pad_id]) == "AC"
