@@ -91,8 +91,8 @@ def main() -> None:
         f"- uninterrupted: {full['step']} steps, {full['tokens']:,} tokens, "
         f"{full['tokens_per_second']:,} tokens/s training, {full_seconds:.0f} s wall "
         f"(launch included); final val bits/base {val.get('val/bits_per_base', float('nan')):.4f}",
-        f"- killed with SIGKILL after its {killed_at} checkpoint, at "
-        f"`{progress[-1] if progress else 'before the first progress line'}`; resumed from "
+        f"- killed with SIGKILL 5 s after its {killed_at} checkpoint (last progress line: "
+        f"`{progress[-1] if progress else None}`); resumed from "
         f"{killed_at}: {resumed['step']} steps, final val bits/base "
         f"{resumed['final_validation'].get('val/bits_per_base', float('nan')):.4f}",
         f"- final weights of the resumed run identical to the uninterrupted run's: "
