@@ -56,7 +56,7 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _kmer_codes(c: np.ndarray, k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+def kmer_codes(c: np.ndarray, k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
     """2-bit codes of the m forward k-mers of base codes ``c`` (0-3) and of their reverse
     complements, by doubling (v_2L(i) = v_L(i) << 2L | v_L(i + L)): about 2 log2(k) array
     passes instead of 2k."""
@@ -95,7 +95,7 @@ def canonical_kmer_hashes(seq: bytes | bytearray, k: int, scale: int = 1) -> np.
                 break
             bad = np.concatenate([[0], np.cumsum(codes == 4, dtype=np.int64)])
             ok = (bad[k:] - bad[:-k]) == 0  # [m] k-mer has no N
-            fwd, rev = _kmer_codes((codes & 3).astype(np.uint64), k, m)
+            fwd, rev = kmer_codes((codes & 3).astype(np.uint64), k, m)
             h = _mix(np.minimum(fwd, rev) & mask)[ok]
             out.append(h[h <= limit] if limit is not None else h)
     return np.concatenate(out) if out else np.zeros(0, dtype=np.uint64)

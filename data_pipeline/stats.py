@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.dedup import _CODES, _kmer_codes
+from data_pipeline.dedup import _CODES, kmer_codes
 from data_pipeline.loader import tar_samples
 from data_pipeline.shards import load_manifest
 
@@ -29,7 +29,7 @@ def kmer_counts(seq: bytes, k: int) -> np.ndarray:
         return np.zeros(4**k, dtype=np.int64)
     bad = np.concatenate([[0], np.cumsum(codes == 4, dtype=np.int64)])
     ok = (bad[k:] - bad[:-k]) == 0
-    fwd, _ = _kmer_codes((codes & 3).astype(np.uint64), k, m)
+    fwd, _ = kmer_codes((codes & 3).astype(np.uint64), k, m)
     return np.bincount(fwd[ok].astype(np.int64), minlength=4**k)
 
 
@@ -105,48 +105,44 @@ def _plots(stats: dict[str, dict[str, Any]], folder: Path, stem: str) -> dict[st
 
     folder.mkdir(parents=True, exist_ok=True)
     names = list(stats)
+    x = np.arange(len(names))
     files = {}
 
-    fig, ax = plt.subplots(figsize=(8, 4))
-    lengths = [np.log10(np.maximum(1, stats[n]["lengths"])) for n in names]
-    ax.hist(lengths, bins=30, stacked=True, label=names)
-    ax.set_xlabel("record length (log10 bases)")
-    ax.set_ylabel("records")
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title("Record lengths (kept records, stacked by kingdom)")
-    files["lengths"] = f"{stem}_lengths.png"
-    fig.tight_layout()
-    fig.savefig(folder / files["lengths"], dpi=110)
-    plt.close(fig)
+    def figure(name: str, title: str, ylabel: str, draw: Callable[[Any], None]) -> None:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        draw(ax)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        files[name] = f"{stem}_{name}.png"
+        fig.tight_layout()
+        fig.savefig(folder / files[name], dpi=110)
+        plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for i, n in enumerate(names):
-        gc = stats[n]["record_gc"]
-        jitter = np.random.default_rng(i).uniform(-0.15, 0.15, len(gc))
-        ax.scatter(np.full(len(gc), i) + jitter, gc, s=10, alpha=0.6)
-        ax.hlines(stats[n]["gc"], i - 0.3, i + 0.3, color="black")
-    ax.set_xticks(range(len(names)), names, rotation=40, ha="right")
-    ax.set_ylabel("GC fraction")
-    ax.set_title("GC per record (dots) and per kingdom (bars, base-weighted)")
-    files["gc"] = f"{stem}_gc.png"
-    fig.tight_layout()
-    fig.savefig(folder / files["gc"], dpi=110)
-    plt.close(fig)
+    def lengths(ax: Any) -> None:
+        values = [np.log10(np.maximum(1, stats[n]["lengths"])) for n in names]
+        ax.hist(values, bins=30, stacked=True, label=names)
+        ax.set_xlabel("record length (log10 bases)")
+        ax.legend(fontsize=7, ncol=2)
 
-    fig, ax = plt.subplots(figsize=(8, 4))
-    x = np.arange(len(names))
-    exact = [stats[n]["duplicate_records"] for n in names]
-    near = [stats[n]["near_duplicate_records"] for n in names]
-    ax.bar(x - 0.2, exact, 0.4, label="exact duplicates (dropped)")
-    ax.bar(x + 0.2, near, 0.4, label="near-duplicates (kept, clustered)")
-    ax.set_xticks(x, names, rotation=40, ha="right")
-    ax.set_ylabel("fraction of records")
-    ax.legend()
-    ax.set_title("Redundancy per kingdom")
-    files["redundancy"] = f"{stem}_redundancy.png"
-    fig.tight_layout()
-    fig.savefig(folder / files["redundancy"], dpi=110)
-    plt.close(fig)
+    def gc(ax: Any) -> None:
+        for i, n in enumerate(names):
+            values = stats[n]["record_gc"]
+            jitter = np.random.default_rng(i).uniform(-0.15, 0.15, len(values))
+            ax.scatter(np.full(len(values), i) + jitter, values, s=10, alpha=0.6)
+            ax.hlines(stats[n]["gc"], i - 0.3, i + 0.3, color="black")
+        ax.set_xticks(x, names, rotation=40, ha="right")
+
+    def redundancy(ax: Any) -> None:
+        exact = [stats[n]["duplicate_records"] for n in names]
+        near = [stats[n]["near_duplicate_records"] for n in names]
+        ax.bar(x - 0.2, exact, 0.4, label="exact duplicates (dropped)")
+        ax.bar(x + 0.2, near, 0.4, label="near-duplicates (kept, clustered)")
+        ax.set_xticks(x, names, rotation=40, ha="right")
+        ax.legend()
+
+    figure("lengths", "Record lengths (kept records, stacked by kingdom)", "records", lengths)
+    figure("gc", "GC per record (dots) and per kingdom (bars, base-weighted)", "GC fraction", gc)
+    figure("redundancy", "Redundancy per kingdom", "fraction of records", redundancy)
     return files
 
 
