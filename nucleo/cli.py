@@ -7,6 +7,10 @@
     nucleo config [--config F] [--arch A] [--losses L] [--set k=v ...]   print the resolved config
     nucleo pretrain [same options] [--resume RUN_DIR]                    train in this process
     nucleo export RUN_DIR [--out DIR]             portable model from the latest checkpoint
+    nucleo sweep run SPEC.yaml [--slurm]          every point of a sweep (skips finished ones)
+    nucleo sweep status SPEC.yaml                 each point's state and result
+    nucleo scaling fit --experiment NAME          scaling laws, plots and a report from MLflow
+    nucleo compare [--experiment NAME] [--tag k=v] [--format md|csv]   a table of runs
 
 Multi-process training goes through DeepSpeed's launcher: ``deepspeed launch/pretrain.py``.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -269,6 +274,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep_run(args: argparse.Namespace) -> int:
+    from nucleo.sweep import Sweep, load_spec
+
+    spec = load_spec(args.spec)
+    if args.launcher:
+        spec.launcher = shlex.split(args.launcher)
+    sweep = Sweep(spec)
+    if args.slurm:
+        sweep.submit_slurm(args.sbatch_arg or [], args.max_parallel)
+        return 0
+    failed = sweep.run(args.point, fail_fast=args.fail_fast, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(sweep.table())
+    return 1 if failed else 0
+
+
+def cmd_sweep_status(args: argparse.Namespace) -> int:
+    from nucleo.sweep import Sweep, load_spec
+
+    print(Sweep(load_spec(args.spec)).table())
+    return 0
+
+
 def _add_shard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-len", type=int, default=65536, help="bases per stored chunk")
     p.add_argument("--min-shards", type=int, default=8, help="shards per kingdom and split")
@@ -300,6 +328,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
     p.add_argument("--out", help="output directory (default: RUN_DIR/export)")
     p.set_defaults(func=cmd_export)
+
+    sweep = sub.add_parser("sweep", help="run a grid of configs as one tracked sweep")
+    sweep_sub = sweep.add_subparsers(dest="sweep_command", required=True)
+    p = sweep_sub.add_parser("run", help="run (or resume) every point, or submit them to Slurm")
+    p.add_argument("spec", help="sweep spec (YAML; see experiments/sweeps/)")
+    p.add_argument("--point", type=int, action="append", help="only point N (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first failed point")
+    p.add_argument("--launcher", help="how to start a point, e.g. 'deepspeed launch/pretrain.py'")
+    p.add_argument("--slurm", action="store_true", help="submit a job array (sweep.sbatch)")
+    p.add_argument("--sbatch-arg", action="append", help="extra sbatch option (repeatable)")
+    p.add_argument("--max-parallel", type=int, help="Slurm: at most this many points at once")
+    p.set_defaults(func=cmd_sweep_run)
+    p = sweep_sub.add_parser("status", help="each point's state and final bits per base")
+    p.add_argument("spec")
+    p.set_defaults(func=cmd_sweep_status)
 
     data = sub.add_parser("data", help="genome files -> WebDataset shards").add_subparsers(
         dest="data_command", required=True

@@ -100,6 +100,11 @@ class Objective:
         """The terms computed at optimizer step ``step`` (all of them when None)."""
         return [t for t in self.terms if t.runs_at(step)]
 
+    def passes_at(self, step: int | None) -> int:
+        """Backbone passes at optimizer step ``step``: one per view the due losses need."""
+        needed = {v for t in self.due(step) for v in t.loss.views}
+        return sum(1 for view in self.views if view in needed)
+
     def forward_views(
         self,
         forward: Callable[[torch.Tensor], ModelOutput],

@@ -41,6 +41,7 @@ from nucleo.engine import (
 )
 from nucleo.evaluation import Validator
 from nucleo.export import export_model, full_state_dict
+from nucleo.flops import ComputeCounter
 from nucleo.objective import Objective
 from nucleo.progress import Progress, duration
 from nucleo.schema import flatten
@@ -54,6 +55,7 @@ class TrainState:
 
     step: int = 0
     tokens: int = 0
+    flops: float = 0.0  # training compute so far (nucleo.flops: analytic, backbone passes)
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
     loader: dict[str, Any] = field(default_factory=dict)
@@ -129,6 +131,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.arch, cfg.model, self.tokenizer)
         self.params = count_parameters(self.model)
+        self.compute = ComputeCounter(self.model, cfg.train.micro_batch_size)
         self.objective = Objective.build(cfg.losses, cfg.loss, self.model, self.tokenizer)
         self.run_dir = prepare_run_dir(cfg, dist, resume)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -168,6 +171,7 @@ class Trainer:
         self.state = TrainState(
             step=int(client["step"]),
             tokens=int(client["tokens"]),
+            flops=float(client.get("flops", 0.0)),
             mlflow_run_id=client.get("mlflow_run_id"),
             tracking_uri=client.get("tracking_uri"),
             loader=client.get("loader", {}),
@@ -206,6 +210,10 @@ class Trainer:
                 "world_size": dist.world_size,
                 "global_batch_windows": self.tokens_per_step // cfg.data.seq_len,
                 "tokens_per_step": self.tokens_per_step,
+                "flops_per_token": self.flops_per_token(),
+                "forward_flops_per_token": (
+                    self.compute.forward_per_window(cfg.data.seq_len) / cfg.data.seq_len
+                ),
                 "run_dir": str(self.run_dir),
                 "kingdom_mixture": {k: round(v, 6) for k, v in self.loader.mixture().items()},
             }
@@ -288,6 +296,11 @@ class Trainer:
                 sums[key] = sums.get(key, torch.zeros((), device=dist.device)) + value
                 counts[key] = counts.get(key, 0) + 1
         state.tokens += self.step_tokens(state.step)
+        state.flops += self.compute.step(
+            self.tokens_per_step // cfg.data.seq_len,
+            cfg.data.seq_len_at(state.step),
+            self.objective.passes_at(state.step),
+        )
         state.step += 1
         return norm
 
@@ -303,6 +316,10 @@ class Trainer:
     def step_tokens(self, step: int) -> int:
         """Tokens of optimizer step ``step`` over all ranks (fewer during seq-len warm-up)."""
         return self.tokens_per_step // self.cfg.data.seq_len * self.cfg.data.seq_len_at(step)
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token at full length with every loss due (nucleo.flops)."""
+        return self.compute.per_token(self.cfg.data.seq_len, self.objective.passes_at(None))
 
     def log(
         self, sums: dict[str, torch.Tensor], counts: dict[str, int], norm: float | None
@@ -326,6 +343,7 @@ class Trainer:
                 torch.distributed.all_reduce(skipped)
             metrics["train/data/skipped_shards"] = float(skipped)
         metrics["train/tokens"] = self.state.tokens
+        metrics["train/flops"] = self.state.flops
         metrics["train/tokens_per_second"] = self.progress.tokens_per_second
         self.tracker.log_metrics(metrics, self.state.step)
         if not math.isfinite(loss):
@@ -360,6 +378,7 @@ class Trainer:
         client = {
             "step": self.state.step,
             "tokens": self.state.tokens,
+            "flops": self.state.flops,
             "mlflow_run_id": self.state.mlflow_run_id,
             "tracking_uri": self.state.tracking_uri,
             "loader": self.loader.state_dict(),
@@ -400,6 +419,8 @@ class Trainer:
             "run_dir": str(self.run_dir),
             "step": self.state.step,
             "tokens": self.state.tokens,
+            "flops": self.state.flops,
+            "flops_per_token": self.flops_per_token(),
             "parameters": self.params,
             "wall_seconds": round(wall, 1),
             "train_seconds": round(trained, 1),
