@@ -297,6 +297,87 @@ def cmd_sweep_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _machine() -> str:
+    try:
+        from experiments.machine import describe
+
+        return ", ".join(f"{k} {v}" for k, v in describe().items())
+    except ImportError:  # not in a source checkout
+        import platform
+
+        return platform.platform()
+
+
+def cmd_scaling_fit(args: argparse.Namespace) -> int:
+    import math
+    import time
+
+    from nucleo.compare import collect, parse_tags, tracking_uri
+    from nucleo.scaling import log_to_mlflow, run_fit
+
+    uri = tracking_uri(args.tracking_uri, args.runs_root)
+    tags = parse_tags(args.tag)
+    if args.sweep:
+        tags["nucleo.sweep"] = args.sweep
+    rows = collect(uri, [args.experiment], tags)
+    usable = [r for r in rows if math.isfinite(r.flops) and math.isfinite(r.tokens)]
+    out = Path(args.out)
+    command = f"nucleo scaling fit --experiment {args.experiment} --out {args.out}"
+    for flag, value in (("--sweep", args.sweep), ("--notes", args.notes)):
+        command += f" {flag} {value}" if value else ""
+    command += "".join(f" --tag {t}" for t in args.tag or [])
+    command += f" --bootstrap {args.bootstrap} --seed {args.seed}"
+    header = {
+        "command": f"`{command}`",
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": _machine(),
+        "MLflow": f"experiment `{args.experiment}` in `{uri}`" + (f", tags {tags}" if tags else ""),
+        "runs": f"{len(usable)} finished training runs"
+        + (
+            f" ({len(rows) - len(usable)} without recorded compute left out)"
+            if len(usable) < len(rows)
+            else ""
+        ),
+        "fit": f"Huber (delta 1e-3) in log space, L-BFGS from a grid of starts, "
+        f"{args.bootstrap} bootstrap resamples (seed {args.seed})",
+    }
+    notes = Path(args.notes).read_text() if args.notes else ""
+    fits, figures = run_fit(usable, out, header, args.bootstrap, args.seed, notes)
+    for fit in fits:
+        law = fit.law_n
+        text = f"alpha {law.params['alpha']:.3f}" if law else "; ".join(fit.errors)
+        print(f"{fit.group}: {fit.runs} runs, L(N) {text}")
+    if not args.no_log:
+        run_id = log_to_mlflow(
+            uri, args.experiment, fits, [out, out.with_suffix(".json"), *figures]
+        )
+        print(f"logged to MLflow run {run_id}")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from nucleo.compare import collect, parse_tags, table, tracking_uri
+
+    uri = tracking_uri(args.tracking_uri, args.runs_root)
+    statuses = ("FINISHED", "RUNNING", "KILLED", "FAILED") if args.all else ("FINISHED",)
+    rows = collect(uri, args.experiment, parse_tags(args.tag), args.filter or "", statuses)
+    text = table(rows, args.format)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {len(rows)} runs to {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _add_store_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
+                   "sqlite:///RUNS_ROOT/mlflow.db)")  # fmt: skip
+    p.add_argument("--runs-root", default="runs", help="where the default store lives")
+    p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="only runs with this tag")
+
+
 def _add_shard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-len", type=int, default=65536, help="bases per stored chunk")
     p.add_argument("--min-shards", type=int, default=8, help="shards per kingdom and split")
@@ -344,6 +425,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sweep_sub.add_parser("status", help="each point's state and final bits per base")
     p.add_argument("spec")
     p.set_defaults(func=cmd_sweep_status)
+
+    scaling = sub.add_parser("scaling", help="scaling laws from a tracked sweep")
+    scaling_sub = scaling.add_subparsers(dest="scaling_command", required=True)
+    p = scaling_sub.add_parser("fit", help="fit L(N) and L(N, D), plot, write a report")
+    p.add_argument("--experiment", required=True, help="MLflow experiment of the runs")
+    p.add_argument("--sweep", help="only the runs of this sweep (tag nucleo.sweep)")
+    p.add_argument("--out", default="scaling.md", help="report path; plots and .json beside it")
+    p.add_argument("--bootstrap", type=int, default=200, help="resamples for the intervals")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--notes", help="markdown file appended to the report (the discussion)")
+    p.add_argument("--no-log", action="store_true", help="do not log the fit to MLflow")
+    _add_store_arguments(p)
+    p.set_defaults(func=cmd_scaling_fit)
+    p = sub.add_parser("compare", help="a table of tracked runs (markdown or CSV)")
+    p.add_argument("--experiment", action="append", help="MLflow experiment (repeatable; all)")
+    p.add_argument("--filter", help='an MLflow filter, e.g. "metrics.`val/bits_per_base` < 1.9"')
+    p.add_argument("--format", choices=("md", "csv"), default="md")
+    p.add_argument("--all", action="store_true", help="also unfinished runs")
+    p.add_argument("--out", help="write to this file instead of stdout")
+    _add_store_arguments(p)
+    p.set_defaults(func=cmd_compare)
 
     data = sub.add_parser("data", help="genome files -> WebDataset shards").add_subparsers(
         dest="data_command", required=True

@@ -13,14 +13,16 @@ A spec is YAML::
     grid:                              # ... crossed with every combination of these
       losses: [ce, "ce,rc,cgr"]
     seeds: [0, 1]                      # crossed too (train.seed)
+    extra:                             # more points, each whole (not crossed with the grid)
+      - {arch: hyena, model.d_model: 64, losses: ce, train.max_steps: 150}
     launcher: [python, -m, nucleo, pretrain]   # optional: how a point is started
 
-Points are ``points x grid x seeds``; each gets a readable name made of its values, so a point
-keeps its name (and its run directory) when others are added. Every point becomes one run under
-``<run.root>/sweeps/<name>/<point>``, an MLflow child run (tag ``mlflow.parentRunId``) of the
-sweep's parent run, all in one store. Running the sweep again skips finished points and resumes
-interrupted ones from their latest checkpoint; with ``--slurm`` the points become a job array
-(``launch/slurm/sweep.sbatch``), one task a point.
+Points are ``points x grid x seeds``, then ``extra x seeds``; each gets a readable name made of
+its values, so a point keeps its name (and its run directory) when others are added. Every point
+becomes one run under ``<run.root>/sweeps/<name>/<point>``, an MLflow child run (tag
+``mlflow.parentRunId``) of the sweep's parent run, all in one store. Running the sweep again
+skips finished points and resumes interrupted ones from their latest checkpoint; with
+``--slurm`` the points become a job array (``launch/slurm/sweep.sbatch``), one task a point.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ from nucleo.progress import duration
 from nucleo.schema import ConfigError, set_path, to_dict
 from nucleo.tracking import TrackingConfig, git_commit, resolve_uri
 
-SPEC_KEYS = ("name", "experiment", "base", "config", "set", "points", "grid", "seeds", "launcher")
+SPEC_KEYS = (
+    "name", "experiment", "base", "config", "set", "points", "grid", "extra", "seeds", "launcher",
+)  # fmt: skip
 DEFAULT_LAUNCHER = [sys.executable, "-m", "nucleo", "pretrain"]
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_SBATCH = REPO / "launch" / "slurm" / "sweep.sbatch"
@@ -77,6 +81,7 @@ class SweepSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     points: list[dict[str, Any]] = field(default_factory=list)
     grid: dict[str, list[Any]] = field(default_factory=dict)
+    extra: list[dict[str, Any]] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     launcher: list[str] = field(default_factory=lambda: list(DEFAULT_LAUNCHER))
 
@@ -114,9 +119,11 @@ def load_spec(path: str | Path) -> SweepSpec:
             base[section] = {**base[section], **value}
         else:
             base[section] = value
-    points = raw.get("points") or []
-    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
-        raise _error(path, "points", "expected a list of mappings (dotted key -> value)")
+    lists = {}
+    for key in ("points", "extra"):
+        lists[key] = raw.get(key) or []
+        if not isinstance(lists[key], list) or not all(isinstance(p, dict) for p in lists[key]):
+            raise _error(path, key, "expected a list of mappings (dotted key -> value)")
     grid = _mapping(raw.get("grid"), path, "grid")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
@@ -133,8 +140,9 @@ def load_spec(path: str | Path) -> SweepSpec:
         experiment=str(raw.get("experiment") or name),
         base=base,
         overrides=_mapping(raw.get("set"), path, "set"),
-        points=[dict(p) for p in points],
+        points=[dict(p) for p in lists["points"]],
         grid=grid,
+        extra=[dict(p) for p in lists["extra"]],
         seeds=list(seeds),
         launcher=[str(x) for x in launcher],
     )
@@ -173,8 +181,11 @@ def expand(spec: SweepSpec) -> list[Point]:
     seeds: list[int | None] = list(spec.seeds) or [None]
     points: list[Point] = []
     names: dict[str, int] = {}
-    for alternative, combo, seed in itertools.product(spec.points or [{}], combos, seeds):
-        chosen = {**alternative, **combo}
+    crossed = [{**a, **c} for a, c in itertools.product(spec.points or [{}], combos)]
+    if spec.extra and not spec.points and not spec.grid:
+        crossed = []  # only listed points
+    for point, seed in itertools.product([*crossed, *spec.extra], seeds):
+        chosen = dict(point)
         if seed is not None:
             chosen["train.seed"] = seed
         name = point_name(chosen)
@@ -195,7 +206,7 @@ def expand(spec: SweepSpec) -> list[Point]:
 class Sweep:
     """A sweep's runs, its MLflow parent run and its state file (``sweep.json``)."""
 
-    def __init__(self, spec: SweepSpec, out: TextIO = sys.stdout) -> None:
+    def __init__(self, spec: SweepSpec, out: TextIO | None = None) -> None:
         self.spec = spec
         self.points = expand(spec)
         first = self.points[0].config
@@ -203,7 +214,7 @@ class Sweep:
         self.runs_root = self.dir.parent.parent  # <run.root>/sweeps/<name>
         self.uri = resolve_uri(first.tracking, self.runs_root)
         self.state_file = self.dir / "sweep.json"
-        self.out = out
+        self.out = out or sys.stdout
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -230,6 +241,10 @@ class Sweep:
         if run_id and state.get("tracking_uri") == self.uri:
             try:
                 client.get_run(run_id)
+                if state.get("points") != [p.name for p in self.points]:  # the spec grew
+                    state["points"] = [p.name for p in self.points]
+                    self.write_state(state)
+                    client.set_tag(run_id, "nucleo.sweep_points", str(len(self.points)))
                 return run_id
             except MlflowException:
                 pass  # the store was replaced: start a new parent
@@ -361,6 +376,8 @@ class Sweep:
             f"--output={self.dir / 'slurm-%A_%a.out'}", *sbatch_args,
             str(SWEEP_SBATCH), str(self.spec.path.resolve()),
         ]  # fmt: skip
+        if self.spec.launcher != DEFAULT_LAUNCHER:  # the tasks read the spec's, not ours
+            cmd += ["--launcher", shlex.join(self.spec.launcher)]
         self.say(shlex.join(cmd))
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:

@@ -1,0 +1,141 @@
+"""Sweeps (nucleo.sweep): specs, points, and a real two-point sweep tracked as one MLflow parent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from nucleo.cli import main
+from nucleo.components import build_model
+from nucleo.config import load_config
+from nucleo.flops import ComputeCounter
+from nucleo.schema import ConfigError
+from nucleo.sweep import Sweep, expand, load_spec
+
+TINY_MODEL = {"arch": "transformer", "model.d_model": 16, "model.n_layers": 1, "model.n_heads": 2}
+
+
+def _spec(tmp_path, shards=None, **changes) -> dict:
+    spec = {
+        "name": "tiny",
+        "experiment": "sweep-test",
+        "config": {
+            "data": {"shards": str(shards or tmp_path / "none"), "seq_len": 64},
+            "train": {"max_steps": 4, "micro_batch_size": 4, "log_every": 2, "warmup_steps": 1},
+            "eval": {"every": 0, "windows_per_kingdom": 2},
+            "checkpoint": {"every": 2, "export": False},
+            "run": {"root": str(tmp_path / "runs")},
+        },
+        "points": [TINY_MODEL],
+        "grid": {"losses": ["ce", "ce,rc"]},
+    }
+    spec.update(changes)
+    return spec
+
+
+def _write(tmp_path, spec: dict):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_points_cross_the_list_the_grid_and_the_seeds_then_add_the_extra_ones(tmp_path):
+    spec = _spec(
+        tmp_path,
+        points=[TINY_MODEL, {"arch": "hyena", "model.d_model": 16, "model.n_layers": 1}],
+        seeds=[0, 1],
+        extra=[{"arch": "hyena", "model.d_model": 8, "losses": "ce", "train.max_steps": 2}],
+    )
+    points = expand(load_spec(_write(tmp_path, spec)))
+    assert len(points) == 2 * 2 * 2 + 2
+    names = [p.name for p in points]
+    assert names[0] == "transformer-d_model16-n_layers1-n_heads2-ce-seed0"
+    assert "hyena-d_model16-n_layers1-ce+rc-seed1" in names
+    assert names[-1] == "hyena-d_model8-ce-max_steps2-seed1"
+    last = points[-1].config
+    assert (last.arch, last.losses, last.train.max_steps, last.train.seed) == (
+        "hyena",
+        ["ce"],
+        2,
+        1,
+    )
+    assert points[0].run_dir == tmp_path / "runs" / "sweeps" / "tiny" / names[0]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"gird": {}}, "gird: unknown key"),
+        ({"grid": {"losses": "ce"}}, "grid.losses: expected a non-empty list"),
+        ({"name": "a b"}, "name: need a folder name"),
+        ({"points": [TINY_MODEL, TINY_MODEL]}, "are both 'transformer-d_model16"),
+        ({"grid": {"train.lr": [1e-3, "fast"]}}, "train.lr: point transformer-"),
+    ],
+)
+def test_bad_specs_name_the_key_and_the_spec(tmp_path, change, message):
+    path = _write(tmp_path, _spec(tmp_path, **change))
+    with pytest.raises(ConfigError, match="sweep spec") as err:
+        expand(load_spec(path))
+    assert message in str(err.value)
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_each_point_as_a_child_run_skips_finished_ones_and_resumes(
+    sample_shards, tmp_path, capfd
+):
+    path = _write(tmp_path, _spec(tmp_path, sample_shards))
+    assert main(["sweep", "run", str(path), "--dry-run"]) == 0
+    assert capfd.readouterr().out.count("-m nucleo pretrain --config") == 2
+
+    assert main(["sweep", "run", str(path)]) == 0
+    out = capfd.readouterr().out
+    assert out.count(": starting") == 2 and "2/2 points, 0 failed" in out
+    sweep = Sweep(load_spec(path))
+    state = json.loads(sweep.state_file.read_text())
+    client = MlflowClient(tracking_uri=sweep.uri)
+    assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
+    summaries, flops = [], []
+    for point in sweep.points:
+        summary = json.loads((point.run_dir / "summary.json").read_text())
+        summaries.append(summary)
+        run = client.get_run(summary["mlflow_run_id"])
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == state["parent_run_id"]
+        assert run.data.tags["sweep.losses"] == ",".join(point.config.losses)
+        assert run.data.params["derived.non_embedding_parameters"]
+        # compute: 4 steps x 4 windows x 3 (fwd + bwd) x passes x forward FLOPs of a window
+        cfg = load_config(point.run_dir / "config.yaml")
+        counter = ComputeCounter(build_model(cfg.arch, cfg.model, _char()), 4)
+        passes = 2 if "rc" in cfg.losses else 1
+        assert summary["flops"] == pytest.approx(
+            4 * 4 * 3 * passes * counter.forward_per_window(64)
+        )
+        assert run.data.metrics["train/flops"] == pytest.approx(summary["flops"])
+        flops.append(summary["flops"])
+    assert flops[1] == pytest.approx(2 * flops[0])  # the rc strand is a second pass
+
+    assert main(["sweep", "run", str(path)]) == 0
+    assert capfd.readouterr().out.count("finished, skipped") == 2
+
+    spec = _spec(tmp_path, sample_shards)
+    spec["config"]["train"]["max_steps"] = 6
+    _write(tmp_path, spec)
+    assert main(["sweep", "run", str(path), "--point", "0"]) == 0
+    out = capfd.readouterr().out
+    assert ": resuming" in out and "resumed" in out and "(step 4," in out
+    point = Sweep(load_spec(path)).points[0]
+    grown = json.loads((point.run_dir / "summary.json").read_text())
+    assert grown["step"] == 6 and grown["mlflow_run_id"] == summaries[0]["mlflow_run_id"]
+    assert main(["sweep", "status", str(path)]) == 0
+    table = capfd.readouterr().out
+    assert "| 0 | transformer-" in table and "| finished | 6 |" in table and "| new |" not in table
+    assert "| interrupted | 4 |" in table  # point 1: finished at 4 steps, now short of 6
+
+
+def _char():
+    from data_pipeline.tokenizers import CharTokenizer
+
+    return CharTokenizer()
