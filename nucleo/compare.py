@@ -164,12 +164,12 @@ def columns(rows: list[RunRow]) -> list[str]:
 def table(rows: list[RunRow], fmt: str = "md") -> str:
     """The rows as a markdown table (``md``: compact numbers) or CSV (``csv``: full values)."""
     extra = columns(rows)
-    head = ["run", "arch", "losses", "params", "non_embedding", "tokens", "flops"]
+    head = ["run", "arch", "losses", "params", "non_embedding", "tokens", "flops", "tokens_per_s"]
     head += ["val/bits_per_base", *extra]
     records = []
     for r in rows:
         values: list[Any] = [r.name, r.arch, r.losses, r.params, r.non_embedding, r.tokens, r.flops]
-        values.append(r.bits)
+        values += [r.metrics.get("train/tokens_per_second", math.nan), r.bits]
         values += [r.metrics.get(k, math.nan) for k in extra]
         records.append(values)
     if fmt == "csv":
@@ -184,7 +184,7 @@ def table(rows: list[RunRow], fmt: str = "md") -> str:
     lines = ["| " + " | ".join(short) + " |", "|" + "---|" * len(head)]
     for values in records:
         cells = [str(v) for v in values[:3]]
-        cells += [_si(float(v)) for v in values[3:7]]
-        cells += ["" if math.isnan(float(v)) else f"{float(v):.4f}" for v in values[7:]]
+        cells += [_si(float(v)) for v in values[3:8]]
+        cells += ["" if math.isnan(float(v)) else f"{float(v):.4f}" for v in values[8:]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -215,10 +215,16 @@ class GroupFit:
     errors: list[str] = field(default_factory=list)
 
 
-def fit_groups(rows: Sequence[RunRow], bootstrap: int = 200, seed: int = 0) -> list[GroupFit]:
+def fit_groups(
+    rows: Sequence[RunRow],
+    bootstrap: int = 200,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> list[GroupFit]:
     """Every group's fits; a group that cannot be fitted says why in ``errors``."""
     fits = []
     for group, members in sorted(_groups(rows).items()):
+        started = time.perf_counter()
         budget = _budget(members)
         at_budget = [r for r in members if round(r.tokens) == round(budget)]
         errors: list[str] = []
@@ -261,6 +267,10 @@ def fit_groups(rows: Sequence[RunRow], bootstrap: int = 200, seed: int = 0) -> l
             a, b = law_nd.params["alpha"], law_nd.params["beta"]
             fit.optimal_exponent = b / (a + b) if a + b > 0 else None
         fits.append(fit)
+        log(
+            f"fitted {group}: {len(members)} runs, {len({r.tokens for r in members})} budget(s), "
+            f"{bootstrap} resamples, {time.perf_counter() - started:.1f}s"
+        )
     return fits
 
 
