@@ -175,6 +175,26 @@ def fit_law(
     return law
 
 
+def slope_per_decade(
+    n: Sequence[float], loss: Sequence[float], bootstrap: int = 200, seed: int = 0
+) -> tuple[float, tuple[float, float] | None]:
+    """d L / d log10 N by least squares (bits per base gained per 10x parameters), with a 95%
+    bootstrap interval: a plain summary that stays meaningful when the three-parameter law is
+    not identifiable (a nearly flat curve fits any small alpha)."""
+    x, y = np.log10(np.asarray(n, float)), np.asarray(loss, float)
+    slope = float(np.polyfit(x, y, 1)[0])
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(bootstrap):
+        idx = rng.integers(0, len(x), len(x))
+        if len(np.unique(x[idx])) >= 2:
+            samples.append(np.polyfit(x[idx], y[idx], 1)[0])
+    if not samples:
+        return slope, None
+    lo, hi = np.percentile(samples, [2.5, 97.5])
+    return slope, (float(lo), float(hi))
+
+
 def frontier(rows: Sequence[RunRow]) -> list[RunRow]:
     """Runs no cheaper run beats: sorted by compute, each with lower loss than all before."""
     best, out = math.inf, []
@@ -212,6 +232,8 @@ class GroupFit:
     compute_fit: tuple[float, float]  # (log c, p)
     flops_per_token_per_param: float
     optimal_exponent: float | None = None  # N_opt ~ C^a from L(N, D)
+    slope: float | None = None  # d L / d log10 N at the budget (bits per base per 10x N)
+    slope_ci: tuple[float, float] | None = None
     errors: list[str] = field(default_factory=list)
 
 
@@ -263,6 +285,10 @@ def fit_groups(
             group, len(members), budget, law_n, law_nd, kingdoms, (float(c0), float(p)),
             per_param, errors=errors,
         )  # fmt: skip
+        if len({r.non_embedding for r in at_budget}) >= 2:
+            fit.slope, fit.slope_ci = slope_per_decade(
+                [r.non_embedding for r in at_budget], [r.bits for r in at_budget], bootstrap, seed
+            )
         if law_nd is not None:
             a, b = law_nd.params["alpha"], law_nd.params["beta"]
             fit.optimal_exponent = b / (a + b) if a + b > 0 else None
@@ -400,17 +426,28 @@ def report(
     lines += [
         "L(N) = E + A / N^alpha at each group's token budget D; N = non-embedding parameters.",
         "",
-        "| group | runs | D (tokens) | alpha | E (bits/base) | A | resamples |",
-        "|---|---|---|---|---|---|---|",
+        "The last column is a plain summary beside the law: the least-squares change of bits",
+        "per base per 10x parameters (negative: bigger is better), with its bootstrap interval.",
+        "",
+        "| group | runs | D (tokens) | alpha | E (bits/base) | A | resamples "
+        "| bits/base per 10x N |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for fit in fits:
+        slope = ""
+        if fit.slope is not None:
+            slope = f"{fit.slope:+.4f}"
+            if fit.slope_ci is not None:
+                slope += f" [{fit.slope_ci[0]:+.4f}, {fit.slope_ci[1]:+.4f}]"
         if fit.law_n is None:
-            lines.append(f"| {fit.group} | {fit.runs} | {fit.tokens:,.0f} | not fitted | | | |")
+            lines.append(
+                f"| {fit.group} | {fit.runs} | {fit.tokens:,.0f} | not fitted | | | | {slope} |"
+            )
             continue
         law = fit.law_n
         lines.append(
             f"| {fit.group} | {law.points} | {fit.tokens:,.0f} | {_ci(law, 'alpha')} | "
-            f"{_ci(law, 'E', 4)} | {_ci(law, 'A')} | {law.resamples} |"
+            f"{_ci(law, 'E', 4)} | {_ci(law, 'A')} | {law.resamples} | {slope} |"
         )
     nd = [f for f in fits if f.law_nd is not None]
     if nd:

@@ -117,6 +117,8 @@ def test_scaling_fit_and_compare_read_the_store(tmp_path, capsys):
     )
     assert by_group["hyena [ce]"]["optimal_exponent"] == pytest.approx(0.3 / 0.6, abs=0.02)
     assert by_group["hyena [ce]"]["flops_per_token_per_param"] == pytest.approx(7.0)
+    # bigger models are better: the plain per-decade slope is negative
+    assert by_group["hyena [ce]"]["slope"] < 0 and "bits/base per 10x N" in text
     for png in ("scaling_compute.png", "scaling_kingdoms.png"):
         assert (out.parent / png).stat().st_size > 10_000
     client = MlflowClient(tracking_uri=uri)
