@@ -29,6 +29,8 @@ import numpy as np
 from nucleo.compare import RunRow, table
 
 HUBER_DELTA = 1e-3
+EXPONENT_MAX = 5.0  # alpha, beta in [0, 5]
+EXPONENT_EDGE = 0.01  # an exponent this close to a bound is not determined by the data
 
 
 def _huber(r: np.ndarray, delta: float) -> tuple[float, np.ndarray]:
@@ -77,7 +79,7 @@ def _minimise(
     from scipy.optimize import minimize
 
     k = logs.shape[0]
-    bounds = [(None, None)] + [(None, None), (0.0, 5.0)] * k  # exponents >= 0
+    bounds = [(None, None)] + [(None, None), (0.0, EXPONENT_MAX)] * k
     best, best_value = None, math.inf
     for start in starts:
         result = minimize(
@@ -101,6 +103,21 @@ class Law:
     objective: float
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     resamples: int = 0
+
+    @property
+    def identifiable(self) -> bool:
+        """Whether the runs pin the exponents down: each strictly inside its bounds (0, 5) and,
+        with intervals, known within 10x. A nearly flat curve fits any small alpha with some E,
+        and the optimiser then stops at a bound."""
+        for key in ("alpha", "beta"):
+            if key not in self.params:
+                continue
+            if not EXPONENT_EDGE < self.params[key] < EXPONENT_MAX - EXPONENT_EDGE:
+                return False
+            lo, hi = self.ci.get(key, (1.0, 1.0))
+            if lo <= EXPONENT_EDGE or hi / lo > 10:
+                return False
+        return True
 
     def predict(self, n: np.ndarray, d: np.ndarray | None = None) -> np.ndarray:
         p = self.params
@@ -234,6 +251,7 @@ class GroupFit:
     optimal_exponent: float | None = None  # N_opt ~ C^a from L(N, D)
     slope: float | None = None  # d L / d log10 N at the budget (bits per base per 10x N)
     slope_ci: tuple[float, float] | None = None
+    kingdom_slopes: dict[str, float] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
 
@@ -289,6 +307,12 @@ def fit_groups(
             fit.slope, fit.slope_ci = slope_per_decade(
                 [r.non_embedding for r in at_budget], [r.bits for r in at_budget], bootstrap, seed
             )
+            for kingdom in sorted({k for r in at_budget for k in r.kingdoms}):
+                have = [r for r in at_budget if kingdom in r.kingdoms]
+                if len({r.non_embedding for r in have}) >= 2:
+                    fit.kingdom_slopes[kingdom] = slope_per_decade(
+                        [r.non_embedding for r in have], [r.kingdoms[kingdom] for r in have], 0
+                    )[0]
         if law_nd is not None:
             a, b = law_nd.params["alpha"], law_nd.params["beta"]
             fit.optimal_exponent = b / (a + b) if a + b > 0 else None
@@ -403,6 +427,17 @@ def plot(rows: Sequence[RunRow], fits: Sequence[GroupFit], out_dir: Path, stem: 
 # ----------------------------------------------------------------------------- report
 
 
+NOT_IDENTIFIABLE = (
+    "(!) not identifiable from these runs: an exponent sits at a bound of [0, 5] or its interval "
+    "spans more than 10x; the curve is too flat over this range of N (and D) to separate E, A "
+    "and alpha. Read the per-decade slope instead."
+)
+
+
+def _mark(law: Law) -> str:
+    return "" if law.identifiable else " (!)"
+
+
 def _ci(law: Law, key: str, digits: int = 3) -> str:
     value = law.params[key]
     if key in law.ci:
@@ -446,9 +481,12 @@ def report(
             continue
         law = fit.law_n
         lines.append(
-            f"| {fit.group} | {law.points} | {fit.tokens:,.0f} | {_ci(law, 'alpha')} | "
+            f"| {fit.group} | {law.points} | {fit.tokens:,.0f} | {_ci(law, 'alpha')}{_mark(law)} | "
             f"{_ci(law, 'E', 4)} | {_ci(law, 'A')} | {law.resamples} | {slope} |"
         )
+    laws = [law for f in fits for law in (f.law_n, f.law_nd) if law is not None]
+    if any(not law.identifiable for law in laws):
+        lines += ["", NOT_IDENTIFIABLE]
     nd = [f for f in fits if f.law_nd is not None]
     if nd:
         lines += [
@@ -463,9 +501,11 @@ def report(
             law = fit.law_nd
             assert law is not None
             exponent = f"{fit.optimal_exponent:.2f}" if fit.optimal_exponent is not None else ""
+            exponent += _mark(law)
             lines.append(
-                f"| {fit.group} | {law.points} | {_ci(law, 'alpha')} | {_ci(law, 'beta')} | "
-                f"{_ci(law, 'E', 4)} | {_ci(law, 'A')} | {_ci(law, 'B')} | {exponent} |"
+                f"| {fit.group} | {law.points} | {_ci(law, 'alpha')}{_mark(law)} | "
+                f"{_ci(law, 'beta')} | {_ci(law, 'E', 4)} | {_ci(law, 'A')} | {_ci(law, 'B')} | "
+                f"{exponent} |"
             )
     for fit in fits:
         for error in fit.errors:
@@ -490,17 +530,18 @@ def report(
         lines.append(
             f"| {r.flops:.3g} | {r.name} | {r.group} | {r.non_embedding:,} | {r.bits:.4f} |"
         )
-    kingdoms = sorted({k for f in fits for k in f.kingdoms})
+    kingdoms = sorted({k for f in fits for k in f.kingdom_slopes})
     if kingdoms:
-        lines += ["", "## Per kingdom: alpha of L(N) (point estimates)", ""]
+        lines += ["", "## Per kingdom: bits per base per 10x N (at each group's budget)", ""]
         lines.append("| kingdom | " + " | ".join(f.group for f in fits) + " |")
         lines.append("|---|" + "---|" * len(fits))
         for kingdom in kingdoms:
             cells = [
-                f"{f.kingdoms[kingdom].params['alpha']:.2f}" if kingdom in f.kingdoms else ""
+                f"{f.kingdom_slopes[kingdom]:+.4f}" if kingdom in f.kingdom_slopes else ""
                 for f in fits
             ]
             lines.append(f"| {kingdom} | " + " | ".join(cells) + " |")
+        lines += ["", "(L(N) per kingdom, alpha and all, is in the .json beside this report.)"]
     lines += ["", "## Figures", ""]
     lines += [f"![{p.stem}]({p.name})" for p in figures]
     lines += ["", "## Runs", "", table(list(rows), "md")]

@@ -31,6 +31,16 @@ def test_l_of_n_recovers_a_known_law_and_its_interval_covers_it():
     noisy = fit_law(n, _law_n(n) * noise, bootstrap=24, seed=1)
     lo, hi = noisy.ci["alpha"]
     assert lo <= 0.35 <= hi and hi - lo > 0.0 and noisy.resamples > 12
+    assert exact.identifiable and noisy.identifiable
+
+
+def test_a_flat_curve_is_flagged_as_not_identifiable():
+    """Losses that barely move with N (as small DNA models at a tiny budget do) fit almost any
+    small alpha: the fit must say so rather than report an exponent."""
+    n = np.geomspace(2e4, 1e6, 5)
+    flat = 1.92 - 0.004 * np.log10(n / 2e4) + np.array([0.001, -0.002, 0.002, -0.001, 0.0])
+    law = fit_law(n, flat, bootstrap=16)
+    assert not law.identifiable
 
 
 def test_l_of_n_and_d_recovers_both_exponents_and_the_compute_optimal_slope():
