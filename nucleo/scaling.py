@@ -359,12 +359,15 @@ def plot(rows: Sequence[RunRow], fits: Sequence[GroupFit], out_dir: Path, stem: 
         members = groups[fit.group]
         arch, loss = members[0].arch, members[0].losses
         colour, marker, line = style(arch, loss)
-        for ax, xs in (
-            (axes[0], [r.flops for r in members]),
-            (axes[1], [r.non_embedding for r in members]),
-        ):
-            ax.scatter(xs, [r.bits for r in members], color=colour, marker=marker, s=36,
-                       label=fit.group, zorder=3)  # fmt: skip
+        at_budget = [r for r in members if round(r.tokens) == round(fit.tokens)]
+        smaller = [r for r in members if round(r.tokens) != round(fit.tokens)]
+        for ax, x in ((axes[0], lambda r: r.flops), (axes[1], lambda r: r.non_embedding)):
+            ax.scatter([x(r) for r in at_budget], [r.bits for r in at_budget], color=colour,
+                       marker=marker, s=36, label=fit.group, zorder=3)  # fmt: skip
+            if smaller:  # other token budgets: hollow (the L(N) curve is at the main budget)
+                ax.scatter([x(r) for r in smaller], [r.bits for r in smaller], marker=marker,
+                           s=30, facecolors="none", edgecolors=colour, alpha=0.7,
+                           label=f"{fit.group}, smaller budgets", zorder=3)  # fmt: skip
         if fit.law_n is not None:
             n = np.geomspace(
                 min(r.non_embedding for r in members) / 1.5,
@@ -401,7 +404,14 @@ def plot(rows: Sequence[RunRow], fits: Sequence[GroupFit], out_dir: Path, stem: 
         for i, kingdom in enumerate(kingdoms):
             ax = axes_k[i // cols][i % cols]
             for fit in fits:
-                members = [r for r in groups[fit.group] if kingdom in r.kingdoms]
+                members = sorted(
+                    (
+                        r
+                        for r in groups[fit.group]
+                        if kingdom in r.kingdoms and round(r.tokens) == round(fit.tokens)
+                    ),
+                    key=lambda r: r.non_embedding,
+                )  # fmt: skip  (the group's main budget, as the table)
                 if not members:
                     continue
                 colour, marker, line = style(members[0].arch, members[0].losses)
@@ -414,7 +424,7 @@ def plot(rows: Sequence[RunRow], fits: Sequence[GroupFit], out_dir: Path, stem: 
         for j in range(len(kingdoms), rows_n * cols):
             axes_k[j // cols][j % cols].axis("off")
         axes_k[0][0].legend(fontsize=6)
-        fig.supxlabel("non-embedding parameters N")
+        fig.supxlabel("non-embedding parameters N (each group at its main token budget)")
         fig.supylabel("validation bits per base")
         fig.tight_layout()
         path = out_dir / f"{stem}_kingdoms.png"
