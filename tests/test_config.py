@@ -111,3 +111,17 @@ def test_registry_suggests_and_refuses_duplicates():
     with pytest.raises(ValueError, match="registered twice"):
         reg.register("alpha", config=dict)(type("Other", (), {}))
     assert reg.names() == ["alpha"] and next(iter(reg)).summary == "An alpha widget."
+
+
+def test_every_shipped_config_and_sweep_spec_resolves():
+    """The YAML files under experiments/ stay valid as the configs evolve."""
+    from nucleo.sweep import expand, load_spec
+
+    configs = sorted((ROOT / "experiments" / "configs").glob("*.yaml"))
+    assert len(configs) >= 3
+    for path in configs:
+        load_config(path)
+    specs = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
+    assert specs
+    for path in specs:
+        assert expand(load_spec(path))
