@@ -46,6 +46,12 @@ TRAIN_MULTIPLIER = 3  # forward + backward (~2 x forward)
 Flops = Counter  # kind -> FLOPs (float)
 
 
+def _shape(param: nn.Parameter) -> tuple[int, ...]:
+    """A parameter's full shape, also under ZeRO-3 (which leaves an empty local tensor and
+    keeps the real shape in ``ds_shape``)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
 def _linear(layer: nn.Linear, rows: float) -> float:
     return 2.0 * layer.in_features * layer.out_features * rows
 
@@ -81,7 +87,7 @@ def _mamba(m: MambaMixer, batch: int, length: int) -> Flops:
     rows, e, n = batch * length, m.inner, m.d_state
     return Flops(
         matmul=sum(_linear(x, rows) for x in (m.in_proj, m.x_proj, m.dt_proj, m.out_proj)),
-        conv=2.0 * e * m.conv_weight.shape[-1] * rows,
+        conv=2.0 * e * _shape(m.conv_weight)[-1] * rows,
         scan=7.0 * e * n * rows,
         readout=2.0 * e * n * rows,
     )
@@ -93,7 +99,7 @@ def _bimamba(m: BiMamba, batch: int, length: int) -> Flops:
 
 def _multires(m: MultiresMixer, batch: int, length: int) -> Flops:
     rows = batch * length
-    d, k = m.conv.h0.shape[0], m.conv.h0.shape[-1]
+    d, k = _shape(m.conv.h0)[0], _shape(m.conv.h0)[-1]
     levels = m.conv.depth
     return Flops(
         matmul=_linear(m.out_proj, rows),
@@ -158,7 +164,7 @@ def forward_flops(model: LanguageModel, seq_len: int, batch: int = 1) -> Flops:
     for block in model.blocks:
         out += module_flops(block, batch, seq_len)
     rows = batch * seq_len
-    vocab, width = model.embed.weight.shape
+    vocab, width = model.embed.num_embeddings, model.embed.embedding_dim
     heads = 2 if isinstance(model, Caduceus) and model.cfg.rcps else 1  # one per strand
     out["matmul"] += heads * 2.0 * width * vocab * rows
     return out

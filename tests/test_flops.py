@@ -109,3 +109,15 @@ def test_a_mixer_without_a_formula_counts_its_linear_layers_and_warns():
     with pytest.warns(UserWarning, match="no formula for Odd"):
         f = module_flops(Block(Odd(), 8, mlp_ratio=2.0), batch=1, length=10)
     assert f["matmul"] == 2 * 8 * 8 * 10 + 2 * (2 * 8 * 16) * 10
+
+
+def test_the_count_survives_zero3_partitioning():
+    """ZeRO-3 leaves each rank an empty tensor per parameter (the shape is in ds_shape); the
+    count must read module attributes and ds_shape, not the local tensors."""
+    for arch, extra in (("mamba", []), ("multires", ["model.max_len=64"]), ("hyena", [])):
+        model = _model(arch, extra)
+        before = forward_flops(model, 64, 2)
+        for param in model.parameters():
+            param.ds_shape = param.shape
+            param.data = torch.empty(0)
+        assert forward_flops(model, 64, 2) == before
