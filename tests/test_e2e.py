@@ -114,11 +114,12 @@ def test_one_process_trains_tracks_checkpoints_and_exports(sample_shards, tmp_pa
     assert all(torch.equal(exported[k], reference[k]) for k in reference)
 
 
-def test_two_processes_train_together(sample_shards, tmp_path):
-    output = pretrain(sample_shards, tmp_path, procs=2, extra=["run.name=two"])
-    assert output.count("exits successfully") == 2
-    assert "2 rank(s)" in output
-    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+@pytest.mark.parametrize("procs", [2])  # 1 process: the BPE kill-and-resume test below
+def test_resume_continues_exactly_where_it_stopped(sample_shards, tmp_path, procs):
+    output = pretrain(sample_shards, tmp_path, procs=procs, extra=["run.name=full"])
+    # two processes train together
+    assert output.count("exits successfully") == 2 and "2 rank(s)" in output
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     assert summary["tokens"] == 40 * 2 * 8 * 128  # both ranks' micro-batches in every step
     client = _client(tmp_path)
     run = client.get_run(summary["mlflow_run_id"])
@@ -126,11 +127,6 @@ def test_two_processes_train_together(sample_shards, tmp_path):
     assert run.data.params["derived.global_batch_windows"] == "16"
     loss = _history(client, run.info.run_id, "train/loss")
     assert loss[-1][1] < loss[0][1] - 0.2
-
-
-@pytest.mark.parametrize("procs", [2])  # 1 process: the BPE kill-and-resume test below
-def test_resume_continues_exactly_where_it_stopped(sample_shards, tmp_path, procs):
-    pretrain(sample_shards, tmp_path, procs=procs, extra=["run.name=full"])
     # The same run interrupted after its step-20 checkpoint:
     cut = tmp_path / "cut"
     shutil.copytree(tmp_path / "full", cut)
@@ -151,6 +147,12 @@ def test_resume_continues_exactly_where_it_stopped(sample_shards, tmp_path, proc
 def test_resume_continues_the_mlflow_run(sample_shards, tmp_path):
     pretrain(sample_shards, tmp_path, extra=["run.name=grow", "train.max_steps=20"])
     first = json.loads((tmp_path / "grow" / "summary.json").read_text())["mlflow_run_id"]
+    # A new run into the same directory is refused, pointing at --resume (nothing overwritten).
+    cmd = [sys.executable, "launch/pretrain.py", "--set", f"data.shards={sample_shards}",
+           "--set", f"run.root={tmp_path}", "--set", "run.name=grow"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr and "--resume" in result.stderr
     pretrain(
         sample_shards, tmp_path, "--resume", str(tmp_path / "grow"), extra=["train.max_steps=30"]
     )
@@ -170,27 +172,6 @@ def test_resume_continues_the_mlflow_run(sample_shards, tmp_path):
         sample_shards, tmp_path, "--resume", str(tmp_path / "grow"), extra=["train.max_steps=30"]
     )
     assert (marker.read_text(), marker.stat().st_mtime_ns) == before
-
-
-def test_an_existing_run_is_not_overwritten(sample_shards, tmp_path):
-    pretrain(
-        sample_shards,
-        tmp_path,
-        extra=["run.name=once", "train.max_steps=5", "tracking.enabled=false"],
-    )
-    cmd = [
-        sys.executable,
-        "launch/pretrain.py",
-        "--set",
-        f"data.shards={sample_shards}",
-        "--set",
-        f"run.root={tmp_path}",
-        "--set",
-        "run.name=once",
-    ]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2
-    assert "already holds a run" in result.stderr and "--resume" in result.stderr
 
 
 @pytest.mark.parametrize(
