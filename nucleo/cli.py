@@ -11,6 +11,8 @@
     nucleo sweep status SPEC.yaml                 each point's state and result
     nucleo scaling fit --experiment NAME          scaling laws, plots and a report from MLflow
     nucleo compare [--experiment NAME] [--tag k=v] [--format md|csv]   a table of runs
+    nucleo score EXPORT FASTA [--out scores.tsv]  per-record log-likelihood, bits per base
+    nucleo embed EXPORT FASTA --out emb.npy       per-record mean-pooled embeddings
 
 Multi-process training goes through DeepSpeed's launcher: ``deepspeed launch/pretrain.py``.
 """
@@ -371,6 +373,54 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from nucleo.inference import score_file
+
+    out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115 (stdout or a file)
+    count = 0
+    try:
+        out.write("record\tbases\ttokens_scored\tlog_likelihood_nats\tbits_per_base\n")
+        scores = score_file(
+            args.export, args.fasta, args.window, args.batch, args.both_strands, args.device
+        )
+        for s in scores:
+            out.write(
+                f"{s.record}\t{s.bases}\t{s.tokens_scored}\t{s.log_likelihood:.4f}\t"
+                f"{s.bits_per_base:.6f}\n"
+            )
+            out.flush()
+            count += 1
+    finally:
+        if args.out:
+            out.close()
+    if args.out:
+        print(f"wrote {count} scores to {args.out}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from nucleo.inference import embed_file
+
+    ids, vectors = embed_file(args.export, args.fasta, args.window, args.batch, args.device)
+    out = Path(args.out)
+    np.save(out, vectors)
+    ids_path = out.with_suffix(".ids.txt")
+    ids_path.write_text("".join(f"{i}\n" for i in ids))
+    print(f"wrote {vectors.shape[0]} x {vectors.shape[1] if vectors.size else 0} to {out}, ids "
+          f"in {ids_path}")  # fmt: skip
+    return 0
+
+
+def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("export", help="a model export directory (RUN_DIR/export or nucleo export)")
+    p.add_argument("fasta", help="FASTA or GenBank file (.gz/.xz/.bz2 too), streamed by record")
+    p.add_argument("--window", type=int, default=1024, help="tokens per window of long records")
+    p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+
 def _add_store_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
                    "sqlite:///RUNS_ROOT/mlflow.db)")  # fmt: skip
@@ -446,6 +496,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write to this file instead of stdout")
     _add_store_arguments(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("score", help="per-record log-likelihood and bits per base (TSV)")
+    _add_inference_arguments(p)
+    p.add_argument("--out", help="TSV to write (default: stdout)")
+    p.add_argument("--both-strands", action="store_true", help="average with the rc strand")
+    p.set_defaults(func=cmd_score)
+    p = sub.add_parser("embed", help="per-record mean-pooled embeddings (.npy + .ids.txt)")
+    _add_inference_arguments(p)
+    p.add_argument("--out", required=True, help=".npy to write; record ids beside it")
+    p.set_defaults(func=cmd_embed)
 
     data = sub.add_parser("data", help="genome files -> WebDataset shards").add_subparsers(
         dest="data_command", required=True

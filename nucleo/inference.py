@@ -1,0 +1,148 @@
+"""Inference from a portable export: per-sequence scores and embeddings of FASTA/GenBank files.
+
+    nucleo score EXPORT genomes.fa [--out scores.tsv] [--both-strands] [--window 1024]
+    nucleo embed EXPORT genomes.fa --out embeddings.npy [--window 1024]
+
+Records are streamed one at a time (a file is never loaded whole); a record longer than the
+window is cut into consecutive windows of ``window`` tokens, run ``batch`` windows at a time.
+
+Scores need a causal model: the log-likelihood of each token given the ones before it in its
+window (the first token of each window has no context and is not scored). Bits per base divide
+the bits by the bases those tokens cover (exact for ``char``; for k-mer and BPE tokenizers the
+bases of the scored tokens are counted from their decoded text). ``both_strands`` averages the
+record's score with its reverse complement's. Embeddings are the mean of the final hidden
+states over every token of the record: [D] per record.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from data_pipeline.readers import read_sequences
+from nucleo.alphabet import reverse_complement_bytes
+
+
+@dataclass
+class Score:
+    """One record's score: nats (sum of log-likelihoods), tokens and bases scored, and bits per
+    base (both strands averaged when asked)."""
+
+    record: str
+    bases: int
+    tokens_scored: int
+    log_likelihood: float
+    bits_per_base: float
+
+
+def _windows(ids: np.ndarray, window: int) -> list[np.ndarray]:
+    return [ids[i : i + window] for i in range(0, len(ids), window)] or [ids]
+
+
+def _batches(
+    pieces: list[np.ndarray], batch: int, pad_id: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(tokens [b, L], mask [b, L]) of ``batch`` windows at a time, right-padded."""
+    for start in range(0, len(pieces), batch):
+        chunk = pieces[start : start + batch]
+        width = max(len(p) for p in chunk)
+        tokens = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.bool)
+        for row, piece in enumerate(chunk):
+            tokens[row, : len(piece)] = torch.from_numpy(piece.astype(np.int64))
+            mask[row, : len(piece)] = True
+        yield tokens, mask
+
+
+@torch.no_grad()
+def log_likelihood(
+    model: nn.Module, tokenizer: Any, seq: bytes, window: int, batch: int, device: torch.device
+) -> tuple[float, int, int]:
+    """(sum of log p(token | earlier tokens of its window) in nats, tokens scored, bases they
+    cover) of one sequence."""
+    ids = tokenizer.encode(seq)
+    total, scored, bases = 0.0, 0, 0
+    for tokens, mask in _batches(_windows(ids, window), batch, tokenizer.pad_id):
+        tokens, mask = tokens.to(device), mask.to(device)
+        logits = model(tokens).logits[:, :-1].float()
+        targets, valid = tokens[:, 1:], mask[:, 1:]
+        logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+        total += float(logp[valid].sum())
+        scored += int(valid.sum())
+        if getattr(tokenizer, "name", "") == "char":
+            bases += int(valid.sum())
+        else:
+            for row in range(tokens.shape[0]):
+                kept = targets[row][valid[row]].tolist()
+                bases += len(tokenizer.decode(kept))
+    return total, scored, bases
+
+
+def score_file(
+    export: str | Path,
+    path: str | Path,
+    window: int = 1024,
+    batch: int = 8,
+    both_strands: bool = False,
+    device: str = "cpu",
+) -> Iterator[Score]:
+    """A Score per record of ``path`` (FASTA or GenBank, compressed or not), streamed."""
+    from nucleo.export import load_exported
+
+    model, tokenizer, meta = load_exported(export, device)
+    if not meta.get("causal", True):
+        raise ValueError(
+            f"{export}: a {meta['arch']} model trained bidirectionally has no left-to-right "
+            "likelihood; score needs a causal model (use nucleo embed for this one)"
+        )
+    dev = torch.device(device)
+    for record in read_sequences(path):
+        seq = bytes(record.seq)
+        nats, scored, bases = log_likelihood(model, tokenizer, seq, window, batch, dev)
+        bits = -nats / math.log(2) / max(bases, 1)
+        if both_strands:
+            rc_nats, _, rc_bases = log_likelihood(
+                model, tokenizer, reverse_complement_bytes(seq), window, batch, dev
+            )
+            bits = (bits + -rc_nats / math.log(2) / max(rc_bases, 1)) / 2
+        yield Score(record.id, len(seq), scored, nats, bits)
+
+
+@torch.no_grad()
+def embed_sequence(
+    model: nn.Module, tokenizer: Any, seq: bytes, window: int, batch: int, device: torch.device
+) -> np.ndarray:
+    """Mean of the final hidden states over every token of ``seq``: [D] float32."""
+    ids = tokenizer.encode(seq)
+    total: torch.Tensor | None = None
+    count = 0
+    for tokens, mask in _batches(_windows(ids, window), batch, tokenizer.pad_id):
+        tokens, mask = tokens.to(device), mask.to(device)
+        hidden = model(tokens).hidden.float()
+        summed = (hidden * mask[..., None]).sum((0, 1))
+        total = summed if total is None else total + summed
+        count += int(mask.sum())
+    assert total is not None
+    return (total / max(count, 1)).cpu().numpy().astype(np.float32)
+
+
+def embed_file(
+    export: str | Path, path: str | Path, window: int = 1024, batch: int = 8, device: str = "cpu"
+) -> tuple[list[str], np.ndarray]:
+    """(record ids, embeddings [records, D] float32) of ``path``, streamed record by record."""
+    from nucleo.export import load_exported
+
+    model, tokenizer, _meta = load_exported(export, device)
+    dev = torch.device(device)
+    ids, rows = [], []
+    for record in read_sequences(path):
+        ids.append(record.id)
+        rows.append(embed_sequence(model, tokenizer, bytes(record.seq), window, batch, dev))
+    return ids, np.stack(rows) if rows else np.zeros((0, 0), np.float32)
