@@ -506,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_arguments(p)
     p.add_argument("--out", required=True, help=".npy to write; record ids beside it")
     p.set_defaults(func=cmd_embed)
+    from nucleo.cli_downstream import add_commands
+
+    add_commands(sub, _add_store_arguments)
 
     data = sub.add_parser("data", help="genome files -> WebDataset shards").add_subparsers(
         dest="data_command", required=True

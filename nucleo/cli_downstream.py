@@ -1,0 +1,350 @@
+"""The downstream subcommands of ``nucleo``: tasks, finetune, predict, generate and
+evaluate-generation (kept apart from nucleo/cli.py, which holds pretraining and data)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def cmd_tasks_build(args: argparse.Namespace) -> int:
+    from nucleo.tasks import build_task, save_task
+
+    options: dict[str, Any] = {
+        "length": args.length,
+        "seed": args.seed,
+        "train_per_class": args.train_per_class,
+        "test_per_class": args.test_per_class,
+    }
+    if args.name == "kingdom":
+        options["shards"] = args.shards
+    elif args.name == "plasmid_vs_chromosome":
+        options["genomes"] = args.genome
+        options["test_genome"] = args.test_genome
+    elif args.name == "coding_vs_intergenic":
+        options["annotations"] = args.annotations
+        options["test_groups"] = args.test_group
+    options = {k: v for k, v in options.items() if v is not None}
+    task = build_task(args.name, corpus=args.corpus, **options)
+    out = save_task(task, args.out, args.layout)
+    print(task.describe())
+    for key in ("left_out", "skipped", "test_genome", "test_groups"):
+        if task.meta.get(key):
+            print(f"  {key}: {task.meta[key]}")
+    print(f"wrote {out} ({args.layout})")
+    return 0
+
+
+def cmd_tasks_convert(args: argparse.Namespace) -> int:
+    from nucleo.tasks import load_task, save_task
+
+    task = load_task(args.source, args.references)
+    out = save_task(task, args.out, args.layout)
+    print(task.describe())
+    print(f"wrote {out} ({args.layout})")
+    return 0
+
+
+def cmd_tasks_info(args: argparse.Namespace) -> int:
+    from nucleo.tasks import detect_layout, load_task
+
+    task = load_task(args.path, args.references)
+    print(f"{args.path} ({detect_layout(args.path)})")
+    print(task.describe())
+    return 0
+
+
+# ----------------------------------------------------------------------------- finetune
+
+
+def _exports(values: Sequence[str]) -> list[tuple[str, str]]:
+    """``LABEL=PATH`` or ``PATH`` (label: the run folder's name, or the export's losses)."""
+    out = []
+    for value in values:
+        if "=" in value:
+            label, path = value.split("=", 1)
+        else:
+            path = value
+            parent = Path(path).resolve()
+            label = parent.parent.name if parent.name == "export" else parent.name
+        out.append((label, path))
+    return out
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from nucleo.finetune import FinetuneConfig, compare, run_seeds, summarize
+
+    exports = _exports(args.export)
+    base = FinetuneConfig(
+        task=args.task[0],
+        export=exports[0][1],
+        init=args.init,
+        mode=args.mode,
+        seeds=args.seeds,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        balance=args.balance,
+        rc_conjoin=args.rc_conjoin,
+        probe_c=args.probe_c,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        out=args.out_dir,
+        experiment=args.experiment,
+        tracking_uri=args.tracking_uri,
+        label=exports[0][0],
+    )
+    if args.compare:
+        compare(args.task, exports, base, args.table, scratch=not args.no_scratch)
+        if args.table:
+            print(f"wrote {args.table} (and {Path(args.table).with_suffix('.json')})")
+        return 0
+    if len(args.task) > 1 or len(exports) > 1:
+        raise ValueError("several tasks or exports need --compare")
+    results = run_seeds(base)
+    summary = summarize(results)
+    print(
+        f"{base.task}: {len(results)} seed(s): "
+        + " | ".join(f"{k} {m:.4f} ± {s:.4f}" for k, (m, s) in summary.items())
+    )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from nucleo.finetune import predict_file
+
+    out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115
+    count = 0
+    try:
+        header_done = False
+        for rid, label, probs in predict_file(args.classifier, args.fasta, args.batch, args.device):
+            if not header_done:
+                import json
+
+                classes = json.loads((Path(args.classifier) / "classifier.json").read_text())[
+                    "classes"
+                ]
+                out.write("record\tprediction\t" + "\t".join(f"p_{c}" for c in classes) + "\n")
+                header_done = True
+            out.write(f"{rid}\t{label}\t" + "\t".join(f"{p:.6f}" for p in probs) + "\n")
+            count += 1
+    finally:
+        if args.out:
+            out.close()
+    if args.out:
+        print(f"wrote {count} predictions to {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from data_pipeline.readers import read_sequences
+    from nucleo.generate import generate_to_fasta
+
+    prompts: list[bytes] = []
+    if args.prompt:
+        prompt = args.prompt.strip().upper().encode()
+        bad = set(prompt) - set(b"ACGTN")
+        if bad:
+            raise ValueError(f"--prompt: {bytes(sorted(bad))!r} are not bases (A, C, G, T, N)")
+        prompts = [prompt]
+    elif args.prompt_file:
+        prompts = [bytes(r.seq) for r in read_sequences(args.prompt_file)]
+        if not prompts:
+            raise ValueError(f"{args.prompt_file}: no records to use as prompts")
+        cut = args.prompt_len or min(map(len, prompts))
+        prompts = [p[:cut] for p in prompts]
+        if min(map(len, prompts)) < cut:
+            raise ValueError(f"{args.prompt_file}: records shorter than --prompt-len {cut}")
+    path = generate_to_fasta(
+        args.export,
+        args.out,
+        num=args.num,
+        length=args.length,
+        prompts=prompts,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch=args.batch,
+        device=args.device,
+    )
+    print(f"wrote {args.num} sequences of {args.length} bases to {path}")
+    return 0
+
+
+def cmd_evaluate_generation(args: argparse.Namespace) -> int:
+    from nucleo.generate import evaluate_generation, read_fasta_set, real_windows
+
+    generated = read_fasta_set(args.generated, args.max_sequences)
+    length = min(map(len, generated))
+    if args.real:
+        real = read_fasta_set(args.real, None)
+        real = _cut(real, length, 2 * len(generated))
+    elif args.shards and args.kingdom:
+        real = real_windows(args.shards, args.kingdom, length, 2 * len(generated), args.seed)
+    else:
+        raise ValueError("give --real FASTA, or --shards DIR with --kingdom NAME")
+    result = evaluate_generation(generated, real, args.out, args.seed, args.k, args.label)
+    print((Path(args.out) / "report.md").read_text())
+    del result
+    return 0
+
+
+def _cut(seqs: list[bytes], length: int, count: int) -> list[bytes]:
+    """Consecutive windows of ``length`` from ``seqs`` (N-free), up to ``count``."""
+    out = []
+    for seq in seqs:
+        for start in range(0, len(seq) - length + 1, length):
+            piece = seq[start : start + length]
+            if b"N" not in piece:
+                out.append(piece)
+            if len(out) >= count:
+                return out
+    if len(out) < 2:
+        raise ValueError(f"the real sequences hold fewer than 2 N-free windows of {length} bases")
+    return out
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def add_commands(sub: Any, store_arguments: Any) -> None:
+    """Register the downstream subcommands on nucleo's subparsers."""
+    from nucleo.tasks import BUILT, LAYOUTS
+
+    tasks = sub.add_parser("tasks", help="build, convert and inspect classification tasks")
+    tsub = tasks.add_subparsers(dest="tasks_command", required=True)
+    p = tsub.add_parser("build", help="build a task from real genomes (leakage-free splits)")
+    p.add_argument("name", choices=BUILT)
+    p.add_argument("--out", required=True, help="task folder to write")
+    p.add_argument("--corpus", default="data/offline", help="offline corpus folder for inputs "
+                   "not given (nucleo data corpus --out)")  # fmt: skip
+    p.add_argument("--layout", choices=LAYOUTS, default="parquet")
+    p.add_argument("--shards", help="kingdom: shard folder (train -> train, val -> test)")
+    p.add_argument("--genome", action="append", help="plasmid_vs_chromosome: genome FASTA "
+                   "(repeatable)")  # fmt: skip
+    p.add_argument("--test-genome", help="plasmid_vs_chromosome: the genome held out")
+    p.add_argument("--annotations", action="append", help="coding_vs_intergenic: GenBank file "
+                   "or GFF3 with its FASTA beside (repeatable)")  # fmt: skip
+    p.add_argument("--test-group", action="append", help="coding_vs_intergenic: organism held "
+                   "out (repeatable; default: a salted hash picks ~30%%)")  # fmt: skip
+    p.add_argument("--length", type=int, help="bases per example (default 200)")
+    p.add_argument("--train-per-class", type=int)
+    p.add_argument("--test-per-class", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tasks_build)
+    p = tsub.add_parser("convert", help="rewrite a task in another layout")
+    p.add_argument("source", help="task folder (any layout)")
+    p.add_argument("out")
+    p.add_argument("--layout", choices=LAYOUTS, required=True)
+    p.add_argument("--references", help="Genomic Benchmarks reference FASTA folder")
+    p.set_defaults(func=cmd_tasks_convert)
+    p = tsub.add_parser("info", help="classes, sizes and groups of a task folder")
+    p.add_argument("path")
+    p.add_argument("--references", help="Genomic Benchmarks reference FASTA folder")
+    p.set_defaults(func=cmd_tasks_info)
+
+    p = sub.add_parser("finetune", help="fine-tune or probe an export on a task; --compare")
+    add_finetune_arguments(p, store_arguments)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("predict", help="a fine-tuned classifier on FASTA -> labels (TSV)")
+    p.add_argument("classifier", help="a `nucleo finetune` output folder")
+    p.add_argument("fasta", help="FASTA or GenBank file, streamed by record")
+    p.add_argument("--out", help="TSV to write (default: stdout)")
+    p.add_argument("--batch", type=int, default=64, help="records per forward pass")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("generate", help="sample sequences from a causal export (FASTA)")
+    p.add_argument("export")
+    p.add_argument("--out", required=True, help="FASTA to write")
+    p.add_argument("--num", type=int, default=16, help="sequences")
+    p.add_argument("--length", type=int, default=1000, help="new bases per sequence")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--prompt", help="bases to continue (default: none)")
+    group.add_argument("--prompt-file", help="FASTA: each record prompts in turn (cut to "
+                       "--prompt-len, default the shortest)")  # fmt: skip
+    p.add_argument("--prompt-len", type=int, help="bases of each --prompt-file record to use")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1: off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=16, help="sequences sampled together")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate-generation", help="generated vs real: GC, k-mers, CGR, walk, "
+                       "topology; report + picture")  # fmt: skip
+    p.add_argument("generated", help="FASTA of generated sequences")
+    p.add_argument("--real", help="FASTA of held-out real sequences")
+    p.add_argument("--shards", help="or: a shard folder whose val split gives the real windows")
+    p.add_argument("--kingdom", help="with --shards: the kingdom to compare with")
+    p.add_argument("--out", required=True, help="report folder (report.md, report.json, cgr.png)")
+    p.add_argument("--label", default="generated")
+    p.add_argument("--k", type=int, default=4, help="k of the k-mer and FCGR comparisons")
+    p.add_argument("--max-sequences", type=int, help="use at most this many generated")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_evaluate_generation)
+
+
+def add_finetune_arguments(p: argparse.ArgumentParser, store_arguments: Any = None) -> None:
+    from nucleo.finetune import BALANCES, INITS, MODES
+
+    p.add_argument("task", nargs="+", help="task folder(s) (nucleo tasks build, a Genomic "
+                   "Benchmarks folder, or NT-style parquet)")  # fmt: skip
+    p.add_argument("--export", action="append", required=True, metavar="[LABEL=]PATH",
+                   help="pretrained export (repeatable with --compare); scratch copies the "
+                   "first one's architecture")  # fmt: skip
+    p.add_argument("--init", choices=INITS, default="pretrained")
+    p.add_argument("--mode", choices=MODES, default="full")
+    p.add_argument("--seeds", type=_ints, default=[0], help="e.g. 0,1,2")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--balance", choices=BALANCES, default="weights")
+    p.add_argument("--rc-conjoin", action="store_true", help="average both strands at test")
+    p.add_argument("--probe-c", type=float, default=1.0, help="probe: inverse L2 strength")
+    p.add_argument("--max-tokens", type=int, default=1024, help="longer inputs are cut")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out-dir", default="runs/finetune", help="where classifiers are saved")
+    p.add_argument("--experiment", default="nucleo-finetune", help="MLflow experiment")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
+                   "sqlite:///runs/mlflow.db)")  # fmt: skip
+    p.add_argument("--compare", action="store_true", help="pretrained (full, probe) vs scratch "
+                   "for every task and export")  # fmt: skip
+    p.add_argument("--table", help="with --compare: markdown table to write (+ .json); rows "
+                   "already in it are kept, not rerun")  # fmt: skip
+    p.add_argument("--no-scratch", action="store_true", help="with --compare: leave out the "
+                   "scratch rows (e.g. when adding another export to a table)")  # fmt: skip
+
+
+def finetune_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of launch/finetune.py."""
+    from nucleo.cli import _run
+
+    parser = argparse.ArgumentParser(
+        prog="launch/finetune.py", description="Fine-tune or probe a DNA model on a task."
+    )
+    add_finetune_arguments(parser)
+    return _run(cmd_finetune, parser.parse_args(argv))
