@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The README's demo: set up, shard the bundled genomes, pretrain a small transformer with
-# DeepSpeed, validating bits per base per kingdom; everything is logged to runs/mlflow.db.
+# DeepSpeed, validating bits per base per kingdom; then the downstream path: a kingdom task
+# from the shards' held-out split, fine-tune the export on it, predict the kingdom of phage
+# genomes. Everything is logged to runs/mlflow.db.
 # Extra arguments go to launch/pretrain.py, e.g.  launch/demo.sh --set train.max_steps=100
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,5 +16,15 @@ if [ ! -f "$shards/manifest.json" ] || [ data_pipeline/sample/sources.tsv -nt "$
 fi
 # One process (DeepSpeed's CPU accelerator would otherwise start one per NUMA node).
 deepspeed --num_gpus 1 launch/pretrain.py --config experiments/configs/demo.yaml "$@"
+export=$(ls -td runs/*/export | head -1)
+
+echo
+echo "== downstream: kingdom task -> fine-tune $export -> predict"
+[ -f data/tasks/demo_kingdom/task.json ] || nucleo tasks build kingdom --shards "$shards" \
+    --out data/tasks/demo_kingdom --train-per-class 100 --test-per-class 40
+python launch/finetune.py data/tasks/demo_kingdom --export "$export" --mode full --epochs 2 \
+    --seeds 0 --rc-conjoin --out-dir runs/finetune
+classifier=$(ls -td runs/finetune/kingdom-*-full-seed0 | head -1)
+nucleo predict "$classifier" data_pipeline/sample/viral/lactococcus_phages.fasta.bz2
 echo
 echo "Open the runs in MLflow:  .venv/bin/mlflow ui --backend-store-uri sqlite:///$PWD/runs/mlflow.db"

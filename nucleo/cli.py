@@ -403,13 +403,23 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     from nucleo.inference import embed_file
 
-    ids, vectors = embed_file(args.export, args.fasta, args.window, args.batch, args.device)
+    ids, vectors = embed_file(
+        args.export, args.fasta, args.window, args.batch, args.device, args.pooling
+    )
     out = Path(args.out)
+    width = vectors.shape[1] if vectors.size else 0
+    if out.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), width)
+        pq.write_table(pa.table({"id": ids, "embedding": column}), out)
+        print(f"wrote {vectors.shape[0]} x {width} to {out} (columns id, embedding)")
+        return 0
     np.save(out, vectors)
     ids_path = out.with_suffix(".ids.txt")
     ids_path.write_text("".join(f"{i}\n" for i in ids))
-    print(f"wrote {vectors.shape[0]} x {vectors.shape[1] if vectors.size else 0} to {out}, ids "
-          f"in {ids_path}")  # fmt: skip
+    print(f"wrote {vectors.shape[0]} x {width} to {out}, ids in {ids_path}")
     return 0
 
 
@@ -502,9 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="TSV to write (default: stdout)")
     p.add_argument("--both-strands", action="store_true", help="average with the rc strand")
     p.set_defaults(func=cmd_score)
-    p = sub.add_parser("embed", help="per-record mean-pooled embeddings (.npy + .ids.txt)")
+    p = sub.add_parser("embed", help="per-record mean-pooled embeddings (.npy or .parquet)")
     _add_inference_arguments(p)
-    p.add_argument("--out", required=True, help=".npy to write; record ids beside it")
+    p.add_argument("--out", required=True, help=".npy (record ids beside it in .ids.txt) or "
+                   ".parquet (columns id, embedding)")  # fmt: skip
+    p.add_argument("--pooling", choices=("mean", "max", "last"), default="mean",
+                   help="over the record's tokens (last: the final token's state)")  # fmt: skip
     p.set_defaults(func=cmd_embed)
     from nucleo.cli_downstream import add_commands
 

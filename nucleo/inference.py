@@ -10,8 +10,8 @@ Scores need a causal model: the log-likelihood of each token given the ones befo
 window (the first token of each window has no context and is not scored). Bits per base divide
 the bits by the bases those tokens cover (exact for ``char``; for k-mer and BPE tokenizers the
 bases of the scored tokens are counted from their decoded text). ``both_strands`` averages the
-record's score with its reverse complement's. Embeddings are the mean of the final hidden
-states over every token of the record: [D] per record.
+record's score with its reverse complement's. Embeddings pool the final hidden states over
+every token of the record (mean by default; max; or the last token's): [D] per record.
 """
 
 from __future__ import annotations
@@ -115,26 +115,59 @@ def score_file(
         yield Score(record.id, len(seq), scored, nats, bits)
 
 
+POOLINGS = ("mean", "max", "last")
+
+
 @torch.no_grad()
 def embed_sequence(
-    model: nn.Module, tokenizer: Any, seq: bytes, window: int, batch: int, device: torch.device
+    model: nn.Module,
+    tokenizer: Any,
+    seq: bytes,
+    window: int,
+    batch: int,
+    device: torch.device,
+    pooling: str = "mean",
 ) -> np.ndarray:
-    """Mean of the final hidden states over every token of ``seq``: [D] float32."""
+    """[D] float32 embedding of ``seq`` from the final hidden states of all its tokens:
+    their mean (default), their element-wise max, or the last token's state (for a causal
+    model, the one that has seen the most of its window)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
     ids = tokenizer.encode(seq)
     total: torch.Tensor | None = None
     count = 0
+    last: torch.Tensor | None = None
     for tokens, mask in _batches(_windows(ids, window), batch, tokenizer.pad_id):
         tokens, mask = tokens.to(device), mask.to(device)
         hidden = model(tokens).hidden.float()
-        summed = (hidden * mask[..., None]).sum((0, 1))
-        total = summed if total is None else total + summed
+        if pooling == "mean":
+            summed = (hidden * mask[..., None]).sum((0, 1))
+        elif pooling == "max":
+            summed = hidden.masked_fill(~mask[..., None], float("-inf")).amax((0, 1))
+        else:
+            row = hidden.shape[0] - 1
+            last = hidden[row, int(mask[row].sum()) - 1]
+            continue
+        if total is None:
+            total = summed
+        else:
+            total = total + summed if pooling == "mean" else torch.maximum(total, summed)
         count += int(mask.sum())
+    if pooling == "last":
+        assert last is not None
+        return last.cpu().numpy().astype(np.float32)
     assert total is not None
-    return (total / max(count, 1)).cpu().numpy().astype(np.float32)
+    out = total / max(count, 1) if pooling == "mean" else total
+    return out.cpu().numpy().astype(np.float32)
 
 
 def embed_file(
-    export: str | Path, path: str | Path, window: int = 1024, batch: int = 8, device: str = "cpu"
+    export: str | Path,
+    path: str | Path,
+    window: int = 1024,
+    batch: int = 8,
+    device: str = "cpu",
+    pooling: str = "mean",
 ) -> tuple[list[str], np.ndarray]:
     """(record ids, embeddings [records, D] float32) of ``path``, streamed record by record."""
     from nucleo.export import load_exported
@@ -144,5 +177,6 @@ def embed_file(
     ids, rows = [], []
     for record in read_sequences(path):
         ids.append(record.id)
-        rows.append(embed_sequence(model, tokenizer, bytes(record.seq), window, batch, dev))
+        seq = bytes(record.seq)
+        rows.append(embed_sequence(model, tokenizer, seq, window, batch, dev, pooling))
     return ids, np.stack(rows) if rows else np.zeros((0, 0), np.float32)

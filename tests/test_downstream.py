@@ -209,6 +209,49 @@ def test_genomic_benchmarks_intervals_read_minus_strand_and_name_bad_rows(tmp_pa
         load_task(root)
 
 
+def test_genomic_benchmarks_reference_is_downloaded_once_from_its_url(tmp_path):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    served = tmp_path / "served"
+    served.mkdir()
+    with gzip.open(served / "genome.fa.gz", "wt") as fh:
+        fh.write(">1\nAACCGGTTACGTACGT\n>2\nGGGGCCCC\n")
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=served))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/genome.fa.gz"
+        root = tmp_path / "human_toy"
+        for split in ("train", "test"):
+            (root / split).mkdir(parents=True)
+            for cls, row in {"positive": "0,chr1,0,4,+", "negative": "0,chr2,0,4,+"}.items():
+                with gzip.open(root / split / f"{cls}.csv.gz", "wt") as fh:
+                    fh.write(f"id,region,start,end,strand\n{row}\n")
+        spec = f"{{type: fa.gz, url: '{url}', extra_processing: ENSEMBL_HUMAN_GENOME}}"
+        (root / "metadata.yaml").write_text(
+            f"version: 0\nclasses:\n  positive: {spec}\n  negative: {spec}\n"
+        )
+        refs = tmp_path / "refs"
+        task = load_task(root, references=refs)  # region names get Ensembl's "chr" prefix
+        assert (refs / "genome.fa.gz").is_file()
+        train = dict(
+            zip(task.splits["train"].labels.tolist(), task.splits["train"].sequences, strict=True)
+        )
+        assert train == {
+            task.classes.index("positive"): b"AACC",
+            task.classes.index("negative"): b"GGGG",
+        }
+    finally:
+        server.shutdown()
+    assert load_task(root, references=refs).classes == ["negative", "positive"]  # no server now
+
+
 def test_nucleotide_transformer_parquet_and_bad_sequences(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -400,3 +443,13 @@ def test_set_distances_are_zero_for_a_set_and_itself_and_grow_with_difference():
     other = compare_sets(at_rich, uniform, topo_pairs=2)
     assert other["gc_difference"] > 0.1 and other["kmer4_js_bits"] > 0.02
     assert other["fcgr_energy"] > 0 and other["walk_energy"] > 0
+
+
+def test_class_weights_balance_the_classes_in_the_loss():
+    from nucleo.finetune import _class_weights
+
+    labels = np.array([0] * 90 + [1] * 10)
+    weights = _class_weights(labels, 3)
+    assert weights[2] == 0  # an absent class gets no weight
+    counts = np.bincount(labels, minlength=3)
+    assert weights[0] * counts[0] == pytest.approx(weights[1] * counts[1])

@@ -76,6 +76,14 @@ def test_score_and_embed_commands_stream_a_genome_file(tmp_path, capsys):
     vectors = np.load(npy)
     ids = (tmp_path / "emb.ids.txt").read_text().split()
     assert vectors.shape == (len(ids), 16) and ids and np.isfinite(vectors).all()
+    pq_path = tmp_path / "emb.parquet"
+    gb = str(sample_file("plasmid/NC_005816.gb.gz"))
+    assert main(["embed", str(out), gb, "--out", str(pq_path)]) == 0
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(pq_path)
+    assert table.column("id").to_pylist() == ids
+    assert np.allclose(np.array(table.column("embedding").to_pylist()), vectors)
 
 
 def test_an_embedding_is_the_mean_hidden_state_over_all_windows():
@@ -86,8 +94,13 @@ def test_an_embedding_is_the_mean_hidden_state_over_all_windows():
     ids = torch.from_numpy(tok.encode(seq)).long()
     with torch.no_grad():
         hidden = torch.cat([model(ids[s : s + 50][None]).hidden[0] for s in (0, 50, 100)])
-    got = embed_sequence(model, tok, seq, 50, 2, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    got = embed_sequence(model, tok, seq, 50, 2, cpu)
     assert np.allclose(got, hidden.mean(0).numpy(), atol=1e-5)
+    got = embed_sequence(model, tok, seq, 50, 2, cpu, pooling="max")
+    assert np.allclose(got, hidden.amax(0).numpy(), atol=1e-5)
+    got = embed_sequence(model, tok, seq, 50, 2, cpu, pooling="last")
+    assert np.allclose(got, hidden[-1].numpy(), atol=1e-5)
 
 
 def test_scoring_a_bidirectional_model_is_refused_with_the_reason(tmp_path, capsys):
