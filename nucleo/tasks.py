@@ -542,13 +542,24 @@ def save_task(task: Task, out: str | Path, layout: str = "parquet") -> Path:
     return root
 
 
+def _table_files(root: Path, split: str) -> list[Path]:
+    """``<split>*.parquet|csv`` files of a table task: in the folder, or in its ``data/``
+    (Hugging Face's ``data/train-00000-of-00001.parquet``)."""
+    return sorted(
+        p
+        for folder in (root, root / "data")
+        for ext in ("parquet", "csv")
+        for p in folder.glob(f"{split}*.{ext}")
+    )
+
+
 def detect_layout(path: str | Path) -> str:
     root = Path(path)
     if not root.is_dir():
         raise TaskError(f"{root}: not a folder; a task is a folder in one of: {', '.join(LAYOUTS)}")
     if (root / "metadata.yaml").is_file():
         return "genomic-benchmarks"
-    if list(root.rglob("*train*.parquet")) or list(root.rglob("*train*.csv")):
+    if _table_files(root, "train"):
         return "parquet"
     train = root / "train"
     if train.is_dir() and any(p.is_dir() for p in train.iterdir()):
@@ -608,9 +619,9 @@ def _load_table_task(root: Path, info: dict) -> Task:
     raw_labels: dict[str, list] = {}
     tables: dict[str, Any] = {}
     for name in ("train", "val", "test"):
-        files = sorted(p for ext in ("parquet", "csv") for p in root.rglob(f"*{name}*.{ext}"))
+        files = _table_files(root, name)
         if name == "val" and not files:
-            files = sorted(p for ext in ("parquet", "csv") for p in root.rglob(f"*valid*.{ext}"))
+            files = _table_files(root, "valid")
         if not files:
             continue
         import pyarrow as pa

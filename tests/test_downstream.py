@@ -453,3 +453,20 @@ def test_class_weights_balance_the_classes_in_the_loss():
     assert weights[2] == 0  # an absent class gets no weight
     counts = np.bincount(labels, minlength=3)
     assert weights[0] * counts[0] == pytest.approx(weights[1] * counts[1])
+
+
+def test_tasks_commands_build_convert_and_describe(tmp_path, capsys):
+    args = ["tasks", "build", "coding_vs_intergenic", "--out", str(tmp_path / "c"),
+            "--length", "60", "--train-per-class", "20", "--test-per-class", "10",
+            "--test-group", "Aster_yellows"]  # fmt: skip
+    for path in GENBANK:
+        args += ["--annotations", str(path)]
+    assert main(args) == 0
+    assert main(["tasks", "convert", str(tmp_path / "c"), str(tmp_path / "gb"),
+                 "--layout", "genomic-benchmarks"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["tasks", "info", str(tmp_path / "gb")]) == 0
+    out = capsys.readouterr().out
+    assert "(genomic-benchmarks)" in out and "test: 20 sequences (coding 10, intergenic 10)" in out
+    assert main(["tasks", "info", str(tmp_path)]) == 2  # not a task folder: a clear error
+    assert "not a task folder" in capsys.readouterr().err
