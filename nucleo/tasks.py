@@ -15,8 +15,9 @@ Built tasks (``nucleo tasks build NAME``):
 Layouts (``load_task`` detects them; ``save_task`` writes them):
 
 - ``parquet`` (the Nucleotide Transformer tasks): ``train.parquet`` / ``test.parquet`` (or
-  ``train-*.parquet``, in the folder or its ``data/``; CSV too) with ``sequence`` and ``label`` columns (plus ``name``/``id``
-  and ``group`` when known); class names in ``task.json``.
+  ``train-*.parquet``, in the folder or its ``data/``; CSV too) with ``sequence`` and
+  ``label`` columns (plus ``name``/``id`` and ``group`` when known); class names in
+  ``task.json``.
 - ``genomic-benchmarks`` (its ``datasets/`` folder): ``metadata.yaml`` naming one reference
   FASTA per class, and per split one ``<class>.csv.gz`` of ``id,region,start,end,strand``
   intervals into it (0-based, end exclusive; ``-`` strand reverse-complemented).
