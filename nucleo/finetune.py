@@ -619,6 +619,15 @@ def compare(
     return table
 
 
+def _command_line() -> str:
+    """This process's command as a user types it (``nucleo finetune ...`` rather than the path
+    of nucleo's ``__main__``)."""
+    program = Path(sys.argv[0]).name
+    if program in ("__main__.py", "nucleo"):
+        return " ".join(["nucleo", *sys.argv[1:]])
+    return " ".join(["python", sys.argv[0], *sys.argv[1:]])
+
+
 def _write_compare(
     out: str | Path,
     table: list[dict],
@@ -630,7 +639,7 @@ def _write_compare(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(format_table(table) + "\n")
     record = {
-        "command": " ".join(sys.argv),
+        "command": _command_line(),
         "tasks": list(tasks),
         "exports": [list(e) for e in exports],
         "settings": {k: v for k, v in asdict(base).items() if k not in ("task", "export")},
