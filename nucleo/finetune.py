@@ -32,6 +32,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -327,6 +328,28 @@ def fit_probe(
 # ----------------------------------------------------------------------------- one run
 
 
+@contextmanager
+def tracked_run(
+    uri: str, experiment: str, name: str, tags: dict[str, str]
+) -> Iterator[tuple[Any, str]]:
+    """(MlflowClient, run id) of a new run of ``experiment`` (created if new) in the store at
+    ``uri``, ended FINISHED, or FAILED on an exception. An explicit client rather than
+    MLflow's fluent API, whose ``set_tracking_uri`` is process-global and exported to child
+    processes: a library must not redirect the runs its caller starts next."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    try:
+        yield client, run_id
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
 @dataclass
 class RunResult:
     """Test metrics of one seed, with where the classifier was saved."""
@@ -354,8 +377,6 @@ def finetune_once(
     """Train (or probe) one seed on ``task``'s train split, evaluate on its test split, save
     the classifier under ``cfg.out/<run name>`` and log it all to MLflow. ``cache`` keeps a
     pretrained probe's training embeddings across seeds (they do not depend on the seed)."""
-    import mlflow
-
     from nucleo.compare import tracking_uri
 
     device = torch.device(cfg.device)
@@ -372,12 +393,10 @@ def finetune_once(
         else None
     )
     name = run_name(cfg, task.name, seed)
-    mlflow.set_tracking_uri(tracking_uri(cfg.tracking_uri))
-    mlflow.set_experiment(cfg.experiment)
     tags = {"nucleo.kind": "finetune", "nucleo.task": task.name}
-    if parent_run and mlflow.active_run() is None:
-        tags["mlflow.parentRunId"] = parent_run  # a parent that is not this process's
-    with mlflow.start_run(run_name=name, tags=tags, nested=mlflow.active_run() is not None) as run:
+    if parent_run:
+        tags["mlflow.parentRunId"] = parent_run
+    with tracked_run(tracking_uri(cfg.tracking_uri), cfg.experiment, name, tags) as (client, rid):
         params = {k: v for k, v in asdict(cfg).items() if k not in ("seeds", "tracking_uri")}
         params.update(
             seed=seed,
@@ -388,14 +407,15 @@ def finetune_once(
             arch=meta["arch"],
             pretrained_losses=",".join(meta.get("run_config", {}).get("losses", [])),
         )
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        for key, value in params.items():
+            client.log_param(rid, key, str(value)[:500])
         started = time.perf_counter()
         if cfg.mode == "full":
             losses = train_full(
                 model, train_ids, train.labels, cfg, seed, tokenizer.pad_id, device, say
             )
             for epoch, value in enumerate(losses, start=1):
-                mlflow.log_metric("train/loss", value, step=epoch)
+                client.log_metric(rid, "train/loss", value, step=epoch)
         else:
             for p in model.backbone.parameters():
                 p.requires_grad_(False)
@@ -419,11 +439,13 @@ def finetune_once(
         seconds = time.perf_counter() - started
         probs = predict_proba(model, test_ids, cfg.batch_size * 2, tokenizer.pad_id, device, rc_ids)
         result = metrics(test.labels, probs)
-        mlflow.log_metrics({f"test/{k}": v for k, v in result.items() if not math.isnan(v)})
-        mlflow.log_metric("train/seconds", seconds)
+        for key, value in result.items():
+            if not math.isnan(value):
+                client.log_metric(rid, f"test/{key}", value)
+        client.log_metric(rid, "train/seconds", seconds)
         out = save_classifier(model, cfg, task, meta, seed, Path(cfg.out) / name)
-        mlflow.log_artifact(str(out / "classifier.json"))
-        return RunResult(seed, result, seconds, str(out), run.info.run_id)
+        client.log_artifact(rid, str(out / "classifier.json"))
+        return RunResult(seed, result, seconds, str(out), rid)
 
 
 def save_classifier(
@@ -560,26 +582,18 @@ def compare(
     Rows already in ``out``'s JSON with the same task, model, init, mode and seeds are kept,
     not rerun: an interrupted comparison resumes, and a later one (another export,
     ``scratch=False``) adds its rows to the same table."""
-    import mlflow
-
     from nucleo.compare import tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri(base.tracking_uri))
-    mlflow.set_experiment(base.experiment)
     table: list[dict[str, Any]] = []
     if out is not None and Path(out).with_suffix(".json").is_file():
         table = json.loads(Path(out).with_suffix(".json").read_text()).get("rows", [])
     done = {(r["task"], r["label"], r["init"], r["mode"], r["seeds"]) for r in table}
-    with mlflow.start_run(
-        run_name="finetune-compare", tags={"nucleo.kind": "finetune-compare"}
-    ) as parent:
-        mlflow.log_params(
-            {
-                "tasks": ",".join(tasks),
-                "exports": ",".join(e for _, e in exports),
-                "seeds": ",".join(map(str, base.seeds)),
-            }
-        )
+    uri = tracking_uri(base.tracking_uri)
+    tags = {"nucleo.kind": "finetune-compare"}
+    with tracked_run(uri, base.experiment, "finetune-compare", tags) as (client, parent):
+        client.log_param(parent, "tasks", ",".join(tasks))
+        client.log_param(parent, "exports", ",".join(e for _, e in exports))
+        client.log_param(parent, "seeds", ",".join(map(str, base.seeds)))
         for task_path in tasks:
             task = load_task(task_path)
             say(task.describe())
@@ -597,7 +611,7 @@ def compare(
                         "label": label,
                     }
                 )
-                results = run_seeds(cfg, task, say, parent.info.run_id)
+                results = run_seeds(cfg, task, say, parent)
                 table.append(
                     {
                         "task": task.name,
@@ -613,7 +627,7 @@ def compare(
                 if out is not None:
                     _write_compare(out, table, tasks, exports, base)
         text = format_table(table)
-        mlflow.log_text(text, "compare.md")
+        client.log_text(parent, text, "compare.md")
     if out is not None:
         _write_compare(out, table, tasks, exports, base)
     return table

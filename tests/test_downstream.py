@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
+import os
 
 import numpy as np
 import pytest
@@ -339,11 +340,12 @@ def test_finetune_learns_a_real_task_and_predict_reads_the_saved_classifier(tmp_
     assert (predicted == probs.argmax(1)).all()
     assert (predicted == test.labels).mean() == pytest.approx(accuracy, abs=1e-6)
 
-    import mlflow
+    from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(store)
-    runs = mlflow.search_runs(experiment_names=["nucleo-finetune"])
-    assert len(runs) == 1 and runs["metrics.test/accuracy"][0] == pytest.approx(accuracy)
+    client = MlflowClient(tracking_uri=store)  # not mlflow.set_tracking_uri: it leaks to $ENV
+    experiment = client.get_experiment_by_name("nucleo-finetune")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.metrics["test/accuracy"] == pytest.approx(accuracy)
 
 
 def test_compare_writes_the_table_and_resumes(tmp_path, capsys):
@@ -354,12 +356,23 @@ def test_compare_writes_the_table_and_resumes(tmp_path, capsys):
         "--epochs", "1", "--table", str(table), "--out-dir", str(tmp_path / "ft"),
         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
     ]  # fmt: skip
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     assert main(args) == 0
+    # MLflow exports its tracking URI to child processes; finetune must put it back
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before
     lines = table.read_text().splitlines()
     assert len(lines) == 2 + 4  # rand full, rand probe, scratch full, scratch probe
     assert "| gc | rand | pretrained | full | 2 |" in table.read_text()
     record = json.loads(table.with_suffix(".json").read_text())
     assert len(record["rows"][0]["per_seed"]) == 2
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("nucleo-finetune")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("nucleo.kind") == "finetune-compare"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 8 and all(r.info.status == "FINISHED" for r in runs)
     capsys.readouterr()
     assert main(args) == 0  # everything is in the table already: nothing reruns
     assert capsys.readouterr().out.count("already, kept") == 4
