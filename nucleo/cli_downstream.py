@@ -203,9 +203,8 @@ def cmd_evaluate_generation(args: argparse.Namespace) -> int:
         real = real_windows(args.shards, args.kingdom, length, 2 * len(generated), args.seed)
     else:
         raise ValueError("give --real FASTA, or --shards DIR with --kingdom NAME")
-    result = evaluate_generation(generated, real, args.out, args.seed, args.k, args.label)
+    evaluate_generation(generated, real, args.out, args.seed, args.k, args.label)
     print((Path(args.out) / "report.md").read_text())
-    del result
     return 0
 
 
