@@ -20,7 +20,7 @@ from architectures.mamba import MambaConfig, mamba_mixer
 from architectures.multires import MultiresConfig, MultiresMixer
 from architectures.transformer import Attention, TransformerConfig
 from nucleo.registry import ARCHITECTURES
-from nucleo.schema import check
+from nucleo.schema import ConfigError, check
 
 
 @dataclass
@@ -68,11 +68,18 @@ class HybridConfig(ModelConfig):
             "attention.n_heads",
             f"must divide d_model={self.d_model}",
         )
+        for name in dict.fromkeys(self.pattern):  # each section as it will be built
+            try:
+                self.mixer_config(name)
+            except ConfigError as err:
+                raise err.under(name) from None
 
     def mixer_config(self, name: str) -> Any:
         """The family section for ``name`` with the hybrid's width and direction."""
         section = getattr(self, name)
-        shared: dict[str, Any] = {"size": None, "d_model": self.d_model, "n_layers": 1}
+        shared: dict[str, Any] = {
+            "size": None, "d_model": self.d_model, "n_layers": 1, "kernels": self.kernels,
+        }  # fmt: skip
         if name != "multires":
             shared["causal"] = self.causal
         return replace(section, **shared)

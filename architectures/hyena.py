@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from architectures.layers import Block, LanguageModel, ModelConfig, float32_region, presets
+from architectures.layers import (
+    Block,
+    LanguageModel,
+    ModelConfig,
+    float32_region,
+    like_weights,
+    presets,
+)
 from nucleo.registry import ARCHITECTURES
 from nucleo.schema import check
 
@@ -230,9 +237,13 @@ class ImplicitFilter(nn.Module):
         return self.rows(0, length, device).t()
 
     def rows(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
-        """[stop - start, channels]: the filters at lags start..stop-1."""
+        """[stop - start, channels] float32: the filters at lags start..stop-1.
+
+        The MLP runs in its weights' dtype (bf16 weights: bf16, as under autocast); the
+        filters leave in float32, for the FFT.
+        """
         z, t = self.features(start, stop, device)
-        return self.mlp(z) * torch.exp(-t * self.decay)
+        return self.mlp(like_weights(z, self.mlp[0])).float() * torch.exp(-t * self.decay.float())
 
 
 class HyenaOperator(nn.Module):
@@ -275,7 +286,7 @@ class HyenaOperator(nn.Module):
             bias = self.filter_bias.view(self.order - 1, self.d_model).float()
             inner = [self.drop(g.float()) for g in reversed(gates[1:])]
             y = HyenaRecurrence.apply(v.float(), gates[0].float(), k, bias, *inner)
-        return self.out_proj(y.transpose(1, 2))
+        return self.out_proj(like_weights(y.transpose(1, 2), self.out_proj))
 
 
 @ARCHITECTURES.register("hyena", config=HyenaConfig)

@@ -1,6 +1,6 @@
 """What every family shares: the config base with size presets, the residual block, the
 language-model shell (embedding, blocks, norm, tied head), gradient checkpointing, bf16
-autocast, and lazy imports of the optional CUDA kernels.
+autocast, the precision contract of float32 regions, and the causal depthwise convolution.
 
 A family supplies a *mixer* (the sequence-mixing layer, [B, L, D] -> [B, L, D]) and its config;
 ``LanguageModel`` does the rest, so every family has the same interface:
@@ -9,10 +9,8 @@ tokens [B, L] int64 -> ``ModelOutput(hidden [B, L, D] float32, logits [B, L, V] 
 
 from __future__ import annotations
 
-import importlib
-import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -21,10 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from architectures.kernels import CAUSAL_CONV1D, KernelMode, use
 from nucleo.schema import check
 from nucleo.types import ModelOutput
-
-log = logging.getLogger("nucleo")
 
 # The size ladder shared by every family: about 3.5x more parameters per rung, from ~0.5M to
 # ~1B, so a scaling sweep is one flag (``--set model.size=...``). Each family's PRESETS pick a
@@ -49,6 +46,9 @@ class ModelConfig:
     checkpointing: recompute each block's activations in backward (less memory, ~30% slower).
     autocast: "bf16" runs matrix products in bfloat16 under torch.autocast (CPU and GPU) with
         float32 weights; the FFTs and scans that need float32 stay in float32.
+    kernels: the optional CUDA kernels (mamba-ssm, causal-conv1d, flash-attn): "auto" uses
+        each where it loads and suits the layer, else PyTorch with one line saying why;
+        "required" stops instead; "off" never uses them (architectures.kernels).
     """
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -58,6 +58,7 @@ class ModelConfig:
     n_layers: int = 4
     checkpointing: bool = False
     autocast: Literal["fp32", "bf16"] = "fp32"
+    kernels: KernelMode = "auto"
 
     def __post_init__(self) -> None:
         if self.size is not None:
@@ -143,8 +144,21 @@ def autocast_context(mode: str, device: torch.device):
 
 
 def float32_region(device: torch.device):
-    """Turn autocast off for a block of code that must run in float32 (FFTs, scans)."""
+    """Turn autocast off for a block of code that must run in float32 (FFTs, scans).
+
+    The precision contract (DESIGN.md principle 6): such a region casts its inputs up with
+    ``.float()`` and hands its result to the next layer with ``like_weights``.
+    """
     return torch.autocast(device.type, enabled=False)
+
+
+def like_weights(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """``x`` in the dtype of ``layer``'s weights: a float32 region's result, handed back.
+
+    With bf16 weights (DeepSpeed ``bf16``) that is bfloat16; with float32 weights (fp32, or
+    bf16 autocast, which casts inside the layer itself) ``x`` is returned as it is.
+    """
+    return x.to(layer.weight.dtype)
 
 
 class LanguageModel(nn.Module):
@@ -201,42 +215,26 @@ class LanguageModel(nn.Module):
         return ModelOutput(hidden=hidden.float(), logits=logits.float())
 
 
-_KERNELS: dict[str, Any] = {}
-
-
-def optional_kernel(module: str, attr: str, package: str, device: torch.device) -> Callable | None:
-    """``module.attr`` when running on CUDA and ``module`` imports, else None (pure PyTorch).
-
-    Imported lazily, once; when it is missing on CUDA one log line says which path runs and
-    how to get the kernel. Never imported on CPU, where these packages cannot work.
-    """
-    if device.type != "cuda":
-        return None
-    key = f"{module}.{attr}"
-    if key not in _KERNELS:
-        try:
-            _KERNELS[key] = getattr(importlib.import_module(module), attr)
-            log.info("using %s's CUDA kernel %s", package, key)
-        except Exception as err:  # ImportError, or a wheel built without its CUDA extension
-            _KERNELS[key] = None
-            log.warning(
-                "%s is not usable (%s): running nucleo's pure-PyTorch path on CUDA instead. "
-                "For the fused kernel: install a CUDA build of torch, then "
-                "`pip install -e '.[gpu]' --no-build-isolation`.",
-                package,
-                type(err).__name__,
-            )
-    return _KERNELS[key]
-
-
-def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+def causal_depthwise_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kernels: str = "auto",
+    unsuitable: str | None = None,
+) -> torch.Tensor:
     """Depthwise causal convolution along L: x [B, C, L], weight [C, K] -> [B, C, L].
 
-    Output t sees inputs t-K+1..t (left zero padding). Uses causal-conv1d's kernel on CUDA
-    when installed.
+    Output t sees inputs t-K+1..t (left zero padding). causal-conv1d's kernel on CUDA under
+    ``kernels`` (architectures.kernels; ``unsuitable``: why this layer's width does not suit
+    it). The kernel takes x contiguous along L, or channel-last with C and strides multiples
+    of 8; anything else is made contiguous first.
     """
-    kernel = optional_kernel("causal_conv1d", "causal_conv1d_fn", "causal-conv1d", x.device)
-    if kernel is not None and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+    kernel = use(CAUSAL_CONV1D, x.device, kernels, unsuitable)
+    if kernel is not None:
+        channel_last_ok = x.stride(1) == 1 and x.shape[1] % 8 == 0
+        channel_last_ok = channel_last_ok and x.stride(0) % 8 == 0 and x.stride(2) % 8 == 0
+        if x.stride(2) != 1 and not channel_last_ok:
+            x = x.contiguous()
         return kernel(x, weight, bias)
     width = weight.shape[-1]
     return F.conv1d(F.pad(x, (width - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])

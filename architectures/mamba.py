@@ -25,15 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from architectures.kernels import CAUSAL_CONV1D, SELECTIVE_SCAN, require_suitable
 from architectures.layers import (
     Block,
     LanguageModel,
     ModelConfig,
     causal_depthwise_conv,
     float32_region,
+    like_weights,
     presets,
 )
-from architectures.selective_scan import scan
+from architectures.selective_scan import MAX_KERNEL_STATE, scan
 from nucleo.registry import ARCHITECTURES
 from nucleo.schema import check
 
@@ -77,13 +79,31 @@ class MambaConfig(ModelConfig):
         check(self.dt_rank is None or self.dt_rank >= 1, "dt_rank", "must be >= 1 or null")
         check(0 < self.dt_min <= self.dt_max, "dt_min", "need 0 < dt_min <= dt_max")
         check(self.mlp_ratio >= 0, "mlp_ratio", "must be >= 0")
+        require_suitable(self.kernels, self.kernel_problems())
+
+    def kernel_problems(self) -> list[tuple[str, str]]:
+        """(key, why) for each setting that a CUDA kernel cannot take: under kernels=auto
+        that layer runs in PyTorch, under required the config is refused."""
+        problems = []
+        if not 2 <= self.d_conv <= 4:
+            problems.append(("d_conv", f"causal-conv1d takes widths 2-4, not {self.d_conv}"))
+        if self.d_state > MAX_KERNEL_STATE:
+            problems.append(
+                ("d_state", f"mamba-ssm takes d_state <= {MAX_KERNEL_STATE}, not {self.d_state}")
+            )
+        return problems
 
 
 class MambaMixer(nn.Module):
     """One selective-SSM mixer, [B, L, D] -> [B, L, D], causal (left to right)."""
 
+    uses_kernels = (CAUSAL_CONV1D, SELECTIVE_SCAN)
+
     def __init__(self, cfg: MambaConfig, d_model: int) -> None:
         super().__init__()
+        self.kernels = cfg.kernels
+        problems = dict(cfg.kernel_problems())
+        self.conv_unsuitable = problems.get("d_conv")  # that kernel then runs in PyTorch
         inner = cfg.expand * d_model
         self.inner = inner
         self.d_state = cfg.d_state
@@ -118,9 +138,8 @@ class MambaMixer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xz = self.in_proj(x).transpose(1, 2)  # [B, 2E, L]
         u, z = xz.chunk(2, dim=1)
-        u = F.silu(
-            causal_depthwise_conv(u, self.conv_weight.to(u.dtype), self.conv_bias.to(u.dtype))
-        )
+        weight, bias = self.conv_weight.to(u.dtype), self.conv_bias.to(u.dtype)
+        u = F.silu(causal_depthwise_conv(u, weight, bias, self.kernels, self.conv_unsuitable))
         dt, B, C = self.x_proj(u.transpose(1, 2)).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1
         )
@@ -136,8 +155,9 @@ class MambaMixer(nn.Module):
                 z.float(),
                 delta_bias=self.dt_proj.bias.float(),
                 delta_softplus=True,
+                kernels=self.kernels,
             )
-        return self.out_proj(y.transpose(1, 2))
+        return self.out_proj(like_weights(y.transpose(1, 2), self.out_proj))
 
 
 class BiMamba(nn.Module):

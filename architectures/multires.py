@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from architectures.layers import Block, LanguageModel, ModelConfig, presets
+from architectures.layers import Block, LanguageModel, ModelConfig, float32_region, presets
 from nucleo.registry import ARCHITECTURES
 from nucleo.schema import check
 
@@ -83,31 +83,37 @@ class MultiresConv(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The tree's intermediates are ~2J activations; keep only x and recompute them in
-        # backward (elementwise work, cheap next to the memory it saves at long L).
-        if torch.is_grad_enabled() and x.requires_grad:
-            return checkpoint(self.tree, x, use_reentrant=False)
-        return self.tree(x)
+        """x [B, D, L] in any dtype -> [B, D, L] in x's dtype; the tree runs in float32 (its
+        J cascaded low-pass filters would compound bf16 rounding)."""
+        with float32_region(x.device):
+            # The tree's intermediates are ~2J activations; keep only x and recompute them in
+            # backward (elementwise work, cheap next to the memory it saves at long L).
+            if torch.is_grad_enabled() and x.requires_grad:
+                y = checkpoint(self.tree, x.float(), use_reentrant=False)
+            else:
+                y = self.tree(x.float())
+        return y.to(x.dtype)
 
     def tree(self, x: torch.Tensor) -> torch.Tensor:
         """Causal dilated convolutions as shifted multiply-adds (faster than dilated conv1d on
-        CPU): tap k of a level at dilation d reads x[t - (K - 1 - k) d]."""
+        CPU): tap k of a level at dilation d reads x[t - (K - 1 - k) d]. In x's dtype."""
         length, width = x.shape[-1], self.h0.shape[-1]
-        low, y, dilation = x, x * self.w[:, -1:], 1
+        h0, h1, w = (p.to(x.dtype) for p in (self.h0, self.h1, self.w))
+        low, y, dilation = x, x * w[:, -1:], 1
         for level in range(self.depth, 0, -1):
-            high_w = self.w[:, level : level + 1] * self.h1[:, :, width - 1]
+            high_w = w[:, level : level + 1] * h1[:, :, width - 1]
             y = y.addcmul(high_w, low)  # tap K-1 has shift 0: the level's input itself
-            new_low = low * self.h0[:, :, width - 1]
+            new_low = low * h0[:, :, width - 1]
             reach = min(dilation * (width - 1), length)
             padded = F.pad(low, (reach, 0))
             for k in range(width - 1):
                 shift = min((width - 1 - k) * dilation, length)
                 tap = padded[..., reach - shift : reach - shift + length]
-                new_low = new_low.addcmul_(self.h0[:, :, k], tap)
-                y = y.addcmul_(self.w[:, level : level + 1] * self.h1[:, :, k], tap)
+                new_low = new_low.addcmul_(h0[:, :, k], tap)
+                y = y.addcmul_(w[:, level : level + 1] * h1[:, :, k], tap)
             low = new_low
             dilation *= 2
-        return y.addcmul_(self.w[:, :1], low)
+        return y.addcmul_(w[:, :1], low)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The paper's formulation with dilated ``conv1d`` (slow on CPU); for tests."""

@@ -33,9 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from architectures.layers import optional_kernel
+from architectures.kernels import SELECTIVE_SCAN, use
 
 log = logging.getLogger("nucleo")
+
+MAX_KERNEL_STATE = 256  # mamba-ssm's selective_scan_cuda takes d_state <= 256
 
 
 def default_chunk(states_per_position: int) -> int:
@@ -337,12 +339,15 @@ def scan(
     z: Tensor | None = None,
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
+    kernels: str = "auto",
 ) -> Tensor:
-    """Selective scan on the best backend: mamba_ssm's CUDA kernel for CUDA tensors when it is
-    installed, else ``selective_scan``. Same arguments and shapes as ``selective_scan``."""
-    kernel = optional_kernel(
-        "mamba_ssm.ops.selective_scan_interface", "selective_scan_fn", "mamba-ssm", u.device
-    )
+    """Selective scan on the best backend: mamba-ssm's CUDA kernel for CUDA tensors under
+    ``kernels`` (architectures.kernels), else ``selective_scan``. Same arguments and shapes as
+    ``selective_scan``."""
+    unsuitable = None
+    if A.shape[1] > MAX_KERNEL_STATE:
+        unsuitable = f"d_state={A.shape[1]}; its kernel takes at most {MAX_KERNEL_STATE}"
+    kernel = use(SELECTIVE_SCAN, u.device, kernels, unsuitable)
     if kernel is not None:
         return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from architectures.layers import Block, LanguageModel, ModelConfig, optional_kernel, presets
+from architectures.kernels import FLASH_ATTN, require_suitable, use
+from architectures.layers import Block, LanguageModel, ModelConfig, presets
 from nucleo.registry import ARCHITECTURES
 from nucleo.schema import check
 
@@ -62,6 +63,8 @@ class TransformerConfig(ModelConfig):
         check((self.d_model // self.n_heads) % 2 == 0, "n_heads", "head size must be even (rotary)")
         check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         check(self.mlp_ratio > 0, "mlp_ratio", "must be > 0")
+        why = flash_unsuitable(self.d_model // self.n_heads)
+        require_suitable(self.kernels, [("n_heads", f"flash-attn: {why}")] if why else [])
 
 
 def rotary_tables(length: int, head_dim: int, base: float, device: torch.device) -> torch.Tensor:
@@ -91,15 +94,36 @@ def attention_reference(
     return torch.einsum("bhlm,bmhd->blhd", scores.softmax(-1), v.float()).type_as(q)
 
 
+def flash_unsuitable(head_dim: int, dtype: torch.dtype | None = None) -> str | None:
+    """Why flash-attn's kernel cannot take heads of ``head_dim`` in ``dtype`` (None: it can)."""
+    if head_dim > 256 or head_dim % 8:
+        return f"head size d_model / n_heads = {head_dim}; its kernel takes multiples of 8 <= 256"
+    if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
+        return (
+            f"{str(dtype).removeprefix('torch.')} activations; its kernel takes bf16 "
+            "(engine.precision=bf16 or model.autocast=bf16)"
+        )
+    return None
+
+
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout: float = 0.0
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    dropout: float = 0.0,
+    kernels: str = "auto",
 ) -> torch.Tensor:
     """Multi-head attention on q, k, v [B, L, H, Dh] -> [B, L, H, Dh].
 
-    flash-attn on CUDA for bf16/fp16 when installed, else PyTorch SDPA.
+    flash-attn on CUDA under ``kernels`` (architectures.kernels) when the heads and dtype suit
+    it, else PyTorch SDPA. fp32 activations take SDPA quietly under ``auto`` (flash-attn has
+    no fp32 kernel; nothing is missing).
     """
-    if q.dtype in (torch.bfloat16, torch.float16):
-        flash = optional_kernel("flash_attn", "flash_attn_func", "flash-attn", q.device)
+    if q.device.type == "cuda" and kernels != "off":
+        why = flash_unsuitable(q.shape[-1], q.dtype)
+        quiet_fp32 = kernels == "auto" and q.dtype == torch.float32 and why is not None
+        flash = None if quiet_fp32 else use(FLASH_ATTN, q.device, kernels, why)
         if flash is not None:
             return flash(q, k, v, dropout_p=dropout, causal=causal)
     y = F.scaled_dot_product_attention(
@@ -111,12 +135,15 @@ def attention(
 class Attention(nn.Module):
     """Rotary multi-head self-attention, [B, L, D] -> [B, L, D]."""
 
+    uses_kernels = (FLASH_ATTN,)
+
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
         self.causal = cfg.causal
         self.dropout = cfg.dropout
         self.rope_base = cfg.rope_base
+        self.kernels = cfg.kernels
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
@@ -125,7 +152,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, -1).unbind(2)
         rotation = rotary_tables(length, q.shape[-1], self.rope_base, x.device)
         q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
-        y = attention(q, k, v, self.causal, self.dropout if self.training else 0.0)
+        y = attention(q, k, v, self.causal, self.dropout if self.training else 0.0, self.kernels)
         return self.out_proj(y.reshape(batch, length, width))
 
 

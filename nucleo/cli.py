@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from nucleo.device import add_argument as add_device_argument
 from nucleo.runtime import configure_threads
 
 EXIT_USAGE = 2
@@ -428,7 +429,7 @@ def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("fasta", help="FASTA or GenBank file (.gz/.xz/.bz2 too), streamed by record")
     p.add_argument("--window", type=int, default=1024, help="tokens per window of long records")
     p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_device_argument(p)
 
 
 def _add_store_arguments(p: argparse.ArgumentParser) -> None:

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from nucleo.device import add_argument as add_device_argument
+
 
 def _ints(text: str) -> list[int]:
     try:
@@ -271,7 +273,7 @@ def add_commands(sub: Any, store_arguments: Any) -> None:
     p.add_argument("fasta", help="FASTA or GenBank file, streamed by record")
     p.add_argument("--out", help="TSV to write (default: stdout)")
     p.add_argument("--batch", type=int, default=64, help="records per forward pass")
-    p.add_argument("--device", default="cpu")
+    add_device_argument(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("generate", help="sample sequences from a causal export (FASTA)")
@@ -289,7 +291,7 @@ def add_commands(sub: Any, store_arguments: Any) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1: off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=16, help="sequences sampled together")
-    p.add_argument("--device", default="cpu")
+    add_device_argument(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("evaluate-generation", help="generated vs real: GC, k-mers, CGR, walk, "
@@ -325,7 +327,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser, store_arguments: Any = No
     p.add_argument("--rc-conjoin", action="store_true", help="average both strands at test")
     p.add_argument("--probe-c", type=float, default=1.0, help="probe: inverse L2 strength")
     p.add_argument("--max-tokens", type=int, default=1024, help="longer inputs are cut")
-    p.add_argument("--device", default="cpu")
+    add_device_argument(p)
     p.add_argument("--out-dir", default="runs/finetune", help="where classifiers are saved")
     p.add_argument("--experiment", default="nucleo-finetune", help="MLflow experiment")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "

@@ -1,8 +1,9 @@
 """DeepSpeed everywhere: one CPU process, several gloo processes, or many GPUs on many nodes.
 
 ``setup_distributed`` makes a plain ``python`` start look like a one-process ``deepspeed``
-launch (DeepSpeed otherwise asks for mpi4py) and picks DeepSpeed's CPU accelerator when there
-is no GPU. ``build_engine`` turns the optimizer, schedule and batch settings into a DeepSpeed
+launch (DeepSpeed otherwise asks for mpi4py) and makes the one device decision
+(``engine.device``, nucleo.device) that DeepSpeed's accelerator, the model and the batches
+share. ``build_engine`` turns the optimizer, schedule and batch settings into a DeepSpeed
 config and wraps the model; ZeRO stage and precision come from ``EngineConfig``.
 """
 
@@ -22,8 +23,9 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import nn
 
+from nucleo.device import resolve_for_training
 from nucleo.runtime import configure_allocator
-from nucleo.schema import check
+from nucleo.schema import ConfigError, check
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -74,18 +76,51 @@ class TrainConfig:
 class EngineConfig:
     """How DeepSpeed runs the model.
 
+    device: auto (CUDA when a GPU is visible, else CPU; DS_ACCELERATOR decides when set), cpu
+        or cuda (each rank takes cuda:LOCAL_RANK).
     zero_stage: 0 (plain data parallel) to 3 (parameters, gradients and optimizer states
-        partitioned). precision: fp32, or bf16 with fp32 master weights.
+        partitioned). precision: fp32, or bf16 weights and activations with fp32 master
+        weights (DeepSpeed's bf16). deepspeed: extra DeepSpeed config merged over the one
+        nucleo writes (e.g. ``{zero_optimization: {offload_optimizer: {device: cpu}}}``).
     backend: torch.distributed backend; auto picks nccl on GPU and gloo on CPU.
     cpu_allocator: on CPU, "cached" makes glibc keep freed memory for reuse instead of
         mapping and page-faulting every large activation anew (1.7-2x faster at 16k tokens,
         ~1.4x peak memory); "system" leaves glibc's defaults (nucleo.runtime).
     """
 
+    device: str = "auto"
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     cpu_allocator: Literal["cached", "system"] = "cached"
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check(
+            self.device in ("auto", "cpu", "cuda"),
+            "device",
+            f"{self.device!r} is not valid; choose 'auto', 'cpu' or 'cuda' "
+            "(each rank takes cuda:LOCAL_RANK)",
+        )
+        for key in self.deepspeed:
+            check(
+                key not in _OWNED,
+                f"deepspeed.{key}",
+                f"set by nucleo from {_OWNED.get(key)}; change that instead",
+            )
+
+
+# DeepSpeed keys that nucleo writes from its own settings (a second source would disagree)
+_OWNED = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "train_batch_size": "train.micro_batch_size x train.grad_accum x ranks",
+    "gradient_clipping": "train.grad_clip",
+    "bf16": "engine.precision",
+    "fp16": "engine.precision (bf16 or fp32)",
+    "optimizer": "train (nucleo's AdamW)",
+    "scheduler": "train (warm-up and cosine)",
+}
 
 
 @dataclass(frozen=True)
@@ -116,7 +151,7 @@ def shm_buffer_path(rank: int) -> str:
     return os.path.join(SHM_DIR, f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
 
 
-def _unlink_shm_buffer() -> None:
+def _unlink_shm_buffer(device: torch.device) -> None:
     """Remove this rank's shared-memory *name* once every local rank has mapped it.
 
     DeepSpeed's CPU communicator creates a 67 MB POSIX shared-memory segment per rank and
@@ -125,7 +160,7 @@ def _unlink_shm_buffer() -> None:
     unlinking after all ranks have opened each other's segments (the barrier) is safe, and
     the memory is freed when the last process exits, however it exits.
     """
-    if torch.cuda.is_available():
+    if device.type != "cpu":
         return
     torch.distributed.barrier()
     path = shm_buffer_path(torch.distributed.get_rank())
@@ -154,15 +189,18 @@ def stale_jit_locks(max_age_s: float = 600.0) -> list[str]:
 
 
 def setup_distributed(cfg: EngineConfig) -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (idempotent)."""
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        configure_allocator(cfg.cpu_allocator)
+    """Initialise torch.distributed through DeepSpeed (idempotent) on ``cfg.device``."""
     if "RANK" not in os.environ:  # a plain `python` start: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_for_training(cfg.device, local_rank)  # sets DS_ACCELERATOR
+    cuda = device.type == "cuda"
+    if cfg.backend == "nccl" and not cuda:
+        raise ConfigError("engine.backend", "nccl needs CUDA; this run is on cpu (use auto)")
+    if not cuda:
+        configure_allocator(cfg.cpu_allocator)
     for lock in stale_jit_locks():
         log.warning(
             "%s is over 10 minutes old: a killed process left it, and start-up will wait on it "
@@ -171,22 +209,36 @@ def setup_distributed(cfg: EngineConfig) -> DistInfo:
         )
     import deepspeed
 
+    _agree_accelerator(device)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
     if not torch.distributed.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
-        _unlink_shm_buffer()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+        _unlink_shm_buffer(device)
+    elif cuda:
+        torch.cuda.set_device(device)
     return DistInfo(
         rank=torch.distributed.get_rank(),
         world_size=torch.distributed.get_world_size(),
         local_rank=local_rank,
         device=device,
     )
+
+
+def _agree_accelerator(device: torch.device) -> None:
+    """Make DeepSpeed's accelerator the one for ``device``, even if DeepSpeed chose one
+    before (it reads DS_ACCELERATOR once, at its first use)."""
+    from deepspeed.accelerator import real_accelerator
+
+    current = real_accelerator.ds_accelerator
+    if current is not None and current._name == device.type:
+        return
+    if device.type == "cuda":
+        from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accelerator
+    else:
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as Accelerator
+    real_accelerator.set_accelerator(Accelerator())
 
 
 def on_main(action: Callable[[], T], is_main: bool) -> T:
@@ -211,7 +263,20 @@ def on_main(action: Callable[[], T], is_main: bool) -> T:
 
 
 def deepspeed_config(train: TrainConfig, engine: EngineConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON config for these settings (logged with the run)."""
+    """The DeepSpeed JSON config for these settings (logged with the run), with
+    ``engine.deepspeed`` merged over it."""
+    return _merge(_base_config(train, engine, world_size), engine.deepspeed)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if both else value
+    return out
+
+
+def _base_config(train: TrainConfig, engine: EngineConfig, world_size: int) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,

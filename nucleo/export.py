@@ -22,6 +22,7 @@ from torch import nn
 from data_pipeline.tokenizers import build_tokenizer, load_tokenizer
 from nucleo import __version__
 from nucleo.components import ARCHITECTURES, build_model
+from nucleo.device import resolve as resolve_device
 from nucleo.engine import parameter_groups
 from nucleo.schema import from_dict, to_dict
 
@@ -138,9 +139,13 @@ def export_model(
 
 
 def load_exported(
-    path: str | Path, device: str | torch.device = "cpu"
+    path: str | Path, device: str | torch.device = "cpu", kernels: str = "auto"
 ) -> tuple[nn.Module, Any, dict]:
-    """(model in eval mode, tokenizer, config.json contents) of an export directory."""
+    """(model in eval mode, tokenizer, config.json contents) of an export directory.
+
+    device: as nucleo.device.resolve takes it. kernels: the model's ``kernels`` setting here
+    (a run's ``required`` belongs to the machine it trained on, not to its export).
+    """
     root = Path(path)
     config_path = root / "config.json"
     if not config_path.is_file():
@@ -150,6 +155,8 @@ def load_exported(
         raise ValueError(f"{config_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     tokenizer = load_tokenizer(root)
     entry = ARCHITECTURES.get(meta["arch"])
-    model = build_model(meta["arch"], from_dict(entry.config, meta["model"], "model"), tokenizer)
-    load_model(model, root / "model.safetensors", device=str(device))
-    return model.to(device).eval(), tokenizer, meta
+    settings = {**meta["model"], "kernels": kernels}
+    model = build_model(meta["arch"], from_dict(entry.config, settings, "model"), tokenizer)
+    dev = resolve_device(device)
+    load_model(model, root / "model.safetensors", device=str(dev))
+    return model.to(dev).eval(), tokenizer, meta

@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 from nucleo.alphabet import reverse_complement_bytes
+from nucleo.device import resolve as resolve_device
 from nucleo.progress import duration, rate
 from nucleo.tasks import Task, load_task
 
@@ -69,7 +70,7 @@ class FinetuneConfig:
     rc_conjoin: bool = False
     probe_c: float = 1.0
     max_tokens: int = 1024
-    device: str = "cpu"
+    device: str = "auto"
     out: str = "runs/finetune"
     experiment: str = "nucleo-finetune"
     tracking_uri: str | None = None
@@ -116,7 +117,7 @@ def _hidden_size(backbone: nn.Module, tokenizer: Any, device: torch.device) -> i
 
 
 def load_backbone(
-    export: str | Path, init: str, seed: int, device: str
+    export: str | Path, init: str, seed: int, device: torch.device
 ) -> tuple[nn.Module, Any, dict]:
     """(backbone, tokenizer, export meta): the export's weights, or (``scratch``) its
     architecture freshly initialised from ``seed``."""
@@ -379,9 +380,9 @@ def finetune_once(
     pretrained probe's training embeddings across seeds (they do not depend on the seed)."""
     from nucleo.compare import tracking_uri
 
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device, "--device")
     torch.manual_seed(seed)
-    backbone, tokenizer, meta = load_backbone(cfg.export, cfg.init, seed, cfg.device)
+    backbone, tokenizer, meta = load_backbone(cfg.export, cfg.init, seed, device)
     d_model = _hidden_size(backbone, tokenizer, device)
     model = SequenceClassifier(backbone, d_model, len(task.classes)).to(device)
     train, test = task.splits["train"], task.splits["test"]
@@ -478,7 +479,9 @@ def save_classifier(
     return out
 
 
-def load_classifier(path: str | Path, device: str = "cpu") -> tuple[SequenceClassifier, Any, dict]:
+def load_classifier(
+    path: str | Path, device: str | torch.device = "auto"
+) -> tuple[SequenceClassifier, Any, dict]:
     """(classifier in eval mode, tokenizer, classifier.json) of a saved fine-tuned model."""
     from nucleo.export import load_exported
 
@@ -487,6 +490,7 @@ def load_classifier(path: str | Path, device: str = "cpu") -> tuple[SequenceClas
     if not info_path.is_file():
         raise FileNotFoundError(f"{info_path}: not found; is {root} a `nucleo finetune` output?")
     info = json.loads(info_path.read_text())
+    device = resolve_device(device)
     backbone, tokenizer, _meta = load_exported(root, device)
     head = load_file(str(root / "head.safetensors"))
     model = SequenceClassifier(backbone, head["weight"].shape[1], head["weight"].shape[0])
@@ -666,14 +670,14 @@ def _write_compare(
 
 
 def predict_file(
-    classifier: str | Path, path: str | Path, batch: int = 64, device: str = "cpu"
+    classifier: str | Path, path: str | Path, batch: int = 64, device: str = "auto"
 ) -> Iterator[tuple[str, str, np.ndarray]]:
     """(record id, predicted class, probabilities [C]) per record of a FASTA/GenBank file,
     streamed, in batches of ``batch`` records; the classifier's rc_conjoin setting applies."""
     from data_pipeline.readers import read_sequences
 
-    model, tokenizer, info = load_classifier(classifier, device)
-    dev = torch.device(device)
+    dev = resolve_device(device)
+    model, tokenizer, info = load_classifier(classifier, dev)
     classes = info["classes"]
     pending: list[tuple[str, bytes]] = []
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from nucleo import representations as rep
+from nucleo.device import resolve as resolve_device
 
 # ----------------------------------------------------------------------------- sampling
 
@@ -75,11 +76,11 @@ def sample(
     top_p: float = 1.0,
     seed: int = 0,
     window: int = 1024,
-    device: str = "cpu",
+    device: str | torch.device = "auto",
 ) -> list[bytes]:
     """``num`` sequences of at least ``length`` new bases each, continuing ``prompt`` (one
     for all, or one per sequence, of equal token length); returned without the prompt."""
-    dev = torch.device(device)
+    dev = resolve_device(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     allowed = base_token_mask(tokenizer).to(dev)
     prompts = [prompt] * num if isinstance(prompt, bytes | bytearray) else list(prompt)
@@ -119,7 +120,7 @@ def generate_to_fasta(
     top_p: float = 1.0,
     seed: int = 0,
     batch: int = 16,
-    device: str = "cpu",
+    device: str = "auto",
     say: Any = print,
 ) -> Path:
     """Sample ``num`` sequences in batches of ``batch`` and write them to a FASTA file whose
@@ -130,6 +131,7 @@ def generate_to_fasta(
     from nucleo.export import load_exported
     from nucleo.progress import duration
 
+    device = resolve_device(device)
     model, tokenizer, meta = load_exported(export, device)
     if not meta.get("causal", True):
         raise ValueError(

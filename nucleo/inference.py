@@ -28,6 +28,7 @@ from torch import nn
 
 from data_pipeline.readers import read_sequences
 from nucleo.alphabet import reverse_complement_bytes
+from nucleo.device import resolve as resolve_device
 
 
 @dataclass
@@ -91,18 +92,18 @@ def score_file(
     window: int = 1024,
     batch: int = 8,
     both_strands: bool = False,
-    device: str = "cpu",
+    device: str = "auto",
 ) -> Iterator[Score]:
     """A Score per record of ``path`` (FASTA or GenBank, compressed or not), streamed."""
     from nucleo.export import load_exported
 
-    model, tokenizer, meta = load_exported(export, device)
+    dev = resolve_device(device)
+    model, tokenizer, meta = load_exported(export, dev)
     if not meta.get("causal", True):
         raise ValueError(
             f"{export}: a {meta['arch']} model trained bidirectionally has no left-to-right "
             "likelihood; score needs a causal model (use nucleo embed for this one)"
         )
-    dev = torch.device(device)
     for record in read_sequences(path):
         seq = bytes(record.seq)
         nats, scored, bases = log_likelihood(model, tokenizer, seq, window, batch, dev)
@@ -166,14 +167,14 @@ def embed_file(
     path: str | Path,
     window: int = 1024,
     batch: int = 8,
-    device: str = "cpu",
+    device: str = "auto",
     pooling: str = "mean",
 ) -> tuple[list[str], np.ndarray]:
     """(record ids, embeddings [records, D] float32) of ``path``, streamed record by record."""
     from nucleo.export import load_exported
 
-    model, tokenizer, _meta = load_exported(export, device)
-    dev = torch.device(device)
+    dev = resolve_device(device)
+    model, tokenizer, _meta = load_exported(export, dev)
     ids, rows = [], []
     for record in read_sequences(path):
         ids.append(record.id)

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 import torch
 
+from architectures.kernels import check_kernels
 from data_pipeline.loader import SKIPPED_KEY, TrainLoader
 from data_pipeline.tokenizers import build_tokenizer
 from nucleo.checkpoint import latest_tag, load_checkpoint, save_checkpoint
@@ -130,6 +131,7 @@ class Trainer:
         )  # fmt: skip
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.arch, cfg.model, self.tokenizer)
+        self.kernels = check_kernels(self.model, dist.device, cfg.model.kernels)
         self.params = count_parameters(self.model)
         self.compute = ComputeCounter(self.model, cfg.train.micro_batch_size)
         self.objective = Objective.build(cfg.losses, cfg.loss, self.model, self.tokenizer)
@@ -224,7 +226,7 @@ class Trainer:
         self.say(
             f"run {self.run_dir} | {cfg.arch} {self.params['total']:,} parameters "
             f"({self.params['non_embedding']:,} non-embedding) | losses {','.join(cfg.losses)} | "
-            f"{dist.world_size} rank(s) on {dist.device.type} | "
+            f"{dist.world_size} rank(s) on {dist.device.type}{self._precision_note()} | "
             f"{self.tokens_per_step:,} tokens/step{self._warmup_note()} | "
             f"MLflow {tracker.uri if tracker.active else 'off'}"
         )
@@ -303,6 +305,18 @@ class Trainer:
         )
         state.step += 1
         return norm
+
+    def _precision_note(self) -> str:
+        """ " bf16 weights, ZeRO-1, kernels: mamba-ssm selective_scan" and the like."""
+        cfg = self.cfg
+        parts = [
+            "bf16 weights" if cfg.engine.precision == "bf16" else "fp32 weights",
+            *(["bf16 autocast"] if cfg.model.autocast == "bf16" else []),
+            f"ZeRO-{cfg.engine.zero_stage}",
+        ]
+        if self.dist.device.type == "cuda":
+            parts.append("kernels: " + (", ".join(self.kernels) or "none (pure PyTorch)"))
+        return " (" + ", ".join(parts) + ")"
 
     def _warmup_note(self) -> str:
         data = self.cfg.data

@@ -1,4 +1,5 @@
-"""Shared fixtures: the bundled real genome sample and shards built from it."""
+"""Shared fixtures: the bundled real genome sample and shards built from it; the suite's
+device (one decision, as in nucleo.device) and the ``gpu`` marker."""
 
 from __future__ import annotations
 
@@ -9,14 +10,51 @@ from pathlib import Path
 import pytest
 import torch
 
+from architectures.kernels import Kernel, load
 from data_pipeline.readers import read_sequences
 from data_pipeline.shards import ShardOptions, SourceFile, build_shards, read_sources_tsv
 from data_pipeline.tokenizers import CharTokenizer
+from nucleo.device import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data_pipeline" / "sample"
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# The suite runs against the GPU when there is one, unless NUCLEO_TEST_DEVICE=cpu says
+# otherwise (or DS_ACCELERATOR, which DeepSpeed launches read, already says which).
+TOLD = os.environ.get("NUCLEO_TEST_DEVICE") or os.environ.get("DS_ACCELERATOR")
+DEVICE = resolve(TOLD or "auto", "NUCLEO_TEST_DEVICE")
+os.environ["DS_ACCELERATOR"] = DEVICE.type  # launched processes decide the same way
+CUDA_COUNT = torch.cuda.device_count() if DEVICE.type == "cuda" else 0
+
+
+def launch_env(procs: int = 1) -> dict[str, str]:
+    """Environment for a ``deepspeed`` launch of ``procs`` processes from the tests: on the
+    suite's device, or on CPU (gloo) when it has fewer GPUs than processes."""
+    accel = DEVICE.type if DEVICE.type == "cpu" or procs <= CUDA_COUNT else "cpu"
+    env = {**os.environ, "DS_ACCELERATOR": accel, "PYTHONUNBUFFERED": "1"}
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # each process takes its share
+        env.pop(name, None)
+    return env
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu`` tests run where the suite's device is CUDA, and are skipped elsewhere."""
+    if DEVICE.type == "cuda":
+        return
+    reason = "needs a CUDA GPU" + (f" (the suite was told to run on {TOLD})" if TOLD else "")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def loaded_or_fail(kernel: Kernel):
+    """The kernel's function on this GPU. Skips when its package is not installed; *fails*
+    when it is installed but does not load or run (a broken install must not look skipped)."""
+    if not kernel.installed():
+        pytest.skip(f"{kernel.package} is not installed (the gpu extra)")
+    fn, why = load(kernel)
+    assert fn is not None, f"{kernel.package} is installed but its kernel cannot run: {why}"
+    return fn
 
 
 def sample_file(relative: str) -> Path:

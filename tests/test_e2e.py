@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from nucleo.checkpoint import complete_tags
 from nucleo.config import load_config
 from nucleo.export import load_exported, state_from_checkpoint
-from tests.conftest import ROOT
+from tests.conftest import ROOT, launch_env
 
 pytestmark = pytest.mark.slow
 
@@ -65,9 +65,7 @@ def pretrain(
     ]
     for item in sets:
         cmd += ["--set", item]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    env.pop("OMP_NUM_THREADS", None)
-    env.pop("MKL_NUM_THREADS", None)
+    env = launch_env(procs)
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # DeepSpeed's CPU all-reduce workspaces (67 MB per rank) must not outlive the run
@@ -293,7 +291,7 @@ def _launch(shards: Path, root: Path, *args: str, extra: list[str], base: list[s
     cmd += list(args)
     for item in [*base, f"data.shards={shards}", f"run.root={root}", *extra]:
         cmd += ["--set", item]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    env = launch_env(1)
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True,

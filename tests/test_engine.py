@@ -154,11 +154,11 @@ import os, sys, torch
 import nucleo.engine as engine
 seen = {}
 unlink = engine._unlink_shm_buffer
-def record():
+def record(device):
     seen["created"] = os.path.exists(engine.shm_buffer_path(0))
-    unlink()
+    unlink(device)
 engine._unlink_shm_buffer = record
-engine.setup_distributed(engine.EngineConfig())
+engine.setup_distributed(engine.EngineConfig(device="cpu"))
 total = torch.ones(3)
 torch.distributed.all_reduce(total)
 print(seen["created"], os.path.exists(engine.shm_buffer_path(0)), total.sum().item())

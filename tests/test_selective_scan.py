@@ -3,15 +3,15 @@ stability for large steps, float64 gradcheck, bf16, memory, and the CUDA kernel 
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import pytest
 import torch
 
 import architectures.selective_scan as ss
-from architectures import layers
+from architectures import kernels
 from architectures.selective_scan import scan, selective_scan, selective_scan_reference
+from tests.conftest import loaded_or_fail
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -145,49 +145,29 @@ def test_saves_no_per_position_states():
 def test_scan_on_cpu_uses_the_pure_pytorch_path(monkeypatch):
     for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.selective_scan_interface"):
         monkeypatch.setitem(sys.modules, name, None)  # any import of it would fail
+    kernels.forget()
     x = _inputs(length=20)
     torch.testing.assert_close(
         _run(scan, x, ALL, True), _run(selective_scan, x, ALL, True), rtol=0, atol=0
     )
-    assert not any(key.startswith("mamba_ssm") for key in layers._KERNELS)
+    assert "selective_scan" not in kernels._LOADED  # never even tried on CPU
 
 
-def test_missing_kernel_is_logged_once(monkeypatch, caplog):
-    """On CUDA without mamba-ssm: one line naming the path that runs and how to get it."""
-    for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.selective_scan_interface"):
-        monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.setattr(layers, "_KERNELS", {})
-    cuda = torch.device("cuda")
-    with caplog.at_level(logging.WARNING, logger="nucleo"):
-        for _ in range(2):
-            assert (
-                layers.optional_kernel(
-                    "mamba_ssm.ops.selective_scan_interface", "selective_scan_fn", "mamba-ssm", cuda
-                )
-                is None
-            )
-    lines = [r.getMessage() for r in caplog.records if r.name == "nucleo"]
-    assert len(lines) == 1
-    assert "pure-PyTorch" in lines[0] and "pip install -e '.[gpu]' --no-build-isolation" in lines[0]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_kernel_matches_reference():
-    interface = pytest.importorskip("mamba_ssm.ops.selective_scan_interface")
+    kernel = loaded_or_fail(kernels.SELECTIVE_SCAN)
     x = _inputs(b=2, d=16, n=8, length=300, device="cuda")
     for use, softplus in [(ALL, True), (set(), False)]:
-        y = _run(interface.selective_scan_fn, x, use, softplus)
+        y = _run(kernel, x, use, softplus)
         y_ref = _run(selective_scan_reference, x, use, softplus)
         torch.testing.assert_close(y, y_ref, rtol=1e-3, atol=2e-3)
         grads, grads_ref = _grads(y, x, use), _grads(y_ref, x, use)
         for name, g in grads.items():  # mamba-ssm's own tests allow as much for delta's grad
             torch.testing.assert_close(g, grads_ref[name], rtol=3e-3, atol=2e-2, msg=name)
-    torch.testing.assert_close(
-        _run(scan, x, ALL, True), _run(interface.selective_scan_fn, x, ALL, True)
-    )
+    torch.testing.assert_close(_run(scan, x, ALL, True), _run(kernel, x, ALL, True))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_pure_pytorch_scan_on_cuda_matches_reference():
     _assert_matches_reference(_inputs(length=45, device="cuda"), ALL, True, chunk=16)
 
