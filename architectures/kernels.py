@@ -86,11 +86,11 @@ SELECTIVE_SCAN = Kernel(
 )  # fmt: skip
 CAUSAL_CONV1D = Kernel(
     "causal_conv1d", "causal-conv1d", "causal_conv1d", "causal_conv1d_fn",
-    "torch's depthwise conv1d", _smoke_causal_conv1d,
+    "PyTorch's depthwise conv1d", _smoke_causal_conv1d,
 )  # fmt: skip
 FLASH_ATTN = Kernel(
     "flash_attn", "flash-attn", "flash_attn", "flash_attn_func",
-    "torch's scaled_dot_product_attention", _smoke_flash_attn,
+    "PyTorch's scaled_dot_product_attention", _smoke_flash_attn,
 )  # fmt: skip
 KERNELS: dict[str, Kernel] = {k.name: k for k in (SELECTIVE_SCAN, CAUSAL_CONV1D, FLASH_ATTN)}
 
@@ -162,7 +162,7 @@ def _say(kernel: Kernel, why: str, install: bool) -> None:
     _SAID.add(key)
     tail = f" For the kernel: {INSTALL}." if install else ""
     log.warning(
-        "%s not used (%s): running %s (pure-PyTorch path) instead.%s",
+        "%s not used (%s): running %s instead.%s",
         kernel.package, why, kernel.replaces, tail,
     )  # fmt: skip
 

@@ -190,12 +190,12 @@ def stale_jit_locks(max_age_s: float = 600.0) -> list[str]:
 
 def setup_distributed(cfg: EngineConfig) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (idempotent) on ``cfg.device``."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_for_training(cfg.device, local_rank)  # sets DS_ACCELERATOR
     if "RANK" not in os.environ:  # a plain `python` start: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = resolve_for_training(cfg.device, local_rank)  # sets DS_ACCELERATOR
     cuda = device.type == "cuda"
     if cfg.backend == "nccl" and not cuda:
         raise ConfigError("engine.backend", "nccl needs CUDA; this run is on cpu (use auto)")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from architectures.caduceus import conjoin, rc_logits
 from architectures.hyena import HyenaRecurrence, hyena_recurrence_reference
+from architectures.kernels import CAUSAL_CONV1D, FLASH_ATTN, kernels_of
 from architectures.layers import POSITIONWISE_CHUNK, SIZES, causal_depthwise_conv
 from architectures.multires import MultiresConv
 from architectures.transformer import attention, attention_reference
@@ -24,6 +25,7 @@ from nucleo.objective import Objective
 from nucleo.schema import ConfigError, from_dict
 from nucleo.trainer import count_parameters
 from nucleo.types import Batch
+from tests.conftest import loaded_or_fail
 
 TINY: dict[str, list[str]] = {
     "transformer": ["model.d_model=32", "model.n_layers=2", "model.n_heads=4"],
@@ -241,28 +243,59 @@ def test_attention_matches_the_reference(causal):
     torch.testing.assert_close(attention(q, k, v, causal), attention_reference(q, k, v, causal))
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
 def test_flash_attention_kernel_matches_the_reference(causal):
-    pytest.importorskip("flash_attn")
+    loaded_or_fail(FLASH_ATTN)
     q, k, v = torch.randn(3, 2, 300, 4, 64, device="cuda", dtype=torch.bfloat16).unbind(0)
     torch.testing.assert_close(
-        attention(q, k, v, causal), attention_reference(q, k, v, causal), atol=2e-2, rtol=2e-2
+        attention(q, k, v, causal, kernels="required"),
+        attention_reference(q, k, v, causal),
+        atol=2e-2,
+        rtol=2e-2,
     )
 
 
-@cuda
-def test_causal_conv1d_kernel_matches_the_reference():
-    pytest.importorskip("causal_conv1d")
-    x, w, b = torch.randn(2, 64, 300, device="cuda"), torch.randn(64, 4, device="cuda"), None
-    expected = F.conv1d(F.pad(x, (3, 0)), w.unsqueeze(1), b, groups=64)
-    torch.testing.assert_close(causal_depthwise_conv(x, w, b), expected, atol=1e-4, rtol=1e-4)
+@pytest.mark.gpu
+@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("layout", ["contiguous", "channel-last"])
+def test_causal_conv1d_kernel_matches_the_reference(width, layout):
+    loaded_or_fail(CAUSAL_CONV1D)
+    x = torch.randn(2, 64, 300, device="cuda")
+    if layout == "channel-last":  # how Mamba's in_proj output arrives: [B, L, C] transposed
+        x = torch.randn(2, 300, 64, device="cuda").transpose(1, 2)
+    w, b = torch.randn(64, width, device="cuda"), torch.randn(64, device="cuda")
+    expected = F.conv1d(F.pad(x, (width - 1, 0)), w.unsqueeze(1), b, groups=64)
+    got = causal_depthwise_conv(x, w, b, kernels="required")
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["mamba", "caduceus", "transformer", "hybrid"])
+def test_kernels_inside_a_model_match_the_pure_pytorch_path(arch):
+    """The same weights with ``kernels=required`` and ``off`` on CUDA under bf16 autocast (flash
+    attention takes bf16): logits and every gradient agree to bf16 rounding."""
+    sets = [*TINY[arch], "model.autocast=bf16", "model.d_model=64"]
+    if arch in ("transformer", "hybrid"):
+        sets.append(f"model.{'attention.' if arch == 'hybrid' else ''}n_heads=1")
+    fast = _model(arch, [*sets, "model.kernels=required"]).cuda().train()
+    for kernel in kernels_of(fast):
+        loaded_or_fail(kernel)
+    slow = _model(arch, [*sets, "model.kernels=off"]).cuda().train()
+    slow.load_state_dict(fast.state_dict())
+    tokens = torch.randint(0, 4, (2, 256), device="cuda")
+    outs = []
+    for model in (fast, slow):
+        out = model(tokens)
+        (out.logits.logsumexp(-1).mean() + out.hidden.square().mean()).backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[0].logits, outs[1].logits, atol=3e-2, rtol=3e-2)
+    for (name, p), q in zip(fast.named_parameters(), slow.parameters(), strict=True):
+        scale = q.grad.abs().max().item() + 1e-6
+        assert (p.grad - q.grad).abs().max().item() <= 0.05 * scale + 1e-3, name
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("arch", sorted(TINY))
 def test_cuda_model_matches_cpu(arch):
     model = _model(arch, TINY[arch])
