@@ -81,6 +81,40 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, flo
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+def _nucleo_export_equals(run_dir: Path, out: Path) -> None:
+    """``nucleo export RUN_DIR`` (the offline path, from the checkpoint files) gives the fp32
+    master weights that the run's own export holds, bit for bit."""
+    exported = load_exported(run_dir / "export")[0].state_dict()
+    result = subprocess.run(
+        [sys.executable, "-m", "nucleo", "export", str(run_dir), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    offline = load_exported(out)[0].state_dict()
+    for key, value in exported.items():
+        assert offline[key].dtype == value.dtype == torch.float32, key
+        assert torch.equal(offline[key], value), key
+
+
+def _cut_and_resume(shards: Path, root: Path, name: str, *args: str, procs: int, base, extra):
+    """Copy run ``name`` as it was after its first checkpoint, resume the copy to the end, and
+    require the same final weights as the run that never stopped."""
+    cut = root / f"{name}-cut"
+    shutil.copytree(root / name, cut)
+    first, *later = complete_tags(cut / "checkpoints")
+    for tag in later:
+        shutil.rmtree(cut / "checkpoints" / tag)
+    shutil.rmtree(cut / "export")
+    (cut / "summary.json").unlink()
+    output = pretrain(shards, root, *args, "--resume", str(cut), procs=procs, base=base,
+                      extra=[*extra, "tracking.enabled=false"])  # fmt: skip
+    assert "resumed" in output and f"step {int(first.split('_')[1])}" in output
+    full = load_exported(root / name / "export")[0].state_dict()
+    resumed = load_exported(cut / "export")[0].state_dict()
+    assert all(torch.equal(full[k], resumed[k]) for k in full), "resume diverged"
+    return output
+
+
 def test_one_process_trains_tracks_checkpoints_and_exports(sample_shards, tmp_path):
     output = pretrain(sample_shards, tmp_path, extra=["run.name=one"])
     run_dir = tmp_path / "one"
@@ -125,21 +159,9 @@ def test_resume_continues_exactly_where_it_stopped(sample_shards, tmp_path, proc
     assert run.data.params["derived.global_batch_windows"] == "16"
     loss = _history(client, run.info.run_id, "train/loss")
     assert loss[-1][1] < loss[0][1] - 0.2
-    # The same run interrupted after its step-20 checkpoint:
-    cut = tmp_path / "cut"
-    shutil.copytree(tmp_path / "full", cut)
-    shutil.rmtree(cut / "checkpoints" / "step_00000040")
-    shutil.rmtree(cut / "export")
-    (cut / "summary.json").unlink()
-    output = pretrain(
-        sample_shards, tmp_path, "--resume", str(cut), procs=procs,
-        extra=["tracking.enabled=false"],
-    )  # fmt: skip
-    assert "resumed" in output and "step 20" in output
+    # The same run interrupted after its step-20 checkpoint ends identical:
+    output = _cut_and_resume(sample_shards, tmp_path, "full", procs=procs, base=TINY, extra=[])
     assert "step 25/40" in output and "step 5/40" not in output
-    full = load_exported(tmp_path / "full" / "export")[0].state_dict()
-    resumed = load_exported(cut / "export")[0].state_dict()
-    assert all(torch.equal(full[k], resumed[k]) for k in full), "resume diverged"
 
 
 def test_resume_continues_the_mlflow_run(sample_shards, tmp_path):
@@ -172,79 +194,48 @@ def test_resume_continues_the_mlflow_run(sample_shards, tmp_path):
     assert (marker.read_text(), marker.stat().st_mtime_ns) == before
 
 
-@pytest.mark.parametrize(
-    "procs,stage,precision",
-    [(1, 0, "bf16"), (1, 2, "bf16"), (2, 3, "fp32")],
-    ids=["zero0-bf16", "zero2-bf16", "zero3-2proc"],
-)
-def test_zero_stages_and_bf16(sample_shards, tmp_path, procs, stage, precision):
-    name = f"z{stage}"
-    pretrain(
-        sample_shards,
-        tmp_path,
-        procs=procs,
-        extra=[
-            f"run.name={name}",
-            f"engine.zero_stage={stage}",
-            f"engine.precision={precision}",
-            "train.max_steps=20",
-            "eval.every=10",
-            "checkpoint.every=10",
-            "tracking.enabled=false",
-        ],
-    )
-    run_dir = tmp_path / name
-    summary = json.loads((run_dir / "summary.json").read_text())
-    bpb = summary["final_validation"]["val/bits_per_base"]
-    assert 1.0 < bpb < 2.9, bpb  # learned something (3.1 at initialisation)
-    exported = load_exported(run_dir / "export")[0].state_dict()
-    # The same weights through the offline path: `nucleo export` of the last checkpoint.
-    result = subprocess.run(
-        [sys.executable, "-m", "nucleo", "export", str(run_dir), "--out", str(tmp_path / "x")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    offline = load_exported(tmp_path / "x")[0].state_dict()
-    for key, value in exported.items():  # fp32 masters on both paths: identical
-        assert offline[key].dtype == torch.float32
-        assert torch.equal(offline[key], value), key
+SHORT_HYENA_SMALL = [
+    "model.size=tiny", "model.max_len=256", "data.seq_len=256", "data.seq_len_warmup=64",
+    "data.seq_len_warmup_steps=8", "data.num_workers=1", "train.max_steps=20",
+    "train.micro_batch_size=4", "train.grad_accum=2", "train.warmup_steps=5",
+    "train.log_every=5", "eval.every=10", "eval.windows_per_kingdom=4", "checkpoint.every=10",
+]  # fmt: skip
 
 
-FAMILY_MODELS = {
-    "hyena": ["model.d_model=32", "model.n_layers=2", "model.max_len=128"],
-    "mamba": ["model.d_model=32", "model.n_layers=2"],
-    "multires": ["model.d_model=32", "model.n_layers=2", "model.max_len=128"],
-    "hybrid": ["model.d_model=32", "model.n_layers=3", "model.hyena.max_len=128",
-               "model.attention.n_heads=2"],
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("arch", sorted(FAMILY_MODELS))
-def test_every_causal_family_trains_through_deepspeed(sample_shards, tmp_path, arch):
-    """``deepspeed launch/pretrain.py --arch A --losses ce`` on the genomes: loss falls, the
-    export loads. (transformer is covered above; caduceus needs mlm, from the losses issue.)"""
-    base = [*FAMILY_MODELS[arch], *TINY[3:]]
-    base = [s.replace("max_steps=40", "max_steps=30") for s in base]
-    pretrain(sample_shards, tmp_path, "--arch", arch, "--losses", "ce", base=base,
-             extra=["run.name=fam", "eval.every=30", "checkpoint.every=30"])  # fmt: skip
-    summary = json.loads((tmp_path / "fam" / "summary.json").read_text())
+def test_hyena_small_config_in_bf16_zero1_on_two_processes_resumes_and_exports(
+    sample_shards, tmp_path
+):
+    """The README's GPU/Slurm config (hyena, ce+rc, bf16 weights, ZeRO-1), shortened: it
+    trains in two processes, resumes exactly, and exports the fp32 masters on both paths."""
+    config = ["--config", "experiments/configs/hyena_small.yaml"]
+    output = pretrain(sample_shards, tmp_path, *config, procs=2, base=SHORT_HYENA_SMALL,
+                      extra=["run.name=hs"])  # fmt: skip
+    assert "2 rank(s) on cpu (bf16 weights, ZeRO-1)" in output, output[-2000:]
+    summary = json.loads((tmp_path / "hs" / "summary.json").read_text())
     client = _client(tmp_path)
     loss = _history(client, summary["mlflow_run_id"], "train/loss")
-    assert loss[-1][1] < loss[0][1] - 0.2, loss
-    model, _tokenizer, meta = load_exported(tmp_path / "fam" / "export")
-    assert meta["arch"] == arch and model.causal
+    assert len(loss) == 4 and loss[-1][1] < loss[0][1] - 0.1, loss
+    assert _history(client, summary["mlflow_run_id"], "train/rc")
+    bpb = summary["final_validation"]["val/bits_per_base"]
+    assert 1.0 < bpb < 2.9, bpb  # learned something (3.1 at initialisation)
+    _cut_and_resume(sample_shards, tmp_path, "hs", *config, procs=2, base=SHORT_HYENA_SMALL,
+                    extra=[])  # fmt: skip
+    _nucleo_export_equals(tmp_path / "hs", tmp_path / "hs-offline")
 
 
-def test_caduceus_trains_with_masked_lm_through_deepspeed(sample_shards, tmp_path):
-    """Caduceus (RCPS, bidirectional) with its objective: ``--arch caduceus`` alone picks
-    ``mlm``; the masked-LM loss falls, validation scores fixed masks, the export loads."""
+def test_caduceus_in_bf16_zero3_on_two_processes_resumes_and_exports(sample_shards, tmp_path):
+    """The state-space family under ZeRO-3 (parameters partitioned across the two processes,
+    bf16 weights): ``--arch caduceus`` alone picks its objective, masked-LM; the loss falls,
+    validation scores fixed masks, a resumed run ends identical, both exports agree."""
     base = ["model.d_model=32", "model.n_layers=2", *TINY[3:]]
-    output = pretrain(sample_shards, tmp_path, "--arch", "caduceus", base=base,
-                      extra=["run.name=cad"])  # fmt: skip
-    assert "mlm" in output
+    extra = [
+        "engine.zero_stage=3",
+        "engine.precision=bf16",
+        "engine.deepspeed={zero_optimization: {stage3_param_persistence_threshold: 0}}",
+    ]
+    output = pretrain(sample_shards, tmp_path, "--arch", "caduceus", procs=2, base=base,
+                      extra=[*extra, "run.name=cad"])  # fmt: skip
+    assert "mlm" in output and "(bf16 weights, ZeRO-3)" in output
     summary = json.loads((tmp_path / "cad" / "summary.json").read_text())
     client = _client(tmp_path)
     run = client.get_run(summary["mlflow_run_id"])
@@ -256,6 +247,40 @@ def test_caduceus_trains_with_masked_lm_through_deepspeed(sample_shards, tmp_pat
     assert _history(client, run.info.run_id, "train/mlm/accuracy")
     model, _tokenizer, meta = load_exported(tmp_path / "cad" / "export")
     assert meta["arch"] == "caduceus" and not model.causal
+    _cut_and_resume(sample_shards, tmp_path, "cad", "--arch", "caduceus", procs=2, base=base,
+                    extra=extra)  # fmt: skip
+    _nucleo_export_equals(tmp_path / "cad", tmp_path / "cad-offline")
+
+
+HYENA = ["model.d_model=32", "model.n_layers=2", "model.max_len=128"]
+FAMILY_MODELS = {
+    "mamba": ["model.d_model=32", "model.n_layers=2"],
+    "multires": ["model.d_model=32", "model.n_layers=2", "model.max_len=128"],
+    "hybrid": ["model.d_model=32", "model.n_layers=3", "model.hyena.max_len=128",
+               "model.attention.n_heads=2"],
+}  # fmt: skip
+FAMILY_PRECISION = {  # each launch covers another precision path (all: tests/test_precision.py)
+    "mamba": ["engine.precision=bf16", "engine.zero_stage=2"],
+    "multires": ["engine.precision=bf16", "engine.zero_stage=1"],
+    "hybrid": ["model.autocast=bf16"],
+}
+
+
+@pytest.mark.parametrize("arch", sorted(FAMILY_MODELS))
+def test_every_causal_family_trains_through_deepspeed(sample_shards, tmp_path, arch):
+    """``deepspeed launch/pretrain.py --arch A --losses ce`` on the genomes: loss falls, the
+    export loads. (transformer and hyena are covered above, caduceus with mlm.)"""
+    base = [*FAMILY_MODELS[arch], *TINY[3:]]
+    base = [s.replace("max_steps=40", "max_steps=30") for s in base]
+    pretrain(sample_shards, tmp_path, "--arch", arch, "--losses", "ce", base=base,
+             extra=["run.name=fam", "eval.every=30", "checkpoint.every=30",
+                    *FAMILY_PRECISION[arch]])  # fmt: skip
+    summary = json.loads((tmp_path / "fam" / "summary.json").read_text())
+    client = _client(tmp_path)
+    loss = _history(client, summary["mlflow_run_id"], "train/loss")
+    assert loss[-1][1] < loss[0][1] - 0.2, loss
+    model, _tokenizer, meta = load_exported(tmp_path / "fam" / "export")
+    assert meta["arch"] == arch and model.causal
 
 
 @pytest.mark.parametrize(
@@ -264,7 +289,7 @@ def test_caduceus_trains_with_masked_lm_through_deepspeed(sample_shards, tmp_pat
 def test_combined_losses_train_through_deepspeed(sample_shards, tmp_path, arch, losses, procs):
     """``deepspeed launch/pretrain.py --arch hyena --losses ce,rc,cgr`` (and ce,ph): each
     component's curve reaches MLflow, with its time per call; ph at its cadence."""
-    model = FAMILY_MODELS[arch] if arch in FAMILY_MODELS else TINY[:3]
+    model = HYENA if arch == "hyena" else TINY[:3]
     base = [s.replace("max_steps=40", "max_steps=20") for s in [*model, *TINY[3:]]]
     extra = ["run.name=mix", "eval.every=20", "checkpoint.every=20", "loss.ph.every=5"]
     pretrain(sample_shards, tmp_path, "--arch", arch, "--losses", losses, procs=procs,
