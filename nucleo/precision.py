@@ -1,54 +1,51 @@
-"""The precision x ZeRO matrix, run in its own process(es) by tests/test_precision.py.
+"""The precision x ZeRO check: does every family train, resume and export in every precision,
+under every ZeRO stage, on this machine?
 
-For each combination ``arch:stage:precision`` (precision: fp32, bf16 = DeepSpeed bf16 weights
-with fp32 masters, autocast = fp32 weights under ``model.autocast=bf16``) this builds the
-family's tiny model, wraps it in a real DeepSpeed engine (no launcher for one process; the
-``deepspeed`` launcher for several) and checks, on windows of real yeast DNA:
+For each combination ``arch:stage:precision`` (precision: fp32; bf16 = DeepSpeed bf16 weights
+with fp32 masters; autocast = fp32 weights under ``model.autocast=bf16``) it builds the family's
+tiny model, wraps it in a real DeepSpeed engine on the run's device and checks, on windows of
+real yeast DNA (the bundled sample):
 
 - training: 6 steps, finite losses and gradient norms, the loss falls;
 - the weights the engine holds have the precision's dtype;
-- validation: an eval-mode forward is finite;
+- validation: an eval-mode pass of the objective is finite;
 - resume: a checkpoint after step 3, reloaded into a fresh engine and trained to step 6 on the
-  same batches, ends with the same weights as the run that never stopped;
+  same batches, ends with the same weights as the run that never stopped (exactly on CPU);
 - export: the fp32 weights from the masters (``full_state_dict``) equal those ``nucleo export``
-  reads from the checkpoint files offline (``state_from_checkpoint``), and the exported fp32
-  model gives the engine's outputs (within bf16 rounding).
+  reads from the checkpoint files offline, and the exported fp32 model gives the engine's
+  outputs within bf16 rounding.
 
-Rank 0 prints one JSON line per combination (``{"combo": ..., "ok": ..., ...}``); a failure
-is reported with its message and the next combination runs.
+    python launch/precision_check.py                          # all 72, one process
+    python launch/precision_check.py --families hyena mamba --precisions bf16
+    deepspeed --num_gpus 2 launch/precision_check.py --stages 1 3
 
-    python tests/precision_worker.py OUT_DIR hyena:1:bf16 mamba:3:autocast ...
-    deepspeed --num_gpus 2 tests/precision_worker.py OUT_DIR ...
+Rank 0 prints a line per combination (``--json``: ``RESULT {...}`` lines) and exits 1 if any
+failed. tests/test_precision.py runs it in one and two processes; launch/gpu_check.sh on GPUs.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import shutil
-import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-from nucleo.runtime import configure_threads
-
-configure_threads()
-
-import torch  # noqa: E402
-
-from data_pipeline.readers import read_sequences  # noqa: E402
-from data_pipeline.tokenizers import CharTokenizer  # noqa: E402
-from nucleo.checkpoint import load_checkpoint, save_checkpoint, tag_for  # noqa: E402
-from nucleo.components import build_model  # noqa: E402
-from nucleo.config import load_config  # noqa: E402
-from nucleo.engine import build_engine, setup_distributed  # noqa: E402
-from nucleo.export import full_state_dict, state_from_checkpoint  # noqa: E402
-from nucleo.objective import Objective  # noqa: E402
-from nucleo.types import Batch  # noqa: E402
+from data_pipeline.readers import read_sequences
+from data_pipeline.tokenizers import CharTokenizer
+from nucleo.checkpoint import load_checkpoint, save_checkpoint, tag_for
+from nucleo.components import build_model
+from nucleo.config import load_config
+from nucleo.engine import build_engine, setup_distributed
+from nucleo.export import full_state_dict, state_from_checkpoint
+from nucleo.objective import Objective
+from nucleo.types import Batch
 
 TINY: dict[str, list[str]] = {
     "transformer": ["model.d_model=32", "model.n_layers=2", "model.n_heads=2"],
@@ -63,6 +60,21 @@ TINY: dict[str, list[str]] = {
 }  # fmt: skip
 STEPS, CUT, BATCH, LENGTH = 6, 3, 4, 64
 YEAST = Path(__file__).resolve().parents[1] / "data_pipeline/sample/fungi/ScerR64_I.fna.gz"
+PRECISIONS = ("fp32", "bf16", "autocast")
+
+
+def combos(
+    families: list[str] | None = None,
+    stages: list[int] | None = None,
+    precisions: list[str] | None = None,
+) -> list[str]:
+    """``arch:stage:precision`` for every family, stage and precision asked for (all: 72)."""
+    return [
+        f"{a}:{s}:{p}"
+        for a in families or sorted(TINY)
+        for s in (range(4) if stages is None else stages)
+        for p in precisions or PRECISIONS
+    ]
 
 
 def settings(arch: str, stage: int, precision: str) -> list[str]:
@@ -111,7 +123,7 @@ def train(engine, objective, model, windows, dist, start: int, stop: int) -> lis
         norm = engine.get_global_grad_norm()
         if norm is None and norms:  # fp32 without ZeRO: DeepSpeed does not record it
             norm = float(torch.linalg.vector_norm(torch.stack(norms)))
-        out.append({"loss": float(result.loss), "grad_norm": float(norm or math.nan)})
+        out.append({"loss": float(result.loss.detach()), "grad_norm": float(norm or math.nan)})
     return out
 
 
@@ -187,25 +199,91 @@ def run_combo(combo: str, root: Path, dist_holder: list) -> dict:
     return result
 
 
-def main(argv: list[str]) -> int:
-    args = [a for a in argv if not a.startswith("--local_rank")]
-    root, combos = Path(args[0]), args[1:]
+def problems(result: dict) -> list[str]:
+    """What is wrong with one combination's result (empty: it passed)."""
+    if "error" in result:
+        return [f"{result['error']} | {result.get('trace', '')}"]
+    out = []
+    losses, norms = result["losses"], result["grad_norms"]
+    if not all(math.isfinite(x) for x in [*losses, *norms, result["eval_loss"]]):
+        out.append(f"non-finite losses or gradient norms: {losses} {norms}")
+    elif not losses[-1] < losses[0] - 0.15:  # ln 4 = 1.39 is the floor; they start near 2.1
+        out.append(f"the loss did not fall: {losses}")
+    if not result["weights_ok"]:
+        out.append(f"engine weights are {result['weight_dtypes']}")
+    if result["export_dtypes"] != ["torch.float32"]:
+        out.append(f"export is {result['export_dtypes']}, not float32")
+    if not result["offline_equals_masters"]:
+        out.append("nucleo export's weights differ from the fp32 masters")
+    if not result["resume_ok"]:
+        out.append(f"resume diverged by {result['resume_max_diff']:.3g}")
+    resumed, tail = result["resumed_losses"], losses[CUT:]
+    if any(abs(a - b) > 1e-3 * abs(b) for a, b in zip(resumed, tail, strict=True)):
+        out.append(f"resumed losses {resumed} differ from {tail}")
+    gap, scale = result["export_logit_gap"], result["export_logit_scale"]
+    if gap > 0.03 * scale + 0.02:
+        out.append(f"the fp32 export's logits differ from the engine's by {gap:.3g}")
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="launch/precision_check.py",
+        description="Train, resume and export every family in every precision and ZeRO stage.",
+    )
+    p.add_argument("combos", nargs="*", help="arch:stage:precision (default: the selection)")
+    p.add_argument("--families", nargs="+", choices=sorted(TINY), help="default: all")
+    p.add_argument("--stages", nargs="+", type=int, choices=range(4), help="default: 0 1 2 3")
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, help="default: all three")
+    p.add_argument("--out", help="scratch folder for checkpoints (default: a temporary one)")
+    p.add_argument("--json", action="store_true", help="print RESULT {json} lines")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for combo in args.combos:
+        arch, _, rest = combo.partition(":")
+        stage, _, precision = rest.partition(":")
+        if arch not in TINY or stage not in "0123" or not stage or precision not in PRECISIONS:
+            raise SystemExit(
+                f"launch/precision_check.py: {combo!r} is not arch:stage:precision "
+                f"(arch: {', '.join(sorted(TINY))}; stage 0-3; precision: {', '.join(PRECISIONS)})"
+            )
+    todo = args.combos or combos(args.families, args.stages, args.precisions)
+    root = Path(args.out or tempfile.mkdtemp(prefix="nucleo-precision-"))
     root.mkdir(parents=True, exist_ok=True)
     holder: list = []
-    for combo in combos:
+    failed = 0
+    for i, combo in enumerate(todo, 1):
         started = time.perf_counter()
         try:
             result = run_combo(combo, root, holder)
-            rank = holder[0].rank if holder else 0
         except Exception as err:  # reported, and the next combination runs
-            rank = int(os.environ.get("RANK", 0))
             trace = traceback.format_exc(limit=-3).replace("\n", " | ")
             result = {"combo": combo, "error": f"{type(err).__name__}: {err}", "trace": trace}
         result["seconds"] = round(time.perf_counter() - started, 2)
-        if rank == 0:
+        rank = holder[0].rank if holder else int(os.environ.get("RANK", 0))
+        if rank != 0:
+            continue
+        wrong = problems(result) if "losses" in result or "error" in result else []
+        failed += bool(wrong)
+        if args.json:
             print("RESULT " + json.dumps(result), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+        else:
+            head = f"[{i}/{len(todo)}] {combo:<22}"
+            if wrong:
+                print(f"{head} FAILED: {'; '.join(wrong)}", flush=True)
+            else:
+                losses = result["losses"]
+                print(
+                    f"{head} ok  loss {losses[0]:.3f} -> {losses[-1]:.3f}, resume exact "
+                    f"{result['resume_max_diff'] == 0}, {result['seconds']:.1f}s",
+                    flush=True,
+                )
+    if not args.out:
+        shutil.rmtree(root, ignore_errors=True)
+    if (holder[0].rank if holder else 0) == 0 and not args.json:
+        print(f"{len(todo) - failed} of {len(todo)} combinations passed", flush=True)
+    return 1 if failed else 0

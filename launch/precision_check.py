@@ -1,0 +1,21 @@
+"""Train, resume and export every family in every precision and ZeRO stage (nucleo.precision).
+
+    python launch/precision_check.py [--families hyena mamba] [--stages 0 3] [--precisions bf16]
+    deepspeed --num_gpus 2 launch/precision_check.py ...
+
+Thin on purpose: threads, then ``nucleo.precision.main``.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # usable from a plain checkout
+
+from nucleo.runtime import configure_threads
+
+configure_threads()  # before torch is imported
+
+from nucleo.precision import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
