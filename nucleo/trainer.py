@@ -440,6 +440,8 @@ class Trainer:
             "train_seconds": round(trained, 1),
             "validation_seconds": round(self.val_seconds, 1),
             "tokens_per_second": round(self.progress.train_tokens / max(trained, 1e-9)),
+            # over the last log interval: the steady rate, without start-up and warm-up steps
+            "recent_tokens_per_second": round(self.progress.tokens_per_second),
             "final_validation": self.last_val,
             "mlflow_run_id": self.state.mlflow_run_id,
             "tracking_uri": self.tracker.uri,
