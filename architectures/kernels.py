@@ -70,6 +70,7 @@ class Kernel:
     attr: str
     replaces: str
     smoke: Callable[[Callable], None]
+    half_only: bool = False  # takes bf16/fp16 activations only (flash-attn)
 
     def installed(self) -> bool:
         """Whether the package is installed at all (usable or not)."""
@@ -90,7 +91,7 @@ CAUSAL_CONV1D = Kernel(
 )  # fmt: skip
 FLASH_ATTN = Kernel(
     "flash_attn", "flash-attn", "flash_attn", "flash_attn_func",
-    "PyTorch's scaled_dot_product_attention", _smoke_flash_attn,
+    "PyTorch's scaled_dot_product_attention", _smoke_flash_attn, half_only=True,
 )  # fmt: skip
 KERNELS: dict[str, Kernel] = {k.name: k for k in (SELECTIVE_SCAN, CAUSAL_CONV1D, FLASH_ATTN)}
 
@@ -176,15 +177,23 @@ def kernels_of(model: torch.nn.Module) -> list[Kernel]:
     return [names[n] for n in sorted(names)]
 
 
-def check_kernels(model: torch.nn.Module, device: torch.device, mode: str) -> list[str]:
-    """Before training: load every kernel the model can use on ``device`` under ``mode``.
+def check_kernels(
+    model: torch.nn.Module, device: torch.device, mode: str, bf16: bool = True
+) -> list[str]:
+    """Before training: load every kernel the model can use on ``device`` under ``mode``
+    (``bf16``: whether activations are bf16, which flash-attn needs).
 
     Returns "package kernel" for those that will run. ``required`` raises when one cannot;
     ``auto`` logs its one line now rather than at the first step.
     """
     running = []
     for kernel in kernels_of(model):
-        if use(kernel, device, mode) is not None:
+        unsuitable = None
+        if kernel.half_only and not bf16:
+            unsuitable = "fp32 activations; it takes bf16 (engine.precision or model.autocast)"
+            if mode == "auto":  # nothing is missing: fp32 simply has no such kernel
+                continue
+        if use(kernel, device, mode, unsuitable) is not None:
             running.append(f"{kernel.package} {kernel.name}")
     return running
 

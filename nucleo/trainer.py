@@ -131,7 +131,8 @@ class Trainer:
         )  # fmt: skip
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.arch, cfg.model, self.tokenizer)
-        self.kernels = check_kernels(self.model, dist.device, cfg.model.kernels)
+        bf16 = cfg.engine.precision == "bf16" or cfg.model.autocast == "bf16"
+        self.kernels = check_kernels(self.model, dist.device, cfg.model.kernels, bf16)
         self.params = count_parameters(self.model)
         self.compute = ComputeCounter(self.model, cfg.train.micro_batch_size)
         self.objective = Objective.build(cfg.losses, cfg.loss, self.model, self.tokenizer)

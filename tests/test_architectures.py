@@ -22,25 +22,13 @@ from nucleo.components import ARCHITECTURES, build_model
 from nucleo.config import load_config
 from nucleo.export import export_model, load_exported
 from nucleo.objective import Objective
+from nucleo.precision import TINY
 from nucleo.schema import ConfigError, from_dict
 from nucleo.trainer import count_parameters
 from nucleo.types import Batch
 from tests.conftest import loaded_or_fail
 
-TINY: dict[str, list[str]] = {
-    "transformer": ["model.d_model=32", "model.n_layers=2", "model.n_heads=4"],
-    "hyena": ["model.d_model=32", "model.n_layers=2", "model.max_len=64"],
-    "mamba": ["model.d_model=32", "model.n_layers=2"],
-    "caduceus": ["model.d_model=32", "model.n_layers=2"],
-    "multires": ["model.d_model=32", "model.n_layers=2", "model.max_len=64"],
-    "hybrid": [
-        "model.d_model=32",
-        "model.n_layers=4",
-        "model.pattern=[hyena,mamba,attention,multires]",
-        "model.hyena.max_len=64",
-        "model.multires.max_len=64",
-    ],
-}
+# one tiny model per family (the precision check's): d_model 32, a layer or two
 BIDIRECTIONAL: dict[str, tuple[str, list[str]]] = {
     "transformer-bi": ("transformer", [*TINY["transformer"], "model.causal=false"]),
     "hyena-bi": ("hyena", [*TINY["hyena"], "model.causal=false"]),

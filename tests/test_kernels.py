@@ -195,3 +195,12 @@ def test_extra_deepspeed_settings_merge_and_may_not_contradict_nucleos():
     assert ds["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
     with pytest.raises(ConfigError, match=r"engine.deepspeed.bf16: set by nucleo from engine."):
         load_config(overrides=["engine.deepspeed={bf16: {enabled: true}}"])
+
+
+def test_flash_attention_needs_bf16_activations_under_required():
+    model = _model("transformer", "model.n_heads=4")  # heads of 8
+    with pytest.raises(ConfigError, match="fp32 activations"):
+        check_kernels(model, CUDA, "required", bf16=False)
+    kernels.forget()
+    assert check_kernels(model, CUDA, "auto", bf16=False) == []  # quietly SDPA, nothing loaded
+    assert kernels._LOADED == {}
