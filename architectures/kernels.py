@@ -110,8 +110,8 @@ def load(kernel: Kernel) -> tuple[Callable | None, str]:
             _LOADED[kernel.name] = (fn, "")
             log.info("using %s's CUDA kernel %s.%s", kernel.package, kernel.module, kernel.attr)
         except Exception as err:  # ImportError, a build without its extension, no GPU image
-            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
-            _LOADED[kernel.name] = (None, reason.rstrip(": "))
+            first = str(err).strip().splitlines()[:1]
+            _LOADED[kernel.name] = (None, ": ".join([type(err).__name__, *first]))
     return _LOADED[kernel.name]
 
 
@@ -125,7 +125,7 @@ def _refuse(kernel: Kernel, why: str) -> ConfigError:
     return ConfigError(
         "model.kernels",
         f"required, but {kernel.package}'s {kernel.name} kernel cannot run: {why}; "
-        + ("set model.kernels=auto to run " + kernel.replaces + " instead"),
+        f"set model.kernels=auto to run {kernel.replaces} instead",
     )
 
 
