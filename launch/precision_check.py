@@ -6,6 +6,7 @@
 Thin on purpose: threads, then ``nucleo.precision.main``.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # usable from a pl
 from nucleo.runtime import configure_threads
 
 configure_threads()  # before torch is imported
+os.environ.setdefault("TQDM_DISABLE", "1")  # DeepSpeed's checkpoint readers draw progress bars
 
 from nucleo.precision import main  # noqa: E402
 

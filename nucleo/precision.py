@@ -127,6 +127,12 @@ def train(engine, objective, model, windows, dist, start: int, stop: int) -> lis
     return out
 
 
+def optimizer_steps(engine) -> list[int]:
+    """The distinct step counts in the optimizer's state (one value, the steps taken)."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return sorted({int(s["step"]) for s in inner.state.values() if "step" in s})
+
+
 def run_combo(combo: str, root: Path, dist_holder: list) -> dict:
     arch, stage, precision = combo.split(":")
     cfg = load_config(arch=arch, overrides=settings(arch, int(stage), precision))
@@ -150,6 +156,7 @@ def run_combo(combo: str, root: Path, dist_holder: list) -> dict:
     at_cut = full_state_dict(engine, cfg)  # collective under ZeRO
     history += train(engine, objective, model, windows, dist, CUT, STEPS)
     final = full_state_dict(engine, cfg)
+    adam_steps = optimizer_steps(engine)
 
     engine.eval()
     with torch.no_grad():
@@ -191,6 +198,8 @@ def run_combo(combo: str, root: Path, dist_holder: list) -> dict:
             and all(torch.equal(offline[k], at_cut[k]) for k in at_cut),
             resume_max_diff=resume_diff,
             resume_ok=resume_ok,
+            optimizer_steps=adam_steps,
+            resumed_optimizer_steps=optimizer_steps(engine2),
             export_logit_gap=gap,
             export_logit_scale=scale,
         )
@@ -215,6 +224,9 @@ def problems(result: dict) -> list[str]:
         out.append(f"export is {result['export_dtypes']}, not float32")
     if not result["offline_equals_masters"]:
         out.append("nucleo export's weights differ from the fp32 masters")
+    for key in ("optimizer_steps", "resumed_optimizer_steps"):
+        if result[key] != [STEPS]:  # Adam's bias corrections count on it
+            out.append(f"the optimizer counts {result[key]} steps, not {STEPS} ({key})")
     if not result["resume_ok"]:
         out.append(f"resume diverged by {result['resume_max_diff']:.3g}")
     resumed, tail = result["resumed_losses"], losses[CUT:]
@@ -235,10 +247,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--families", nargs="+", choices=sorted(TINY), help="default: all")
     p.add_argument("--stages", nargs="+", type=int, choices=range(4), help="default: 0 1 2 3")
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, help="default: all three")
-    p.add_argument("--out", help="scratch folder for checkpoints (default: a temporary one)")
+    p.add_argument("--out", help="scratch folder for checkpoints, shared by the ranks "
+                   "(default: a temporary one)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print RESULT {json} lines")
+    p.add_argument("--report", help="also write a markdown table (command, machine, date)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def default_scratch() -> str:
+    """A scratch folder that every rank of one launch names alike (checkpoints are shared:
+    several nodes need ``--out`` on a shared file system)."""
+    if "MASTER_PORT" in os.environ:
+        tag = f"{os.getuid()}-{os.environ.get('MASTER_ADDR', '')}-{os.environ['MASTER_PORT']}"
+        return os.path.join(tempfile.gettempdir(), f"nucleo-precision-{tag}")
+    return tempfile.mkdtemp(prefix="nucleo-precision-")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,23 +275,32 @@ def main(argv: list[str] | None = None) -> int:
                 f"(arch: {', '.join(sorted(TINY))}; stage 0-3; precision: {', '.join(PRECISIONS)})"
             )
     todo = args.combos or combos(args.families, args.stages, args.precisions)
-    root = Path(args.out or tempfile.mkdtemp(prefix="nucleo-precision-"))
+    root = Path(args.out or default_scratch())
     root.mkdir(parents=True, exist_ok=True)
     holder: list = []
     failed = 0
+    results = []
     for i, combo in enumerate(todo, 1):
         started = time.perf_counter()
         try:
             result = run_combo(combo, root, holder)
-        except Exception as err:  # reported, and the next combination runs
+        except Exception as err:  # reported, and (in one process) the next combination runs
             trace = traceback.format_exc(limit=-3).replace("\n", " | ")
             result = {"combo": combo, "error": f"{type(err).__name__}: {err}", "trace": trace}
+            if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+                # the other ranks may be waiting in a collective for this one: going on to the
+                # next combination would leave them waiting forever; end, and the launcher
+                # ends them
+                print(f"rank {os.environ.get('RANK')}: {combo}: {result['error']} | {trace}",
+                      flush=True)  # fmt: skip
+                os._exit(1)
         result["seconds"] = round(time.perf_counter() - started, 2)
         rank = holder[0].rank if holder else int(os.environ.get("RANK", 0))
         if rank != 0:
             continue
         wrong = problems(result) if "losses" in result or "error" in result else []
         failed += bool(wrong)
+        results.append((result, wrong))
         if args.json:
             print("RESULT " + json.dumps(result), flush=True)
         else:
@@ -282,8 +314,56 @@ def main(argv: list[str] | None = None) -> int:
                     f"{result['resume_max_diff'] == 0}, {result['seconds']:.1f}s",
                     flush=True,
                 )
-    if not args.out:
+    main_rank = (holder[0].rank if holder else 0) == 0
+    if not args.out and main_rank:  # rank 0 is the last to read the checkpoints
         shutil.rmtree(root, ignore_errors=True)
-    if (holder[0].rank if holder else 0) == 0 and not args.json:
+    if main_rank and not args.json:
         print(f"{len(todo) - failed} of {len(todo)} combinations passed", flush=True)
+    if main_rank and args.report:
+        world = holder[0].world_size if holder else 1
+        Path(args.report).write_text(report(results, world, argv))
+        print(f"wrote {args.report}", flush=True)
     return 1 if failed else 0
+
+
+def report(results: list[tuple[dict, list[str]]], world_size: int, argv: list[str] | None) -> str:
+    """Markdown: the command, machine, date and a row per combination."""
+    import platform
+    import sys
+
+    import deepspeed
+
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local")]
+    launcher = f"deepspeed --num_gpus {world_size} " if world_size > 1 else "python "
+    command = launcher + " ".join(["launch/precision_check.py", *args])
+    device = results[0][0].get("device", "?") if results else "?"
+    lines = [
+        "# Precision x ZeRO check", "",
+        f"- command: `{command}` ({world_size} process(es), on {device})",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
+        f"- machine: {platform.processor() or platform.machine()}, "
+        f"{len(os.sched_getaffinity(0))} cores; torch {torch.__version__}, "
+        f"DeepSpeed {deepspeed.__version__}, Python {platform.python_version()}",
+        f"- passed: {sum(not w for _, w in results)} of {len(results)}", "",
+        "Each row: a tiny model of the family, 6 AdamW steps on yeast DNA in a real DeepSpeed "
+        "engine, a checkpoint after step 3 resumed in a fresh engine, and the fp32 export. "
+        "Loss: the first and last step's. Resume: the largest weight difference between the "
+        "resumed and the uninterrupted run. Export gap: the largest logit difference between "
+        "the fp32 export and the engine.", "",
+        "| family | ZeRO | precision | result | loss | resume diff | export gap | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for result, wrong in results:
+        arch, stage, precision = result["combo"].split(":")
+        if "losses" in result:
+            losses = result["losses"]
+            cells = [f"{losses[0]:.3f} -> {losses[-1]:.3f}", f"{result['resume_max_diff']:.3g}",
+                     f"{result['export_logit_gap']:.3g}"]  # fmt: skip
+        else:
+            cells = ["", "", ""]
+        verdict = "ok" if not wrong else "FAILED: " + "; ".join(wrong).replace("|", "/")[:200]
+        lines.append(
+            f"| {arch} | {stage} | {precision} | {verdict} | " + " | ".join(cells)
+            + f" | {result['seconds']:.1f} |"
+        )  # fmt: skip
+    return "\n".join(lines) + "\n"

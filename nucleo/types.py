@@ -6,18 +6,21 @@ Foundation module: imports only the other foundation modules.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from nucleo.alphabet import PAD
 
 
-@dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):
     """What every architecture returns.
 
     hidden: [B, L, D] float, the last layer's states (after the final norm).
     logits: [B, L, V] float, next-token logits for causal models, per-position for bidirectional.
+
+    A named tuple, not a dataclass: DeepSpeed's ZeRO-3 hooks find the tensors in a module's
+    outputs only inside tuples, lists and dicts.
     """
 
     hidden: torch.Tensor
