@@ -252,7 +252,8 @@ def build_corpus(
     )
     sources = resolve_sources(entries, roots, Path(tsv))
     manifests = out / "manifests"
-    shutil.rmtree(manifests, ignore_errors=True)
+    for old in manifests.glob("*.tsv") if manifests.is_dir() else ():  # only what it wrote
+        old.unlink()
     for kingdom in sorted({s.kingdom for s in sources}):
         write_sources_tsv(
             [s for s in sources if s.kingdom == kingdom], manifests / f"{kingdom}.tsv"

@@ -11,8 +11,11 @@ Two passes over the inputs, each streaming one record at a time:
 2. read again and write the kept records' chunks round-robin into the shards of their
    (kingdom, split), so each shard mixes records.
 
-The output is written to ``<out>.partial`` and renamed when complete: a failed build never
-leaves a half-written shard set behind a valid-looking manifest.
+The output is written to a fresh ``<out>.partial-*`` folder beside ``out`` and swapped in
+when complete: a failed build never leaves a half-written shard set behind a valid-looking
+manifest, nor a partial folder. ``overwrite`` replaces only a folder that holds a nucleo shard
+set (its manifest says so) and never one that holds an input: nucleo deletes nothing it did not
+make.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -428,8 +432,7 @@ def build_shards(
     options = options or ShardOptions()
     sources = check_sources(sources)
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    check_output(out, sources, overwrite)
     started = time.time()
     infos = _scan(sources, log, verbose, options)
     assign_splits(infos, options)
@@ -449,31 +452,78 @@ def build_shards(
         by_size = math.ceil(byte_counts[group] / options.shard_bytes)
         plan[group] = min(n_chunks, max(options.min_shards, by_size))
 
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
     writers: dict[tuple[str, str, int], wds.TarWriter] = {}
     next_shard: dict[tuple[str, str], int] = dict.fromkeys(plan, 0)
     shard_stats: dict[tuple[str, str, int], dict[str, int]] = {}
     try:
-        for index, src in enumerate(sources):
-            keys_in_file = iter([i for i in infos if i.input == index])
-            for rec in src.records():
-                info = next(keys_in_file)
-                if info.duplicate_of is not None:
-                    continue
-                _write_record(rec, info, options, plan, next_shard, writers, shard_stats, partial)
-    finally:
-        for writer in writers.values():
-            writer.close()
-
-    manifest = _manifest(infos, plan, shard_stats, partial, options, sources)
-    manifest["build_seconds"] = round(time.time() - started, 2)
-    (partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
+        try:
+            for index, src in enumerate(sources):
+                keys_in_file = iter([i for i in infos if i.input == index])
+                for rec in src.records():
+                    info = next(keys_in_file)
+                    if info.duplicate_of is not None:
+                        continue
+                    _write_record(
+                        rec, info, options, plan, next_shard, writers, shard_stats, partial
+                    )
+        finally:
+            for writer in writers.values():
+                writer.close()
+        manifest = _manifest(infos, plan, shard_stats, partial, options, sources)
+        manifest["build_seconds"] = round(time.time() - started, 2)
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        _swap_in(partial, out)
+    except BaseException:  # a failed or interrupted build leaves nothing behind
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     log(summary(manifest))
     return manifest
+
+
+def is_shard_set(folder: Path) -> bool:
+    """Whether ``folder`` holds a nucleo shard set (a manifest.json of this format)."""
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output(out: Path, sources: list[SourceFile], overwrite: bool) -> None:
+    """Refuse an output folder that building would harm: one holding an input, or anything
+    but an empty folder or (with ``overwrite``) an earlier nucleo shard set."""
+    resolved = out.resolve()
+    for src in sources:
+        if resolved == src.path.resolve() or resolved in src.path.resolve().parents:
+            raise ValueError(
+                f"{out}: the input {src.path} lies inside this output folder, which the build "
+                "would replace; write the shards somewhere else (--out)"
+            )
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder; choose another --out")
+    if not any(out.iterdir()):
+        return  # an empty folder is as good as none
+    if not is_shard_set(out):
+        raise FileExistsError(
+            f"{out}: not empty and not a nucleo shard set (no {MANIFEST} of format {FORMAT}); "
+            "--overwrite replaces only shard sets: choose another --out"
+        )
+    if not overwrite:
+        raise FileExistsError(f"{out}: holds a shard set; pass --overwrite to replace it")
+
+
+def _swap_in(partial: Path, out: Path) -> None:
+    """Put the finished ``partial`` at ``out``; the set it replaces is removed only after."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(partial, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_record(

@@ -28,7 +28,7 @@ def test_data_build_verify_summary(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "every shard matches" in text and "viral" in text and "plasmid" in text
     assert main(["data", "build", "--sources", str(SAMPLE / "sources.tsv"), "--out", str(out)]) == 2
-    assert "exists" in capsys.readouterr().err
+    assert "holds a shard set; pass --overwrite" in capsys.readouterr().err
 
 
 def test_data_build_reports_malformed_input(tmp_path, capsys):

@@ -137,6 +137,55 @@ def test_existing_output_is_not_overwritten(tmp_path, sample_sources):
         build_shards(sample_sources[:1], out, log=lambda _: None)
 
 
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_overwrite_never_deletes_what_nucleo_did_not_make(tmp_path):
+    """--overwrite on an ordinary folder holding the input genome (and other files) is
+    refused, and the folder is left as it was."""
+    folder = tmp_path / "my_genomes"
+    folder.mkdir()
+    genome = folder / "lambda.fasta.gz"
+    genome.write_bytes(sample_file("viral/lambda.fasta.gz").read_bytes())
+    (folder / "notes.txt").write_text("curated by hand\n")
+    before = _tree(folder)
+    sources = [SourceFile(genome, "viral")]
+    with pytest.raises(ValueError, match=r"lambda\.fasta\.gz lies inside this output folder"):
+        build_shards(sources, folder, overwrite=True, log=lambda _: None)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine\n")
+    with pytest.raises(FileExistsError, match="not a nucleo shard set"):
+        build_shards(sources, other, overwrite=True, log=lambda _: None)
+    assert _tree(folder) == before and (other / "keep.txt").read_text() == "mine\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_genomes", "other"]
+
+
+def test_overwrite_replaces_a_shard_set_and_an_interrupted_build_leaves_it_whole(
+    tmp_path, monkeypatch
+):
+    out = tmp_path / "shards"
+    lam = [SourceFile(sample_file("viral/lambda.fasta.gz"), "viral")]
+    phix = [SourceFile(sample_file("viral/NC_001422.gbk.gz"), "viral")]
+    build_shards(lam, out, log=lambda _: None)
+    first = _tree(out)
+    import data_pipeline.shards as shards
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(shards, "_write_record", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            build_shards(phix, out, overwrite=True, log=lambda _: None)
+    assert _tree(out) == first  # the old set is whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]  # and nothing partial
+    manifest = build_shards(phix, out, overwrite=True, log=lambda _: None)
+    assert len(manifest["records"]) == 1 and _tree(out) != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+
+
 def test_a_failed_build_leaves_no_manifest(tmp_path):
     bad = tmp_path / "bad.fa"
     bad.write_text(">x\nACGT\n>y\nAC*GT\n")
