@@ -20,6 +20,7 @@ Multi-process training goes through DeepSpeed's launcher: ``deepspeed launch/pre
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shlex
 import sys
@@ -256,15 +257,21 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from data_pipeline.tokenizers import build_tokenizer, load_tokenizer
-    from nucleo.checkpoint import latest_tag
+    from nucleo.checkpoint import complete_tags, damage, latest_intact
     from nucleo.config import load_config
     from nucleo.export import export_model, state_from_checkpoint
 
     run_dir = Path(args.run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    tag = args.tag or latest_tag(ckpt_dir)
+    if args.tag:
+        tag = args.tag
+        problem = damage(ckpt_dir / tag) if tag in complete_tags(ckpt_dir) else "not complete"
+        if problem:
+            raise UserError(f"{ckpt_dir / tag}: {problem}; choose another --tag")
+    else:
+        tag = latest_intact(ckpt_dir, lambda line: print(line, file=sys.stderr))
     if tag is None:
-        raise UserError(f"{run_dir}: no complete checkpoint under {ckpt_dir}")
+        raise UserError(f"{run_dir}: no complete, intact checkpoint under {ckpt_dir}")
     cfg = load_config(ckpt_dir / tag / "config.yaml")
     state = state_from_checkpoint(ckpt_dir, tag, cfg)
     out = Path(args.out) if args.out else run_dir / "export"
@@ -610,7 +617,33 @@ def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
         if os.environ.get("NUCLEO_DEBUG"):
             raise
         print(f"nucleo: error: {err}", file=sys.stderr)
+    except FloatingPointError as err:  # training diverged (nucleo.trainer.Diverged)
+        print(f"nucleo: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # disk full, permissions, a folder where a file should be
+        if os.environ.get("NUCLEO_DEBUG"):
+            raise
+        print(f"nucleo: error: {os_error_line(err)}", file=sys.stderr)
     return EXIT_USAGE
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EACCES: "check the permissions",
+    errno.EPERM: "check the permissions",
+    errno.EROFS: "write elsewhere",
+    errno.EISDIR: "give a file, not a folder",
+    errno.ENOTDIR: "a path component is a file, not a folder",
+}
+
+
+def os_error_line(err: OSError) -> str:
+    """``<file>: <what> (<what to do>)`` for an OSError."""
+    where = err.filename or "(no file named)"
+    what = (err.strerror or str(err)).lower()
+    hint = _OS_HINTS.get(err.errno or 0)
+    return f"{where}: {what}" + (f" ({hint})" if hint else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -361,6 +361,27 @@ def build_engine(model: nn.Module, train: TrainConfig, engine: EngineConfig, dis
     return ds_engine
 
 
+def apply_current_settings(ds_engine: Any, train: TrainConfig) -> None:
+    """After loading a checkpoint: the run's settings now, not those saved with it.
+
+    The optimizer's and the schedule's state dicts bring back the lr, betas, eps and weight
+    decay they were saved with, so ``--resume RUN --set train.lr=...`` would change nothing
+    (a diverged run resumed "with a lower lr" would diverge again). The schedule's position
+    (its step) is kept; its shape follows the current ``train`` settings.
+    """
+    sched = ds_engine.lr_scheduler
+    if sched is None:
+        return
+    sched.base_lrs = [train.lr for _ in sched.base_lrs]
+    factor = lr_lambda(train)(sched.last_epoch)
+    for group in sched.optimizer.param_groups:
+        group["lr"] = train.lr * factor
+        group["betas"] = (train.betas[0], train.betas[1])
+        group["eps"] = train.eps
+        if group.get("weight_decay", 0.0) > 0:  # the decayed group; the other stays at 0
+            group["weight_decay"] = train.weight_decay
+
+
 def _unprime_optimizer(ds_engine: Any) -> None:
     """Undo DeepSpeed's priming step of the client optimizer (bf16 without ZeRO).
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from data_pipeline.tokenizers import build_tokenizer, load_tokenizer
 from nucleo import __version__
+from nucleo.checkpoint import weights_only
 from nucleo.components import ARCHITECTURES, build_model
 from nucleo.device import resolve as resolve_device
 from nucleo.engine import parameter_groups
@@ -89,16 +90,18 @@ def full_state_dict(engine: Any, cfg: Any) -> dict[str, torch.Tensor]:
 
 def state_from_checkpoint(ckpt_dir: str | Path, tag: str, cfg: Any) -> dict[str, torch.Tensor]:
     """fp32 weights of a DeepSpeed checkpoint of run config ``cfg``, read on CPU without an
-    engine (the fp32 master copies when the run trained in bf16)."""
+    engine (the fp32 master copies when the run trained in bf16); weights-only loading."""
     path = Path(ckpt_dir) / tag
     if cfg.engine.zero_stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
+        with weights_only():
+            return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
     states = path / "mp_rank_00_model_states.pt"
     if not states.is_file():
         raise FileNotFoundError(f"{states}: not found; is {path} a DeepSpeed checkpoint?")
-    saved = torch.load(states, map_location="cpu", weights_only=False)
+    with weights_only():
+        saved = torch.load(states, map_location="cpu")
     module = build_model(
         cfg.arch, cfg.model, build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_options)
     )

@@ -28,11 +28,12 @@ import torch
 from architectures.kernels import check_kernels
 from data_pipeline.loader import SKIPPED_KEY, TrainLoader
 from data_pipeline.tokenizers import build_tokenizer
-from nucleo.checkpoint import latest_tag, load_checkpoint, save_checkpoint
+from nucleo.checkpoint import complete_tags, latest_intact, load_checkpoint, save_checkpoint
 from nucleo.components import build_model
 from nucleo.config import RunConfig, save_config
 from nucleo.engine import (
     DistInfo,
+    apply_current_settings,
     build_engine,
     deepspeed_config,
     grad_norm,
@@ -71,14 +72,31 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     return {"total": total, "non_embedding": total - embedding}
 
 
-def prepare_run_dir(cfg: RunConfig, dist: DistInfo, resume: str | Path | None) -> Path:
-    """The run directory, the same on every rank; refuses to overwrite another run."""
+def prepare_run_dir(
+    cfg: RunConfig, dist: DistInfo, resume: str | Path | None, say: Any = print
+) -> tuple[Path, str | None]:
+    """(run directory, checkpoint tag to resume from or None), the same on every rank.
 
-    def make() -> Path:
+    Refuses to overwrite another run. Resuming takes the newest checkpoint whose files verify
+    (naming any damaged newer one); a run that never saved a checkpoint starts afresh in its
+    own directory.
+    """
+
+    def make() -> tuple[Path, str | None]:
+        tag = None
         if resume:
             run_dir = Path(resume)
-            if latest_tag(run_dir / "checkpoints") is None:
-                raise FileNotFoundError(f"{run_dir}: no complete checkpoint to resume from")
+            if not (run_dir / "config.yaml").is_file():
+                raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
+            ckpt = run_dir / "checkpoints"
+            tag = latest_intact(ckpt, say)
+            if tag is None and complete_tags(ckpt):
+                raise FileNotFoundError(
+                    f"{ckpt}: every checkpoint is damaged (above); nothing to resume. Move "
+                    "the run directory away to start again"
+                )
+            if tag is None:
+                say(f"{run_dir} has no checkpoint yet: starting it afresh")
         else:
             name = cfg.run.name or "{}-{}-{}-{}".format(
                 cfg.arch, "+".join(cfg.losses), time.strftime("%Y%m%d-%H%M%S"),
@@ -91,7 +109,7 @@ def prepare_run_dir(cfg: RunConfig, dist: DistInfo, resume: str | Path | None) -
                     "or choose another --set run.name=..."
                 )
         run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir
+        return run_dir, tag
 
     return on_main(make, dist.is_main)
 
@@ -108,6 +126,10 @@ def _mean_across_ranks(
         torch.distributed.all_reduce(packed)
         packed /= dist.world_size
     return {k: float(v) for k, v in zip(keys, packed.tolist(), strict=False)}
+
+
+class Diverged(FloatingPointError):
+    """A non-finite loss or weight: the run stops before anything non-finite is saved."""
 
 
 def _terminated(signum: int, frame: Any) -> None:
@@ -136,7 +158,7 @@ class Trainer:
         self.params = count_parameters(self.model)
         self.compute = ComputeCounter(self.model, cfg.train.micro_batch_size)
         self.objective = Objective.build(cfg.losses, cfg.loss, self.model, self.tokenizer)
-        self.run_dir = prepare_run_dir(cfg, dist, resume)
+        self.run_dir, resume_tag = prepare_run_dir(cfg, dist, resume, self.say)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.config_yaml = self.run_dir / "config.yaml"
         if dist.is_main:
@@ -150,27 +172,27 @@ class Trainer:
             cfg.train.micro_batch_size * cfg.train.grad_accum * dist.world_size * cfg.data.seq_len
         )
         self.state = TrainState()
-        if resume:
-            self._restore()
+        if resume_tag:
+            self._restore(resume_tag)
         self.tracker = Tracker(
             cfg.tracking, cfg.run.root, enabled=dist.is_main, previous_uri=self.state.tracking_uri
         )
-        self._start_tracking(resumed=bool(resume))
+        self._start_tracking(resumed=bool(resume_tag))
         self.progress = Progress(
             cfg.train.max_steps, self.state.step, self.tokens_per_step, self.out, self.state.tokens
         )
         self.val_seconds = 0.0
         self.last_val: dict[str, float] = {}
+        self.last_saved: str | None = resume_tag
         self._warned_slow_eval = False
 
     def say(self, text: str) -> None:
         if self.out is not None:
             print(text, file=self.out, flush=True)
 
-    def _restore(self) -> None:
-        tag = latest_tag(self.ckpt_dir)
-        assert tag is not None  # prepare_run_dir checked
+    def _restore(self, tag: str) -> None:
         client = load_checkpoint(self.engine, self.ckpt_dir, tag)
+        apply_current_settings(self.engine, self.cfg.train)
         self.state = TrainState(
             step=int(client["step"]),
             tokens=int(client["tokens"]),
@@ -280,6 +302,7 @@ class Trainer:
         cfg, dist, state = self.cfg, self.dist, self.state
         norm = None
         last = cfg.train.grad_accum - 1
+        step_loss = torch.zeros((), device=dist.device)
         for micro in range(cfg.train.grad_accum):
             batch = next(batches)
             skipped = batch.aux.pop(SKIPPED_KEY, None)
@@ -291,6 +314,7 @@ class Trainer:
                 (cfg.train.seed * 1_000_003 + state.step) * 4099 + dist.rank * 31 + micro
             )
             result = self.objective(self.engine, batch, self.model, step=state.step)
+            step_loss += result.loss.detach().float()
             self.engine.backward(result.loss)
             if want_norm and micro == last and needs_own_grad_norm(cfg.engine):
                 norm = grad_norm(self.model)  # gradients are all-reduced, not yet clipped
@@ -298,6 +322,7 @@ class Trainer:
             for key, value in result.metrics.items():
                 sums[key] = sums.get(key, torch.zeros((), device=dist.device)) + value
                 counts[key] = counts.get(key, 0) + 1
+        self._stop_unless(torch.isfinite(step_loss), f"loss of step {state.step + 1}")
         state.tokens += self.step_tokens(state.step)
         state.flops += self.compute.step(
             self.tokens_per_step // cfg.data.seq_len,
@@ -318,6 +343,28 @@ class Trainer:
         if self.dist.device.type == "cuda":
             parts.append("kernels: " + (", ".join(self.kernels) or "none (pure PyTorch)"))
         return " (" + ", ".join(parts) + ")"
+
+    def _stop_unless(self, finite: torch.Tensor, what: str) -> None:
+        """Raise Diverged on every rank together unless ``finite`` (a bool tensor) holds on
+        all. One tiny all-reduce and one synchronisation per call: cheap next to a step.
+        """
+        bad = (~finite.to(self.dist.device)).any().float()
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.item():
+            saved = self.last_saved or "none yet"
+            raise Diverged(
+                f"training diverged: the {what} is not finite (on at least one rank); nothing "
+                f"non-finite was saved (last checkpoint: {saved}). Resume with --resume "
+                f"{self.run_dir}, e.g. with a lower train.lr or train.grad_clip"
+            )
+
+    def _weights_finite(self) -> torch.Tensor:
+        """1-element tensor: whether every weight this rank holds (its partition under ZeRO-3)
+        is finite; one synchronisation for all of them."""
+        held = [getattr(p, "ds_tensor", p) for p in self.model.parameters()]
+        checks = [torch.isfinite(t).all() for t in held if t.numel()]
+        return torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool)
 
     def _warmup_note(self) -> str:
         data = self.cfg.data
@@ -362,7 +409,10 @@ class Trainer:
         metrics["train/tokens_per_second"] = self.progress.tokens_per_second
         self.tracker.log_metrics(metrics, self.state.step)
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {self.state.step}; stopping")
+            raise Diverged(
+                f"training diverged: loss is {loss} at step {self.state.step}; last checkpoint: "
+                f"{self.last_saved or 'none yet'}. Resume with --resume {self.run_dir}"
+            )
 
     def validate(self) -> None:
         """Evaluate the fixed validation windows; log, print, and warn if it gets expensive."""
@@ -389,6 +439,9 @@ class Trainer:
         self.progress.resume()
 
     def checkpoint(self) -> None:
+        """Save (after checking every weight is finite: a non-finite state is never saved,
+        so it never prunes a good checkpoint)."""
+        self._stop_unless(self._weights_finite(), f"model at step {self.state.step}")
         self.progress.pause()
         client = {
             "step": self.state.step,
@@ -405,6 +458,7 @@ class Trainer:
             self.engine, self.ckpt_dir, self.state.step, client, config_text,
             self.cfg.checkpoint.keep, self.dist.is_main,
         )  # fmt: skip
+        self.last_saved = path.name
         self.say(f"checkpoint {path}")
         self.progress.resume()
 

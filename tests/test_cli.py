@@ -59,7 +59,7 @@ def test_config_errors_exit_2_with_the_key(capsys):
 
 def test_export_without_checkpoint(tmp_path, capsys):
     assert main(["export", str(tmp_path)]) == 2
-    assert "no complete checkpoint" in capsys.readouterr().err
+    assert "no complete, intact checkpoint" in capsys.readouterr().err
 
 
 def test_data_bpe_and_build_from_folders_and_tables(tmp_path, capsys, sample_shards):
