@@ -15,8 +15,11 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import random
+import sys
 import tarfile
 import warnings
 from collections import deque
@@ -30,7 +33,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.shards import load_manifest, shard_paths
+from data_pipeline.shards import DEFAULT_MAX_N_FRACTION, load_manifest, shard_paths
 from nucleo.alphabet import reverse_complement_bytes
 from nucleo.schema import check
 from nucleo.types import Batch
@@ -69,7 +72,7 @@ class DataConfig:
     tokenizer: str = "char"
     tokenizer_options: dict[str, Any] = field(default_factory=dict)
     seq_len: int = 512
-    max_n_fraction: float = 0.1
+    max_n_fraction: float = DEFAULT_MAX_N_FRACTION
     rc_prob: float = 0.0
     on_bad_shard: Literal["error", "skip"] = "error"
     mixture: Literal["natural", "uniform", "temperature"] = "natural"
@@ -149,6 +152,11 @@ def crop_windows(
 
 class BadShardError(ValueError):
     """A shard that is missing, truncated or not a shard (the message names it)."""
+
+
+class NoWindowsError(ValueError):
+    """A reader's shards give no training window (too short, or too much N): the message
+    names the shards and the settings that would help."""
 
 
 #: Shards skipped by this process (``data.on_bad_shard: skip``), path -> reason.
@@ -306,16 +314,7 @@ class WindowStream(IterableDataset):
             else:  # endless: one "epoch" of the mixed stream
                 samples = self.mixed(shards, consumer, crop_rng)
             rc_rng = _rng(self.seed, "rc", epoch, consumer)  # its own stream: crops unchanged
-            crops = (
-                (
-                    reverse_complement_bytes(window)
-                    if cfg.rc_prob and rc_rng.random() < cfg.rc_prob
-                    else window,
-                    self.kingdom_index[json.loads(sample["json"])["kingdom"]],
-                )
-                for sample in samples
-                for window in crop_windows(sample["seq"], bases, cfg.max_n_fraction, crop_rng)
-            )
+            crops = self.crops(samples, bases, crop_rng, rc_rng, consumer, shards)
             shuffle_rng = _rng(self.seed, "shuffle", epoch, consumer)
             before = len(SKIPPED_SHARDS)
             produced = 0
@@ -327,7 +326,44 @@ class WindowStream(IterableDataset):
                     f"reader {consumer}: none of its {len(shards)} shards is readable "
                     f"({', '.join(sorted(SKIPPED_SHARDS))[:2000]})"
                 )
+            if not produced:
+                raise self.no_windows(consumer, shards, bases)
             epoch += 1
+
+    def crops(
+        self,
+        samples: Iterator[dict[str, Any]],
+        bases: int,
+        crop_rng: random.Random,
+        rc_rng: random.Random,
+        consumer: int,
+        shards: list[tuple[str, int]],
+    ) -> Iterator[tuple[bytes, int]]:
+        """(window, kingdom index) from the samples; raises NoWindowsError after a whole pass
+        over this reader's chunks gave none (an endless mixed stream would spin forever)."""
+        cfg = self.cfg
+        patience = sum(chunks for _, chunks in shards) + 1
+        barren = 0
+        for sample in samples:
+            kingdom = self.kingdom_index[json.loads(sample["json"])["kingdom"]]
+            barren += 1
+            for window in crop_windows(sample["seq"], bases, cfg.max_n_fraction, crop_rng):
+                barren = 0
+                if cfg.rc_prob and rc_rng.random() < cfg.rc_prob:
+                    window = reverse_complement_bytes(window)
+                yield window, kingdom
+            if barren > patience:
+                raise self.no_windows(consumer, shards, bases)
+
+    def no_windows(self, consumer: int, shards: list[tuple[str, int]], bases: int) -> Exception:
+        names = ", ".join(path for path, _ in shards[:4]) + (" ..." if len(shards) > 4 else "")
+        return NoWindowsError(
+            f"reader {consumer}: its {len(shards)} shard(s) ({names}) give no training window of "
+            f"{bases} bases with at most data.max_n_fraction={self.cfg.max_n_fraction} of N: "
+            "their records are too short or mostly N. Lower data.seq_len, raise "
+            "data.max_n_fraction, or leave those records out (nucleo data stats shows N per "
+            "kingdom)"
+        )
 
     def mixed(
         self, shards: list[tuple[str, int]], consumer: int, rng: random.Random
@@ -489,10 +525,48 @@ class TrainLoader:
             num_workers=self.cfg.num_workers,
             persistent_workers=False,
             prefetch_factor=4 if self.cfg.num_workers else None,
+            worker_init_fn=(
+                functools.partial(die_with_parent, parent=os.getpid())
+                if self.cfg.num_workers
+                else None
+            ),
         )
-        for batch in loader:
-            self.consumed += 1
-            yield batch
+        try:
+            for batch in loader:
+                self.consumed += 1
+                yield batch
+        except (BadShardError, NoWindowsError) as err:
+            raise type(err)(worker_message(err)) from None
+
+
+def worker_message(err: Exception) -> str:
+    """The worker's own message of an error that a DataLoader worker raised (PyTorch re-raises
+    it in the trainer with the worker's whole traceback as its text)."""
+    text = str(err).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    name = type(err).__name__
+    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+
+
+def die_with_parent(worker_id: int = 0, parent: int | None = None) -> None:
+    """Have the kernel end this DataLoader worker when the process that started it dies.
+
+    PyTorch's workers notice a dead parent only between batches; one busy inside a batch
+    would otherwise run on, orphaned, after its trainer is SIGKILLed (Linux; elsewhere a
+    no-op).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if parent is not None and os.getppid() != parent:  # it died before the call took effect
+        os._exit(1)
 
 
 def validation_windows(

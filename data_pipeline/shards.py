@@ -41,6 +41,8 @@ from data_pipeline.readers import SequenceRecord, read_sequences
 from nucleo.alphabet import reverse_complement_bytes
 
 MANIFEST = "manifest.json"
+#: data.max_n_fraction's default: training windows with more N than this are skipped
+DEFAULT_MAX_N_FRACTION = 0.1
 FORMAT = "nucleo-shards/1"
 SPLITS = ("train", "val")
 REFSEQ_KINGDOMS = (
@@ -435,6 +437,7 @@ def build_shards(
     check_output(out, sources, overwrite)
     started = time.time()
     infos = _scan(sources, log, verbose, options)
+    warn_mostly_n(infos, log)
     assign_splits(infos, options)
     kept = {i.key: i for i in infos if i.duplicate_of is None}
 
@@ -480,6 +483,21 @@ def build_shards(
         raise
     log(summary(manifest))
     return manifest
+
+
+def warn_mostly_n(infos: list[RecordInfo], log: Callable[[str], None]) -> None:
+    """One line naming the records with more N than training windows may hold by default."""
+    many = [i for i in infos if i.n_fraction > DEFAULT_MAX_N_FRACTION]
+    if not many:
+        return
+    names = ", ".join(f"{i.id} ({100 * i.n_fraction:.0f}% N)" for i in many[:5])
+    more = f" and {len(many) - 5} more" if len(many) > 5 else ""
+    log(
+        f"warning: {len(many)} of {len(infos)} records are more than "
+        f"{100 * DEFAULT_MAX_N_FRACTION:.0f}% N: {names}{more}. Training skips windows with more "
+        f"N than data.max_n_fraction ({DEFAULT_MAX_N_FRACTION}); a kingdom made only of such "
+        "records gives no window"
+    )
 
 
 def is_shard_set(folder: Path) -> bool:

@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from data_pipeline.loader import DataConfig, TrainLoader, crop_windows, validation_windows
+from data_pipeline.loader import (
+    DataConfig,
+    NoWindowsError,
+    TrainLoader,
+    crop_windows,
+    validation_windows,
+)
 from data_pipeline.readers import read_sequences
 from data_pipeline.shards import ShardOptions, SourceFile, build_shards
 from data_pipeline.tokenizers import CharTokenizer, build_tokenizer
 from nucleo.alphabet import reverse_complement
 from nucleo.schema import ConfigError
-from tests.conftest import sample_file
+from tests.conftest import ROOT, sample_file
 
 
 def _take(loader: TrainLoader, n: int) -> list:
@@ -297,3 +308,71 @@ def test_bpe_mixture_rc_warmup_stream_resumes_exactly(sample_shards, sample_bpe,
     for expected, got in zip(full[stop:], _take(resumed, 12 - stop), strict=True):
         assert torch.equal(expected.tokens, got.tokens)
         assert torch.equal(expected.kingdom, got.kingdom)
+
+
+@pytest.fixture
+def all_n_shards(tmp_path):
+    genome = tmp_path / "n.fa"
+    genome.write_text("".join(f">gap{i}\n{'N' * 6000}\n" for i in range(4)))
+    lines: list[str] = []
+    out = tmp_path / "shards"
+    build_shards([SourceFile(genome, "viral")], out, ShardOptions(min_shards=1, val_fraction=0),
+                 log=lines.append)  # fmt: skip
+    return out, lines
+
+
+@pytest.mark.parametrize("mixture,workers", [("natural", 0), ("temperature", 0), ("natural", 1)])
+def test_shards_that_give_no_window_stop_with_a_named_error(all_n_shards, mixture, workers):
+    """All-N records: the build warns, and the loader raises naming the shards and
+    data.max_n_fraction (it used to loop forever, in a worker that outlived its trainer)."""
+    shards, build_lines = all_n_shards
+    assert any("4 of 4 records are more than 10% N" in line for line in build_lines)
+    cfg = DataConfig(shards=str(shards), seq_len=64, mixture=mixture, num_workers=workers)
+    loader = TrainLoader(cfg, CharTokenizer(), batch_size=2, seed=0)
+    with pytest.raises(NoWindowsError) as err:
+        next(iter(loader))
+    message = str(err.value)
+    assert "viral/train-000000.tar" in message and "data.max_n_fraction=0.1" in message
+    assert "Traceback" not in message and "\n" not in message
+
+
+DIES_WITH_PARENT = """
+import multiprocessing as mp, os, sys, time
+from data_pipeline.loader import die_with_parent
+
+def child(parent):
+    if sys.argv[1] == "on":
+        die_with_parent(0, parent)
+    while True:  # busy inside one batch, as a stuck worker would be
+        pass
+
+if __name__ == "__main__":
+    proc = mp.get_context("fork").Process(target=child, args=(os.getpid(),), daemon=False)
+    proc.start()
+    print(proc.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl")
+def test_a_data_worker_dies_with_its_trainer(tmp_path):
+    """SIGKILL the parent: a worker busy inside a batch is ended by the kernel."""
+    script = tmp_path / "parent.py"
+    script.write_text(DIES_WITH_PARENT)
+    alive = {}
+    for mode in ("on", "off"):
+        parent = subprocess.Popen([sys.executable, str(script), mode], cwd=ROOT,
+                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
+        child = int(parent.stdout.readline())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.time() + 5
+        while time.time() < deadline and Path(f"/proc/{child}").exists():
+            if Path(f"/proc/{child}/stat").read_text().split()[2] == "Z":
+                break
+            time.sleep(0.05)
+        state = Path(f"/proc/{child}/stat")
+        alive[mode] = state.exists() and state.read_text().split()[2] != "Z"
+        if alive[mode]:
+            os.kill(child, signal.SIGKILL)
+    assert alive == {"on": False, "off": True}  # without it the busy child runs on
