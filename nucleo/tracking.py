@@ -3,38 +3,44 @@
 Default store: ``sqlite:///<run.root>/mlflow.db`` with artifacts in ``<run.root>/mlartifacts``,
 so every run under ``runs/`` is in one store that ``mlflow ui`` can compare;
 ``MLFLOW_TRACKING_URI`` or ``tracking.uri`` point elsewhere (a server, another database).
-Metrics are buffered and sent with ``log_batch`` (one call per ~100 metrics instead of one each).
-If the store fails, a warning is printed once and training goes on without tracking.
+Metrics are buffered and sent with ``log_batch`` (one call per ~1000 metrics instead of one
+each) by a background thread; if the store is unreachable, a warning is printed once, records
+are kept and sent when it answers again, and training never waits on it.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from nucleo.schema import flatten
+from nucleo.schema import check, flatten
 
-F = TypeVar("F", bound=Callable[..., Any])
 _MAX_PARAM_CHARS = 6000
 
 
 @dataclass
 class TrackingConfig:
     """enabled: log to MLflow. uri: tracking URI (null: $MLFLOW_TRACKING_URI, else a SQLite
-    store in run.root). experiment: MLflow experiment name. tags: extra run tags."""
+    store in run.root). experiment: MLflow experiment name. tags: extra run tags.
+    timeout: seconds the run's start and end may wait for the store (then it goes on)."""
 
     enabled: bool = True
     uri: str | None = None
     experiment: str = "nucleo"
     tags: dict[str, str] = field(default_factory=dict)
+    timeout: float = 20.0
+
+    def __post_init__(self) -> None:
+        check(self.timeout > 0, "timeout", f"must be > 0 seconds, got {self.timeout}")
 
 
 def default_uri(runs_root: str | Path) -> str:
@@ -66,30 +72,17 @@ def git_commit(path: str | Path | None = None) -> str:
     return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
 
 
-def _safe(method: F) -> F:
-    """Run a tracker method; on any error warn once and turn tracking off."""
-
-    @functools.wraps(method)
-    def wrapper(self: Tracker, *args: Any, **kwargs: Any) -> Any:
-        if not self.active:
-            return None
-        try:
-            return method(self, *args, **kwargs)
-        except Exception as err:  # the store may fail in any way; training must not
-            self.active = False
-            print(
-                f"warning: MLflow tracking failed ({type(err).__name__}: {err}); "
-                "training continues without tracking",
-                file=sys.stderr,
-                flush=True,
-            )
-            return None
-
-    return wrapper  # type: ignore[return-value]
-
-
 class Tracker:
-    """Logs one training run; a no-op on ranks other than 0 or when disabled."""
+    """Logs one training run; a no-op on ranks other than 0 or when disabled.
+
+    Every call only queues its work; one background thread talks to the store, in order.
+    When the store is unreachable the thread keeps the queue (metrics up to
+    ``MAX_BUFFERED``), says so once, and retries with a growing pause (5 s to 2 min) until it
+    answers again; training never waits on it, except at ``start`` and ``end`` for at most
+    ``tracking.timeout`` seconds each.
+    """
+
+    MAX_BUFFERED = 200_000  # metrics held while the store is down (then the oldest go)
 
     def __init__(
         self,
@@ -97,22 +90,186 @@ class Tracker:
         runs_root: str | Path,
         enabled: bool,
         previous_uri: str | None = None,
+        say: Callable[[str], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.uri = resolve_uri(cfg, runs_root, previous_uri)
         self.runs_root = Path(runs_root)
         self.active = enabled and cfg.enabled
         self.run_id: str | None = None
-        self._buffer: list[Any] = []
+        self._say = say or (lambda text: print(text, file=sys.stderr, flush=True))
         self._client: Any = None
+        self._ops: deque[tuple[str, Callable[[], Any]]] = deque()
+        self._metrics: list[Any] = []  # buffered, sent in batches of 1000
+        self._dropped = 0
+        self._cond = threading.Condition()
+        self._busy = False
+        self._down: str | None = None  # why the store is unreachable, while it is
+        self._closing = False
+        self._thread: threading.Thread | None = None
 
-    @_safe
+    # ------------------------------------------------------------------ public, all non-blocking
+
     def start(self, run_name: str, run_id: str | None, tags: dict[str, str]) -> str | None:
-        """Create the run (or reopen ``run_id`` when resuming); returns its id.
+        """Create the run (or reopen ``run_id`` when resuming); returns its id, or None if the
+        store did not answer within ``tracking.timeout`` (the run is created when it does:
+        read ``run_id`` later). A resumed run whose MLflow run is not in this store gets a new
+        run, tagged with the old id (``nucleo.resumed_from_run``)."""
+        if not self.active:
+            return None
+        if self.uri.startswith(("http://", "https://")):
+            bound_http_waits()
+        self._thread = threading.Thread(target=self._work, name="nucleo-mlflow", daemon=True)
+        self._thread.start()
+        self._queue("start", lambda: self._start(run_name, run_id, tags))
+        self.wait(self.cfg.timeout)
+        return self.run_id
 
-        A resumed run whose MLflow run is not in this store gets a new run, tagged with the
-        old id (``nucleo.resumed_from_run``).
-        """
+    def log_params(self, config: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        params = [
+            Param(key, str(value)[:_MAX_PARAM_CHARS]) for key, value in flatten(config).items()
+        ]
+        for i in range(0, len(params), 100):
+            chunk = params[i : i + 100]
+            self._queue(
+                "params", lambda chunk=chunk: self._client.log_batch(self.run_id, params=chunk)
+            )
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._queue("tags", lambda: self._client.log_batch(self.run_id, tags=batch))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Buffer metrics; the thread sends them in batches (``flush`` asks it to now)."""
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        with self._cond:
+            self._metrics.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+            excess = len(self._metrics) - self.MAX_BUFFERED
+            if excess > 0:
+                del self._metrics[:excess]
+                self._dropped += excess
+            self._cond.notify_all()
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = str(path)
+        self._queue("artifact", lambda: self._client.log_artifact(self.run_id, path, artifact_path))
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Let the thread send what is queued; wait up to ``timeout`` s, not at all while the
+        store is down (it stays queued)."""
+        if self.active and self._down is None:
+            self.wait(timeout)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Send what is queued and mark the run ended, waiting up to ``tracking.timeout`` s;
+        what the store did not take by then is reported, not waited for."""
+        if not self.active or self._thread is None:
+            return
+        self._queue("end", lambda: self._client.set_terminated(self.run_id, status=status))
+        done = self.wait(self.cfg.timeout)
+        with self._cond:
+            self._closing = True
+            left = len(self._ops) + len(self._metrics)
+            self._cond.notify_all()
+        if not done:
+            self._say(
+                f"warning: MLflow store {self.uri} did not take the run's last "
+                f"{left} record(s) (metrics, tags, its end) in {self.cfg.timeout:.0f} s: they "
+                "are lost; the checkpoints and summary.json hold the run"
+            )
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until everything queued is sent (True) or ``timeout`` s passed (False)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._ops or self._metrics or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.5))
+        return True
+
+    # ----------------------------------------------------------------------- the thread
+
+    def _queue(self, kind: str, action: Callable[[], Any]) -> None:
+        if not self.active:
+            return
+        with self._cond:
+            self._ops.append((kind, action))
+            self._cond.notify_all()
+
+    def _next(self) -> tuple[str, Callable[[], Any]] | None:
+        """The next piece of work: queued operations first (they include the run's start),
+        then a batch of metrics; None once closing and idle."""
+        with self._cond:
+            while not (self._ops or (self._metrics and self.run_id)):
+                if self._closing:
+                    return None
+                self._cond.wait(1.0)
+            self._busy = True
+            if self._ops:
+                return self._ops[0]
+            batch = self._metrics[:1000]
+            return "metrics", lambda: self._client.log_batch(self.run_id, metrics=batch)
+
+    def _done(self, kind: str) -> None:
+        with self._cond:
+            if kind == "metrics":
+                del self._metrics[:1000]
+            else:
+                self._ops.popleft()
+            self._busy = False
+            self._cond.notify_all()
+
+    def _work(self) -> None:
+        pause = 5.0
+        while (item := self._next()) is not None:
+            kind, action = item
+            try:
+                action()
+            except Exception as err:  # the store may fail in any way; training must not
+                if _permanent(err):  # a bad value: retrying would never help
+                    self._say(f"warning: MLflow refused {kind} ({_brief(err)}); skipped")
+                    self._done(kind)
+                    if kind == "start":  # no run to log into: tracking is off
+                        with self._cond:
+                            self.active = False
+                            self._ops.clear()
+                            self._metrics.clear()
+                            self._cond.notify_all()
+                        return
+                    continue
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+                if self._down is None:
+                    self._down = _brief(err)
+                    self._say(
+                        f"warning: MLflow store {self.uri} unreachable ({self._down}); "
+                        "training goes on, metrics are kept and sent when it answers "
+                        "(retrying with a growing pause)"
+                    )
+                with self._cond:
+                    if self._closing:
+                        return
+                    self._cond.wait(pause)
+                pause = min(120.0, pause * 2)
+                continue
+            self._done(kind)
+            if self._down is not None:
+                dropped = f"; {self._dropped} older metrics were dropped" if self._dropped else ""
+                self._say(f"MLflow store {self.uri} answers again: sending what was kept{dropped}")
+                self._down, pause = None, 5.0
+
+    def _start(self, run_name: str, run_id: str | None, tags: dict[str, str]) -> None:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
@@ -121,7 +278,7 @@ class Tracker:
             try:
                 self._client.update_run(run_id, status="RUNNING")
                 self.run_id = run_id
-                return run_id
+                return
             except MlflowException as err:
                 if "RESOURCE_DOES_NOT_EXIST" not in str(err.error_code):
                     raise
@@ -138,48 +295,25 @@ class Tracker:
             experiment_id, run_name=run_name, tags={**tags, **self.cfg.tags}
         )
         self.run_id = run.info.run_id
-        return self.run_id
 
-    @_safe
-    def log_params(self, config: dict[str, Any]) -> None:
-        from mlflow.entities import Param
 
-        params = [
-            Param(key, str(value)[:_MAX_PARAM_CHARS]) for key, value in flatten(config).items()
-        ]
-        for i in range(0, len(params), 100):
-            self._client.log_batch(self.run_id, params=params[i : i + 100])
+def bound_http_waits() -> None:
+    """Make each MLflow HTTP request give up within ~10 s instead of retrying for minutes (7
+    retries with exponential backoff were measured at ~255 s): the Tracker retries itself,
+    in the background. A user's own settings of these variables win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
-    @_safe
-    def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
 
-        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+def _permanent(err: Exception) -> bool:
+    """An error that retrying cannot fix (a value the store rejects), not an outage."""
+    code = str(getattr(err, "error_code", ""))
+    return any(c in code for c in ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"))
 
-    @_safe
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Buffer metrics; they are sent by ``flush`` (or when the buffer holds 500)."""
-        from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
-        if len(self._buffer) >= 500:
-            self.flush()
-
-    @_safe
-    def flush(self) -> None:
-        while self._buffer:
-            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
-            self._client.log_batch(self.run_id, metrics=chunk)
-
-    @_safe
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._client.log_artifact(self.run_id, str(path), artifact_path)
-
-    @_safe
-    def end(self, status: str = "FINISHED") -> None:
-        self.flush()
-        self._client.set_terminated(self.run_id, status=status)
+def _brief(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200] if text else ''}"
 
 
 def run_tags(cfg: Any, world_size: int) -> dict[str, str]:

@@ -447,7 +447,8 @@ class Trainer:
             "step": self.state.step,
             "tokens": self.state.tokens,
             "flops": self.state.flops,
-            "mlflow_run_id": self.state.mlflow_run_id,
+            # the store may have answered only after start-up (nucleo.tracking)
+            "mlflow_run_id": self.tracker.run_id or self.state.mlflow_run_id,
             "tracking_uri": self.state.tracking_uri,
             "loader": self.loader.state_dict(),
             "config": self.cfg.to_dict(),
@@ -498,7 +499,7 @@ class Trainer:
             # over the last log interval: the steady rate, without start-up and warm-up steps
             "recent_tokens_per_second": round(self.progress.tokens_per_second),
             "final_validation": self.last_val,
-            "mlflow_run_id": self.state.mlflow_run_id,
+            "mlflow_run_id": self.tracker.run_id or self.state.mlflow_run_id,
             "tracking_uri": self.tracker.uri,
         }
         if self.dist.is_main:

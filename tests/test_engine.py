@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -82,15 +83,31 @@ def test_tracker_logs_params_metrics_and_artifacts(tmp_path):
 def test_a_broken_store_warns_once_and_lets_training_go_on(tmp_path, capsys):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
-    cfg = TrackingConfig(uri=f"sqlite:///{blocker}/x/mlflow.db")
+    cfg = TrackingConfig(uri=f"sqlite:///{blocker}/x/mlflow.db", timeout=2)
     tracker = Tracker(cfg, tmp_path, enabled=True)
+    started = time.monotonic()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert tracker.start("r", None, {}) is None
+    for step in range(100):
+        tracker.log_metrics({"a": 1.0}, step)  # never waits
+    tracker.end()
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    assert err.count("unreachable") == 1 and "training goes on" in err
+    assert "did not take the run's last" in err
+
+
+def test_an_unreachable_server_costs_start_up_seconds_not_minutes(tmp_path, capsys):
+    """A closed port: MLflow's own retries took ~255 s before; now start gives up within
+    tracking.timeout and keeps retrying in the background."""
+    tracker = Tracker(TrackingConfig(uri="http://127.0.0.1:9", timeout=3), tmp_path, True)
+    started = time.monotonic()
+    assert tracker.start("r", None, {}) is None
     tracker.log_metrics({"a": 1.0}, 1)
     tracker.end()
-    err = capsys.readouterr().err
-    assert err.count("MLflow tracking failed") == 1 and "training continues" in err
+    assert time.monotonic() - started < 15
+    assert "unreachable" in capsys.readouterr().err
 
 
 def test_rank_other_than_zero_logs_nothing(tmp_path):
@@ -127,17 +144,26 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert resolve_uri(TrackingConfig(uri="sqlite:///x.db"), tmp_path) == "sqlite:///x.db"
 
 
-def test_a_store_failing_mid_run_turns_tracking_off_once(tmp_path, capsys):
-    tracker = Tracker(TrackingConfig(), tmp_path, enabled=True)
-    tracker.start("r", None, {})
-    (tmp_path / "mlflow.db").unlink()  # the store disappears under the run
-    (tmp_path / "mlflow.db").mkdir()
-    for step in range(3):
-        tracker.log_metrics({"a": 1.0}, step)
-        tracker.flush()
+def test_a_store_failing_mid_run_keeps_the_metrics_and_sends_them_when_it_is_back(tmp_path, capsys):
+    tracker = Tracker(TrackingConfig(timeout=5), tmp_path, enabled=True)
+    run_id = tracker.start("r", None, {})
+    tracker.log_metrics({"a": 0.0}, 0)
+    tracker.flush()
+    db = tmp_path / "mlflow.db"
+    db.rename(tmp_path / "away.db")  # the store disappears under the run
+    db.mkdir()
+    for step in range(1, 4):
+        tracker.log_metrics({"a": float(step)}, step)
+        tracker.flush()  # returns at once while the store is down
+    deadline = time.monotonic() + 10
+    while "unreachable" not in capsys.readouterr().err and time.monotonic() < deadline:
+        time.sleep(0.1)  # the thread has noticed
+    db.rmdir()
+    (tmp_path / "away.db").rename(db)  # and comes back
     tracker.end()
-    err = capsys.readouterr().err
-    assert err.count("MLflow tracking failed") == 1 and not tracker.active
+    history = MlflowClient(tracking_uri=tracker.uri).get_metric_history(run_id, "a")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]
+    assert "answers again" in capsys.readouterr().err
 
 
 def test_resuming_a_run_missing_from_the_store_opens_a_linked_new_run(tmp_path):
