@@ -45,6 +45,8 @@ MD5_LIST = "md5checksums.txt"
 USER_AGENT = "nucleo-data-pipeline/0.1 (python urllib)"
 
 _BACKOFF_S = 1.0  # first retry delay after a network error; doubles per retry
+MAX_DOWNLOAD_BYTES = 64 * 2**30  # a file larger than this is refused (RefSeq's largest: ~2 GB)
+_MAX_REDIRECTS = 5
 _CHUNK_BYTES = 1 << 20
 _BATCH_ROWS = 64  # table rows per batch: bounds memory when rows are whole chromosomes
 _LINE_BASES = 80
@@ -199,6 +201,26 @@ def _request(url: str, headers: dict[str, str] | None = None) -> urllib.request.
     return urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})})
 
 
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follow at most ``_MAX_REDIRECTS`` redirects, only to http(s), never https -> http."""
+
+    max_redirections = _MAX_REDIRECTS
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
+        old, new = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(newurl)
+        if new.scheme not in ("http", "https") or (old.scheme == "https" != new.scheme):
+            raise DownloadError(f"{req.full_url}: refused a redirect to {newurl} ({new.scheme})")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_Redirects)
+
+
+def open_url(request: urllib.request.Request, timeout: float):
+    """``urlopen`` with bounded redirects (``_Redirects``) and a timeout in seconds."""
+    return _OPENER.open(request, timeout=timeout)
+
+
 def _with_retries(what: str, fn: Callable[[], Any], retries: int, log: Log) -> Any:
     """``fn()``, retried ``retries`` times with exponential backoff on transient errors."""
     for attempt in range(retries + 1):
@@ -221,7 +243,7 @@ def list_directory(url: str, *, timeout: float = 60) -> list[str]:
     """
     if not url.endswith("/"):
         url += "/"
-    with urllib.request.urlopen(_request(url), timeout=timeout) as resp:
+    with open_url(_request(url), timeout=timeout) as resp:
         base = resp.geturl()
         body = resp.read().decode("utf-8", errors="replace")
     if not base.endswith("/"):
@@ -306,20 +328,22 @@ class _Job:
         return "not verified, no checksum available"
 
 
-def _fetch(url: str, part: Path, timeout: float) -> int:
+def _fetch(url: str, part: Path, timeout: float, max_bytes: int | None = None) -> int:
     """Append the rest of ``url`` to ``part`` (a ``Range`` request when it exists); bytes read.
 
     A server answering 200 to a Range request sends the whole file: ``part`` restarts from 0.
-    A 416 (the part is at least as long as the file) restarts from 0 too.
+    A 416 (the part is at least as long as the file) restarts from 0 too. A file that grows
+    past ``max_bytes`` is refused (DownloadError) and its part deleted.
     """
+    max_bytes = MAX_DOWNLOAD_BYTES if max_bytes is None else max_bytes
     offset = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={offset}-"} if offset else {}
     try:
-        resp = urllib.request.urlopen(_request(url, headers), timeout=timeout)
+        resp = open_url(_request(url, headers), timeout=timeout)
     except urllib.error.HTTPError as err:
         if err.code == 416 and offset:
             part.unlink()
-            return _fetch(url, part, timeout)
+            return _fetch(url, part, timeout, max_bytes)
         raise
     with resp:
         mode = "wb"
@@ -332,14 +356,46 @@ def _fetch(url: str, part: Path, timeout: float) -> int:
                 )
             mode = "ab"
         expected = resp.headers.get("Content-Length")
+        start = offset if mode == "ab" else 0
+        if expected is not None and start + int(expected) > max_bytes:
+            part.unlink(missing_ok=True)
+            raise _too_big(url, start + int(expected), max_bytes)
         read = 0
         with open(part, mode) as fh:
             while chunk := resp.read(_CHUNK_BYTES):
                 fh.write(chunk)
                 read += len(chunk)
+                if start + read > max_bytes:
+                    fh.close()
+                    part.unlink(missing_ok=True)
+                    raise _too_big(url, start + read, max_bytes)
     if expected is not None and read != int(expected):
         raise _IncompleteDownload(f"connection closed after {read} of {expected} bytes")
     return read
+
+
+def _too_big(url: str, size: int, max_bytes: int) -> DownloadError:
+    return DownloadError(
+        f"{url}: over {max_bytes / 2**30:.0f} GiB ({size:,} bytes so far); refused as larger "
+        "than any genome file should be"
+    )
+
+
+def download_file(
+    url: str,
+    dest: str | Path,
+    *,
+    md5: str | None = None,
+    timeout: float = 60,
+    retries: int = 3,
+    log: Log = print,
+) -> Path:
+    """Fetch ``url`` to ``dest`` as the RefSeq downloader does: resumable ``.part``, bounded
+    timeouts, retries with backoff, at most ``MAX_DOWNLOAD_BYTES``, bounded redirects, and
+    verified (``md5`` when given, else a ``.gz`` must decompress whole) before the rename."""
+    dest = Path(dest)
+    _download(_Job("download", dest.name, url, dest, md5), timeout, retries, log)
+    return dest
 
 
 def _download(job: _Job, timeout: float, retries: int, log: Log) -> tuple[int, bool]:
@@ -443,7 +499,7 @@ def download_refseq(
             md5_url = folder_url + MD5_LIST
 
             def read_md5(url: str = md5_url) -> str:
-                with urllib.request.urlopen(_request(url), timeout=timeout) as resp:
+                with open_url(_request(url), timeout=timeout) as resp:
                     return resp.read().decode("utf-8", errors="replace")
 
             sums = parse_md5_list(_with_retries(md5_url, read_md5, retries, say))

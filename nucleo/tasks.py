@@ -32,7 +32,6 @@ import gzip
 import hashlib
 import json
 import tarfile
-import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ import yaml
 
 from data_pipeline.annotations import Feature, coverage, read_genbank_features, read_gff3
 from data_pipeline.readers import detect_format, read_sequences
+from data_pipeline.sources import DownloadError, download_file
 from nucleo.alphabet import reverse_complement_bytes
 
 LAYOUTS = ("parquet", "genomic-benchmarks", "genomic-benchmarks-cached")
@@ -697,14 +697,11 @@ def _reference_path(root: Path, url: str, references: Path) -> Path:
         raise TaskError(f"{root}/metadata.yaml: reference {url!r} not found (nor in {references})")
     references.mkdir(parents=True, exist_ok=True)
     dest = references / url.split("/")[-1]
-    part = dest.with_suffix(dest.suffix + ".part")
     print(f"downloading {url} -> {dest}", flush=True)
-    try:
-        urllib.request.urlretrieve(url, part)
-    except OSError as err:
+    try:  # resumable, timed out, retried, size-capped, gzip verified (data_pipeline.sources)
+        return download_file(url, dest, log=lambda line: print(line, flush=True))
+    except (OSError, DownloadError) as err:
         raise TaskError(f"{root}/metadata.yaml: cannot download {url}: {err}") from None
-    part.rename(dest)
-    return dest
 
 
 def _load_intervals(root: Path, info: dict, references: str | Path | None) -> Task:

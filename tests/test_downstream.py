@@ -253,6 +253,40 @@ def test_genomic_benchmarks_reference_is_downloaded_once_from_its_url(tmp_path):
     assert load_task(root, references=refs).classes == ["negative", "positive"]  # no server now
 
 
+def test_a_corrupt_reference_download_is_refused_and_not_kept(tmp_path):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    served = tmp_path / "served"
+    served.mkdir()
+    whole = gzip.compress(b">1\nAACCGGTTACGTACGT\n" * 200)
+    (served / "genome.fa.gz").write_bytes(whole[: len(whole) // 2])  # truncated upstream
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=served))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/genome.fa.gz"
+        root = tmp_path / "toy"
+        for split in ("train", "test"):
+            (root / split).mkdir(parents=True)
+            with gzip.open(root / split / "positive.csv.gz", "wt") as fh:
+                fh.write("id,region,start,end,strand\n0,1,0,4,+\n")
+        (root / "metadata.yaml").write_text(
+            f"version: 0\nclasses:\n  positive: {{type: fa.gz, url: '{url}'}}\n"
+        )
+        refs = tmp_path / "refs"
+        with pytest.raises(TaskError, match="corrupt or truncated gzip"):
+            load_task(root, references=refs)
+        assert not list(refs.iterdir())  # nothing half-downloaded is kept
+    finally:
+        server.shutdown()
+
+
 def test_nucleotide_transformer_parquet_and_bad_sequences(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

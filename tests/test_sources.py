@@ -130,6 +130,7 @@ class ServerState:
     delay: float = 0.0  # seconds each file response waits, to make downloads overlap
     ignore_range: bool = False  # answer 200 with the whole file to Range requests
     fail_first: set[str] = field(default_factory=set)  # names answered 503 once
+    redirects: dict[str, str] = field(default_factory=dict)  # url path -> Location
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range)
     active: int = 0
     max_active: int = 0
@@ -154,7 +155,12 @@ class Handler(BaseHTTPRequestHandler):
         with state.lock:
             state.requests.append((url_path, self.headers.get("Range")))
         target = state.root / url_path.lstrip("/")
-        if target.is_dir():
+        if url_path in state.redirects:
+            self.send_response(302)
+            self.send_header("Location", state.redirects[url_path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif target.is_dir():
             self._index(url_path, target)
         elif target.is_file():
             with state.lock:
@@ -520,3 +526,34 @@ def test_import_datasets_save_to_disk_and_arrow(tmp_path):
     assert _read_back(found[0].path) == _expected(rows[:2], "viral")
     with pytest.raises(ValueError, match="no split 'validation'; the splits are: train, test"):
         import_table(splits, tmp_path / "d", split="validation")
+
+
+def test_downloads_refuse_odd_redirects_and_files_past_the_size_cap(refseq_server, tmp_path,
+                                                                    monkeypatch):  # fmt: skip
+    """A server may redirect anywhere and send without end: file:// and redirect chains are
+    refused, and a file over the cap is stopped with its part deleted."""
+    state, base = refseq_server
+    viral = "/refseq/release/viral/viral.2.1.genomic.fna.gz"
+    state.redirects["/a"] = "file:///etc/passwd"
+    with pytest.raises(DownloadError, match=r"file:///etc/passwd.* not allowed"):
+        sources.download_file(base.split("/refseq")[0] + "/a", tmp_path / "a.gz", log=print)
+    for i in range(8):  # a chain longer than 5 hops
+        state.redirects[f"/hop{i}"] = f"/hop{i + 1}"
+    state.redirects["/hop8"] = viral
+    with pytest.raises(DownloadError, match="redirect"):
+        sources.download_file(base.split("/refseq")[0] + "/hop0", tmp_path / "h.gz", log=print)
+    state.redirects["/short"] = viral  # one hop is fine
+    got = sources.download_file(base.split("/refseq")[0] + "/short", tmp_path / "s.gz", log=print)
+    assert got.read_bytes() == _served(state, "viral", "viral.2.1.genomic.fna.gz").read_bytes()
+    monkeypatch.setattr(sources, "MAX_DOWNLOAD_BYTES", 1000)
+    with pytest.raises(DownloadError, match="refused as larger than any genome file"):
+        sources.download_file(base + "/viral/viral.2.1.genomic.fna.gz", tmp_path / "big.gz",
+                              log=print)  # fmt: skip
+    assert not list(tmp_path.glob("big*"))
+
+
+def test_a_redirect_from_https_to_http_is_refused():
+    request = urllib.request.Request("https://example.org/genome.fa.gz")
+    with pytest.raises(DownloadError, match=r"refused a redirect to http://evil\.example/x"):
+        sources._Redirects().redirect_request(request, None, 302, "Found", {},
+                                              "http://evil.example/x")  # fmt: skip
