@@ -170,7 +170,8 @@ def tar_samples(path: str, on_bad: str = "error") -> Iterator[dict[str, Any]]:
 
     A shard that cannot be read (missing, truncated, not a tar, a sample without its sequence
     or metadata) raises BadShardError naming it; with ``on_bad="skip"`` the rest of that shard
-    is skipped instead, with a warning, and recorded in SKIPPED_SHARDS.
+    is skipped instead, with a warning, and recorded in SKIPPED_SHARDS; ``"strict"`` (the
+    validation split, whose windows must be the same every time) never skips.
     """
     pipeline = wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples())
     try:
@@ -180,9 +181,10 @@ def tar_samples(path: str, on_bad: str = "error") -> Iterator[dict[str, Any]]:
             yield sample
     except (OSError, tarfile.TarError, ValueError) as err:
         reason = f"{type(err).__name__}: {err}"
+        skip = " or set data.on_bad_shard=skip" if on_bad != "strict" else ""
         message = (
             f"shard {path} is unreadable ({reason}); re-check the folder with `nucleo data "
-            f"verify {Path(path).parent.parent}` and rebuild it, or set data.on_bad_shard=skip"
+            f"verify {Path(path).parent.parent}` and rebuild it{skip}"
         )
         if on_bad != "skip":
             raise BadShardError(message) from err
@@ -585,7 +587,7 @@ def validation_windows(
     for index, kingdom in enumerate(kingdoms):
         chunks: list[bytes] = []
         for path, _ in shard_paths(cfg.shards, manifest, "val", [kingdom]):
-            for sample in tar_samples(path):
+            for sample in tar_samples(path, on_bad="strict"):
                 chunks.append(sample["seq"])
                 if len(chunks) >= per_kingdom:
                     break

@@ -21,6 +21,7 @@ make.
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import json
 import math
@@ -265,6 +266,20 @@ def _safe_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
+def _filtered_out(src: SourceFile) -> str:
+    """Why a file gave no record: its include/exclude regexes, with headers it does have."""
+    headers = []
+    for rec in read_sequences(src.path, src.fmt):  # type: ignore[arg-type]
+        headers.append(f"{rec.id} {rec.description}".strip()[:80])
+        if len(headers) == 3:
+            break
+    seen = "; its records begin: " + " | ".join(headers) if headers else "; it has no record"
+    return (
+        f"{src.path}: include {src.include!r} / exclude {src.exclude!r} kept none of its "
+        f"records{seen}"
+    )
+
+
 def _scan(
     sources: list[SourceFile],
     log: Callable[[str], None],
@@ -316,6 +331,8 @@ def _scan(
                     sketches[key] = sketch(rec.seq, sketch_options)
             infos.append(info)
             del rec
+        if not count and (src.include or src.exclude):
+            raise ValueError(_filtered_out(src))
         if verbose:
             log(f"read {src.path}: {count} records ({src.kingdom})")
     log(f"read {len(sources)} files: {len(infos)} records, {sum(i.length for i in infos):,} bases")
@@ -435,6 +452,7 @@ def build_shards(
     sources = check_sources(sources)
     out = Path(out_dir)
     check_output(out, sources, overwrite)
+    warn_kingdom_typos(sources, log)
     started = time.time()
     infos = _scan(sources, log, verbose, options)
     warn_mostly_n(infos, log)
@@ -478,11 +496,26 @@ def build_shards(
         manifest["build_seconds"] = round(time.time() - started, 2)
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         _swap_in(partial, out)
-    except BaseException:  # a failed or interrupted build leaves nothing behind
+    except BaseException as err:  # a failed or interrupted build leaves nothing behind
         shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(err, OSError) and err.filename is None:  # a write: name where it went
+            raise OSError(err.errno, err.strerror, str(out)) from err
         raise
     log(summary(manifest))
     return manifest
+
+
+def warn_kingdom_typos(sources: list[SourceFile], log: Callable[[str], None]) -> None:
+    """A line for each kingdom name that is not a RefSeq kingdom but nearly is one: a typo
+    would otherwise silently become a kingdom of its own."""
+    for kingdom in sorted({s.kingdom for s in sources} - set(REFSEQ_KINGDOMS)):
+        close = difflib.get_close_matches(kingdom, REFSEQ_KINGDOMS, n=1, cutoff=0.75)
+        if close:
+            where = next(s.path for s in sources if s.kingdom == kingdom)
+            log(
+                f"warning: kingdom {kingdom!r} ({where}) is not a RefSeq kingdom; did you mean "
+                f"{close[0]!r}? As written it becomes a kingdom of its own"
+            )
 
 
 def warn_mostly_n(infos: list[RecordInfo], log: Callable[[str], None]) -> None:

@@ -419,9 +419,19 @@ def build_tokenizer(name: str, options: dict[str, Any] | None = None) -> Any:
 def load_tokenizer(directory: str | Path) -> Any:
     """Load ``tokenizer.json`` from an export directory and check its vocabulary."""
     path = Path(directory) / "tokenizer.json"
-    spec = json.loads(path.read_text())
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; every export and run folder has one")
+    try:
+        spec = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"{path}: no tokenizer 'type'; is it a nucleo tokenizer.json?")
     options = {"path": str(path)} if spec.get("type") == "bpe" else spec.get("options")
-    tokenizer = build_tokenizer(spec.get("type", ""), options)
+    try:
+        tokenizer = build_tokenizer(spec["type"], options)
+    except (ValueError, KeyError) as err:  # an unknown type, or options it does not take
+        raise ValueError(f"{path}: {err}") from None
     if list(spec.get("vocab", [])) != list(tokenizer.vocab):
         raise ValueError(f"{path}: vocabulary differs from this version's {spec['type']!r}")
     return tokenizer

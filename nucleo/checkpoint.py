@@ -190,7 +190,12 @@ def save_checkpoint(
     if (root / tag / COMPLETE).is_file():
         return root / tag
     on_main(lambda: shutil.rmtree(root / tag, ignore_errors=True), is_main)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+    try:  # a failed save has no COMPLETE: it is never resumed from, and removed next time
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+    except OSError as err:
+        if err.filename is None:  # a write (disk full): name where it went
+            raise OSError(err.errno, err.strerror, str(root / tag)) from err
+        raise
     _barrier()
 
     def mark_and_prune() -> None:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from nucleo.cli_common import Parser, at_least, number, warn
 from nucleo.device import add_argument as add_device_argument
 from nucleo.runtime import configure_threads
 
@@ -382,22 +383,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from nucleo.inference import score_file
+    from nucleo.inference import MOSTLY_N, score_file
 
+    scores = score_file(  # loads and checks before anything is written
+        args.export, args.fasta, args.window, args.batch, args.both_strands, args.device
+    )
     out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115 (stdout or a file)
     count = 0
     try:
         out.write("record\tbases\ttokens_scored\tlog_likelihood_nats\tbits_per_base\n")
-        scores = score_file(
-            args.export, args.fasta, args.window, args.batch, args.both_strands, args.device
-        )
         for s in scores:
-            out.write(
-                f"{s.record}\t{s.bases}\t{s.tokens_scored}\t{s.log_likelihood:.4f}\t"
-                f"{s.bits_per_base:.6f}\n"
-            )
+            bits = "NA" if s.tokens_scored == 0 else f"{s.bits_per_base:.6f}"
+            out.write(f"{s.record}\t{s.bases}\t{s.tokens_scored}\t{s.log_likelihood:.4f}\t{bits}\n")
             out.flush()
             count += 1
+            if s.tokens_scored == 0:
+                warn(f"{s.record}: nothing scored ({s.bases} base(s); a causal model scores "
+                     "from each window's second token): NA")  # fmt: skip
+            elif s.n_fraction > MOSTLY_N:
+                warn(f"{s.record}: {100 * s.n_fraction:.0f}% N: its score says little")
     finally:
         if args.out:
             out.close()
@@ -434,8 +438,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("export", help="a model export directory (RUN_DIR/export or nucleo export)")
     p.add_argument("fasta", help="FASTA or GenBank file (.gz/.xz/.bz2 too), streamed by record")
-    p.add_argument("--window", type=int, default=1024, help="tokens per window of long records")
-    p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
+    p.add_argument(
+        "--window", type=at_least(2), default=1024, help="tokens per window of long records"
+    )
+    p.add_argument("--batch", type=at_least(1), default=8, help="windows per forward pass")
     add_device_argument(p)
 
 
@@ -447,9 +453,11 @@ def _add_store_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_shard_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--chunk-len", type=int, default=65536, help="bases per stored chunk")
-    p.add_argument("--min-shards", type=int, default=8, help="shards per kingdom and split")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="records held out")
+    p.add_argument("--chunk-len", type=at_least(1), default=65536, help="bases per stored chunk")
+    p.add_argument("--min-shards", type=at_least(1), default=8, help="shards per kingdom and split")
+    p.add_argument(
+        "--val-fraction", type=number(0, 1, high_open=True), default=0.1, help="records held out"
+    )
     p.add_argument("--split-salt", default="nucleo", help="salt of the split hash")
     p.add_argument(
         "--near-dup-threshold",
@@ -460,7 +468,7 @@ def _add_shard_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nucleo", description="Pretrain DNA language models.")
+    parser = Parser(prog="nucleo", description="Pretrain DNA language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("list", help="registered architectures, losses and tokenizers").set_defaults(
@@ -565,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kingdoms", nargs="+", help="RefSeq kingdoms, e.g. viral plasmid")
     p.add_argument("--out", required=True, help="folder (<kingdom>/*.genomic.fna.gz)")
     p.add_argument("--base-url", default="https://ftp.ncbi.nlm.nih.gov/refseq/release")
-    p.add_argument("--jobs", type=int, default=4, help="parallel downloads")
+    p.add_argument("--jobs", type=at_least(1), default=4, help="parallel downloads")
     p.add_argument("--max-files", type=int, help="at most this many files per kingdom")
     p.set_defaults(func=cmd_data_download)
     p = data.add_parser("bpe", help="learn a BPE tokenizer on a shard set's training split")
@@ -581,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default="data_stats.md", help="report path; plots are written beside it"
     )
-    p.add_argument("--k", type=int, default=6, help="k of the k-mer entropy")
+    p.add_argument("--k", type=at_least(1), default=6, help="k of the k-mer entropy")
     p.add_argument("--max-bases", type=int, default=20_000_000, help="bases read per kingdom")
     p.set_defaults(func=cmd_data_stats)
     p = data.add_parser("verify", help="check shard checksums against the manifest")
@@ -654,7 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def pretrain_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of launch/pretrain.py: the ``pretrain`` options, without a subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="launch/pretrain.py", description="Pretrain a DNA language model with DeepSpeed."
     )
     add_run_arguments(parser)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from nucleo.cli_common import Parser, at_least, number, positive
 from nucleo.device import add_argument as add_device_argument
 
 
@@ -131,11 +132,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from nucleo.finetune import predict_file
 
+    rows = predict_file(args.classifier, args.fasta, args.batch, args.device)  # loads first
     out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115
     count = 0
     try:
         header_done = False
-        for rid, label, probs in predict_file(args.classifier, args.fasta, args.batch, args.device):
+        for rid, label, probs in rows:
             if not header_done:
                 import json
 
@@ -248,9 +250,9 @@ def add_commands(sub: Any, store_arguments: Any) -> None:
                    "or GFF3 with its FASTA beside (repeatable)")  # fmt: skip
     p.add_argument("--test-group", action="append", help="coding_vs_intergenic: organism held "
                    "out (repeatable; default: a salted hash picks ~30%%)")  # fmt: skip
-    p.add_argument("--length", type=int, help="bases per example (default 200)")
-    p.add_argument("--train-per-class", type=int)
-    p.add_argument("--test-per-class", type=int)
+    p.add_argument("--length", type=at_least(1), help="bases per example (default 200)")
+    p.add_argument("--train-per-class", type=at_least(1))
+    p.add_argument("--test-per-class", type=at_least(1))
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tasks_build)
     p = tsub.add_parser("convert", help="rewrite a task in another layout")
@@ -272,25 +274,29 @@ def add_commands(sub: Any, store_arguments: Any) -> None:
     p.add_argument("classifier", help="a `nucleo finetune` output folder")
     p.add_argument("fasta", help="FASTA or GenBank file, streamed by record")
     p.add_argument("--out", help="TSV to write (default: stdout)")
-    p.add_argument("--batch", type=int, default=64, help="records per forward pass")
+    p.add_argument("--batch", type=at_least(1), default=64, help="records per forward pass")
     add_device_argument(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("generate", help="sample sequences from a causal export (FASTA)")
     p.add_argument("export")
     p.add_argument("--out", required=True, help="FASTA to write")
-    p.add_argument("--num", type=int, default=16, help="sequences")
-    p.add_argument("--length", type=int, default=1000, help="new bases per sequence")
+    p.add_argument("--num", type=at_least(1), default=16, help="sequences")
+    p.add_argument("--length", type=at_least(1), default=1000, help="new bases per sequence")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--prompt", help="bases to continue (default: none)")
     group.add_argument("--prompt-file", help="FASTA: each record prompts in turn (cut to "
                        "--prompt-len, default the shortest)")  # fmt: skip
-    p.add_argument("--prompt-len", type=int, help="bases of each --prompt-file record to use")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0: off")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1: off")
+    p.add_argument(
+        "--prompt-len", type=at_least(1), help="bases of each --prompt-file record to use"
+    )
+    p.add_argument("--temperature", type=positive, default=1.0)
+    p.add_argument("--top-k", type=at_least(0), default=0, help="0: off")
+    p.add_argument(
+        "--top-p", type=number(0, 1, low_open=True), default=1.0, help="nucleus mass; 1: off"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=16, help="sequences sampled together")
+    p.add_argument("--batch", type=at_least(1), default=16, help="sequences sampled together")
     add_device_argument(p)
     p.set_defaults(func=cmd_generate)
 
@@ -302,8 +308,8 @@ def add_commands(sub: Any, store_arguments: Any) -> None:
     p.add_argument("--kingdom", help="with --shards: the kingdom to compare with")
     p.add_argument("--out", required=True, help="report folder (report.md, report.json, cgr.png)")
     p.add_argument("--label", default="generated")
-    p.add_argument("--k", type=int, default=4, help="k of the k-mer and FCGR comparisons")
-    p.add_argument("--max-sequences", type=int, help="use at most this many generated")
+    p.add_argument("--k", type=at_least(1), default=4, help="k of the k-mer and FCGR comparisons")
+    p.add_argument("--max-sequences", type=at_least(1), help="use at most this many generated")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_evaluate_generation)
 
@@ -319,14 +325,14 @@ def add_finetune_arguments(p: argparse.ArgumentParser, store_arguments: Any = No
     p.add_argument("--init", choices=INITS, default="pretrained")
     p.add_argument("--mode", choices=MODES, default="full")
     p.add_argument("--seeds", type=_ints, default=[0], help="e.g. 0,1,2")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=at_least(1), default=3)
+    p.add_argument("--batch-size", type=at_least(1), default=32)
+    p.add_argument("--lr", type=positive, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--balance", choices=BALANCES, default="weights")
     p.add_argument("--rc-conjoin", action="store_true", help="average both strands at test")
-    p.add_argument("--probe-c", type=float, default=1.0, help="probe: inverse L2 strength")
-    p.add_argument("--max-tokens", type=int, default=1024, help="longer inputs are cut")
+    p.add_argument("--probe-c", type=positive, default=1.0, help="probe: inverse L2 strength")
+    p.add_argument("--max-tokens", type=at_least(2), default=1024, help="longer inputs are cut")
     add_device_argument(p)
     p.add_argument("--out-dir", default="runs/finetune", help="where classifiers are saved")
     p.add_argument("--experiment", default="nucleo-finetune", help="MLflow experiment")
@@ -344,7 +350,7 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of launch/finetune.py."""
     from nucleo.cli import _run
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="launch/finetune.py", description="Fine-tune or probe a DNA model on a task."
     )
     add_finetune_arguments(parser)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -28,6 +29,10 @@ from nucleo.engine import parameter_groups
 from nucleo.schema import from_dict, to_dict
 
 FORMAT = "nucleo-export/1"
+
+
+class ExportError(ValueError):
+    """An export directory that cannot be loaded (the message names the file)."""
 
 
 def _complete(
@@ -153,13 +158,34 @@ def load_exported(
     config_path = root / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: not found; is {root} a nucleo export?")
-    meta = json.loads(config_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{config_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        meta = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise ExportError(f"{config_path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ExportError(f"{config_path}: format {found!r}, expected {FORMAT!r}")
+    for key in ("arch", "model"):
+        if key not in meta:
+            raise ExportError(f"{config_path}: no {key!r} entry; is {root} a nucleo export?")
     tokenizer = load_tokenizer(root)
-    entry = ARCHITECTURES.get(meta["arch"])
-    settings = {**meta["model"], "kernels": kernels}
-    model = build_model(meta["arch"], from_dict(entry.config, settings, "model"), tokenizer)
+    try:
+        entry = ARCHITECTURES.get(meta["arch"])
+        settings = {**meta["model"], "kernels": kernels}
+        config = from_dict(entry.config, settings, "model")
+    except (ValueError, KeyError) as err:  # an unknown architecture, or settings of another one
+        raise ExportError(f"{config_path}: {err}") from None
+    model = build_model(meta["arch"], config, tokenizer)
     dev = resolve_device(device)
-    load_model(model, root / "model.safetensors", device=str(dev))
+    weights = root / "model.safetensors"
+    try:
+        load_model(model, weights, device=str(dev))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{weights}: not found; is {root} a whole nucleo export?") from None
+    except (SafetensorError, RuntimeError, OSError) as err:  # truncated, or of another model
+        detail = str(err).strip().splitlines()[0][:200]
+        raise ExportError(
+            f"{weights}: cannot be read as this export's weights ({detail}); export it again "
+            "(nucleo export RUN_DIR)"
+        ) from None
     return model.to(dev).eval(), tokenizer, meta

@@ -31,7 +31,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -670,34 +670,49 @@ def _write_compare(
 
 
 def predict_file(
-    classifier: str | Path, path: str | Path, batch: int = 64, device: str = "auto"
+    classifier: str | Path,
+    path: str | Path,
+    batch: int = 64,
+    device: str = "auto",
+    warn: Callable[[str], None] | None = None,
 ) -> Iterator[tuple[str, str, np.ndarray]]:
     """(record id, predicted class, probabilities [C]) per record of a FASTA/GenBank file,
-    streamed, in batches of ``batch`` records; the classifier's rc_conjoin setting applies."""
+    streamed, in batches of ``batch`` records; the classifier's rc_conjoin setting applies.
+
+    The classifier is loaded before this returns (a bad one fails before anything is
+    written); records more than half N are named through ``warn`` (default: stderr).
+    """
     from data_pipeline.readers import read_sequences
+    from nucleo.inference import MOSTLY_N, n_fraction
 
     dev = resolve_device(device)
     model, tokenizer, info = load_classifier(classifier, dev)
     classes = info["classes"]
-    pending: list[tuple[str, bytes]] = []
+    say = warn or (lambda text: print(f"warning: {text}", file=sys.stderr, flush=True))
 
-    def flush() -> Iterator[tuple[str, str, np.ndarray]]:
-        ids = encode_all(tokenizer, [s for _, s in pending], info["max_tokens"])
-        rc = (
-            encode_all(
-                tokenizer, [reverse_complement_bytes(s) for _, s in pending], info["max_tokens"]
+    def flush(pending: list[tuple[str, bytes]]) -> Iterator[tuple[str, str, np.ndarray]]:
+        seqs = [s for _, s in pending]
+        ids = encode_all(tokenizer, seqs, info["max_tokens"])
+        rc = None
+        if info.get("rc_conjoin"):
+            rc = encode_all(
+                tokenizer, [reverse_complement_bytes(s) for s in seqs], info["max_tokens"]
             )
-            if info.get("rc_conjoin")
-            else None
-        )
         probs = predict_proba(model, ids, batch, tokenizer.pad_id, dev, rc)
         for (rid, _), p in zip(pending, probs, strict=True):
             yield rid, classes[int(p.argmax())], p
 
-    for record in read_sequences(path):
-        pending.append((record.id, bytes(record.seq)))
-        if len(pending) == batch:
-            yield from flush()
-            pending = []
-    if pending:
-        yield from flush()
+    def predictions() -> Iterator[tuple[str, str, np.ndarray]]:
+        pending: list[tuple[str, bytes]] = []
+        for record in read_sequences(path):
+            seq = bytes(record.seq)
+            if n_fraction(seq) > MOSTLY_N:
+                say(f"{record.id}: {100 * n_fraction(seq):.0f}% N: its prediction says little")
+            pending.append((record.id, seq))
+            if len(pending) == batch:
+                yield from flush(pending)
+                pending = []
+        if pending:
+            yield from flush(pending)
+
+    return predictions()

@@ -40,7 +40,16 @@ class Score:
     bases: int
     tokens_scored: int
     log_likelihood: float
-    bits_per_base: float
+    bits_per_base: float  # NaN when nothing was scored (a record of one token)
+    n_fraction: float = 0.0  # of the record's bases
+
+
+#: above this fraction of N a record's score or class says little; the commands warn
+MOSTLY_N = 0.5
+
+
+def n_fraction(seq: bytes) -> float:
+    return seq.count(b"N") / len(seq) if seq else 0.0
 
 
 def _windows(ids: np.ndarray, window: int) -> list[np.ndarray]:
@@ -94,9 +103,15 @@ def score_file(
     both_strands: bool = False,
     device: str = "auto",
 ) -> Iterator[Score]:
-    """A Score per record of ``path`` (FASTA or GenBank, compressed or not), streamed."""
+    """A Score per record of ``path`` (FASTA or GenBank, compressed or not), streamed.
+
+    The export is loaded (and every argument checked) before this returns, so a bad input
+    fails before anything is written; the records are scored as the iterator is read.
+    """
     from nucleo.export import load_exported
 
+    if window < 2 or batch < 1:
+        raise ValueError(f"window must be >= 2 and batch >= 1, got {window} and {batch}")
     dev = resolve_device(device)
     model, tokenizer, meta = load_exported(export, dev)
     if not meta.get("causal", True):
@@ -104,16 +119,20 @@ def score_file(
             f"{export}: a {meta['arch']} model trained bidirectionally has no left-to-right "
             "likelihood; score needs a causal model (use nucleo embed for this one)"
         )
-    for record in read_sequences(path):
-        seq = bytes(record.seq)
+
+    def bits(seq: bytes) -> tuple[float, int, float]:
         nats, scored, bases = log_likelihood(model, tokenizer, seq, window, batch, dev)
-        bits = -nats / math.log(2) / max(bases, 1)
-        if both_strands:
-            rc_nats, _, rc_bases = log_likelihood(
-                model, tokenizer, reverse_complement_bytes(seq), window, batch, dev
-            )
-            bits = (bits + -rc_nats / math.log(2) / max(rc_bases, 1)) / 2
-        yield Score(record.id, len(seq), scored, nats, bits)
+        return (-nats / math.log(2) / bases if bases else math.nan), scored, nats
+
+    def scores() -> Iterator[Score]:
+        for record in read_sequences(path):
+            seq = bytes(record.seq)
+            per_base, scored, nats = bits(seq)
+            if both_strands:
+                per_base = (per_base + bits(reverse_complement_bytes(seq))[0]) / 2
+            yield Score(record.id, len(seq), scored, nats, per_base, n_fraction(seq))
+
+    return scores()
 
 
 POOLINGS = ("mean", "max", "last")

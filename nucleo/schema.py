@@ -7,8 +7,10 @@ values with the dotted key (``train.lr``) and what would be valid.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, TypeVar, Union
@@ -108,14 +110,15 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(key, f"expected an integer, got {value!r}")
         return value
     if tp is float:
+        number = value
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ConfigError(key, f"expected a number, got {value!r}")
-        return float(value)
+        if not math.isfinite(number):  # inf and nan: no setting means them
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
+        return float(number)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(key, f"expected a string, got {value!r}")
