@@ -104,6 +104,7 @@ class Tracker:
         self._dropped = 0
         self._cond = threading.Condition()
         self._busy = False
+        self._sending = 0  # metrics in the batch being sent (more may arrive meanwhile)
         self._down: str | None = None  # why the store is unreachable, while it is
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -156,6 +157,7 @@ class Tracker:
             if excess > 0:
                 del self._metrics[:excess]
                 self._dropped += excess
+                self._sending = max(0, self._sending - excess)  # some of the batch in flight
             self._cond.notify_all()
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -218,12 +220,13 @@ class Tracker:
             if self._ops:
                 return self._ops[0]
             batch = self._metrics[:1000]
+            self._sending = len(batch)
             return "metrics", lambda: self._client.log_batch(self.run_id, metrics=batch)
 
     def _done(self, kind: str) -> None:
         with self._cond:
-            if kind == "metrics":
-                del self._metrics[:1000]
+            if kind == "metrics":  # only what was sent: more may have arrived meanwhile
+                del self._metrics[: self._sending]
             else:
                 self._ops.popleft()
             self._busy = False

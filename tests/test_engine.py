@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -164,6 +165,29 @@ def test_a_store_failing_mid_run_keeps_the_metrics_and_sends_them_when_it_is_bac
     history = MlflowClient(tracking_uri=tracker.uri).get_metric_history(run_id, "a")
     assert sorted(m.step for m in history) == [0, 1, 2, 3]
     assert "answers again" in capsys.readouterr().err
+
+
+def test_metrics_logged_while_a_batch_is_in_flight_are_sent_too(tmp_path):
+    """A slow store: metrics that arrive while a batch is being sent were dropped with it (the
+    last validation of a run went missing on a loaded CI machine)."""
+    tracker = Tracker(TrackingConfig(timeout=20), tmp_path, enabled=True)
+    run_id = tracker.start("r", None, {})
+    send = tracker._client.log_batch
+    in_flight = threading.Event()
+
+    def slow_send(*args, **kwargs):
+        in_flight.set()
+        time.sleep(0.5)
+        return send(*args, **kwargs)
+
+    tracker._client.log_batch = slow_send
+    tracker.log_metrics({"a": 0.0}, 0)
+    assert in_flight.wait(5)
+    for step in range(1, 4):
+        tracker.log_metrics({"a": float(step)}, step)
+    tracker.end()
+    history = MlflowClient(tracking_uri=tracker.uri).get_metric_history(run_id, "a")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]
 
 
 def test_resuming_a_run_missing_from_the_store_opens_a_linked_new_run(tmp_path):
