@@ -33,7 +33,13 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.shards import DEFAULT_MAX_N_FRACTION, load_manifest, shard_paths
+from data_pipeline.shards import (
+    DEFAULT_MAX_N_FRACTION,
+    load_manifest,
+    sha256_file,
+    shard_checksums,
+    shard_paths,
+)
 from nucleo.alphabet import reverse_complement_bytes
 from nucleo.schema import check
 from nucleo.types import Batch
@@ -54,6 +60,9 @@ class DataConfig:
         (augmentation: both strands are the same DNA; validation windows never are).
     on_bad_shard: a missing or corrupt training shard stops the run with an error naming it
         ("error"), or is skipped with a warning and counted (``data/skipped_shards``).
+    verify_shards: hash each shard against the manifest the first time a reader opens it
+        (reads it twice, the second time from the page cache), so altered bytes are refused
+        rather than trained on.
     mixture: how training draws kingdoms: "natural" (in proportion to their bases, one pass
         over the shards per epoch), "uniform" (each kingdom equally often), "temperature"
         (p_k ~ n_k^mixture_alpha, n_k the kingdom's training chunks; alpha 1 = natural,
@@ -82,6 +91,7 @@ class DataConfig:
     shuffle_buffer: int = 2048
     num_workers: int = 1
     open_shards: int = 32
+    verify_shards: bool = True
 
     def __post_init__(self) -> None:
         check(self.seq_len >= 8, "seq_len", f"must be >= 8, got {self.seq_len}")
@@ -165,14 +175,37 @@ SKIPPED_SHARDS: dict[str, str] = {}
 SKIPPED_KEY = "data/skipped_shards"
 
 
-def tar_samples(path: str, on_bad: str = "error") -> Iterator[dict[str, Any]]:
+#: Shards whose checksum this process has already verified.
+VERIFIED_SHARDS: set[str] = set()
+
+
+def tar_samples(
+    path: str, on_bad: str = "error", sha256: str | None = None
+) -> Iterator[dict[str, Any]]:
     """The samples (dicts of member bytes by extension) of one shard.
 
     A shard that cannot be read (missing, truncated, not a tar, a sample without its sequence
     or metadata) raises BadShardError naming it; with ``on_bad="skip"`` the rest of that shard
     is skipped instead, with a warning, and recorded in SKIPPED_SHARDS; ``"strict"`` (the
-    validation split, whose windows must be the same every time) never skips.
+    validation split, whose windows must be the same every time) never skips. With
+    ``sha256`` (the manifest's), the file is hashed when this is called, the first time this
+    process opens it: a corrupted shard is refused instead of feeding altered bases to
+    training.
     """
+    if sha256 is not None and path not in VERIFIED_SHARDS:
+        try:
+            same = sha256_file(Path(path)) == sha256
+            problem = None if same else "its bytes do not match the manifest's SHA-256 (corrupted)"
+        except OSError as err:
+            problem = f"{type(err).__name__}: {err}"
+        if problem is not None:
+            _bad_shard(path, problem, on_bad)
+            return iter(())
+        VERIFIED_SHARDS.add(path)
+    return _samples(path, on_bad)
+
+
+def _samples(path: str, on_bad: str) -> Iterator[dict[str, Any]]:
     pipeline = wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples())
     try:
         for sample in pipeline:
@@ -180,21 +213,29 @@ def tar_samples(path: str, on_bad: str = "error") -> Iterator[dict[str, Any]]:
                 raise ValueError(f"sample {sample.get('__key__')!r} lacks .seq or .json")
             yield sample
     except (OSError, tarfile.TarError, ValueError) as err:
-        reason = f"{type(err).__name__}: {err}"
-        skip = " or set data.on_bad_shard=skip" if on_bad != "strict" else ""
-        message = (
-            f"shard {path} is unreadable ({reason}); re-check the folder with `nucleo data "
-            f"verify {Path(path).parent.parent}` and rebuild it{skip}"
-        )
-        if on_bad != "skip":
-            raise BadShardError(message) from err
-        if path not in SKIPPED_SHARDS:
-            warnings.warn(f"skipping the rest of {message.split(';')[0]}", stacklevel=2)
-        SKIPPED_SHARDS[path] = reason
+        _bad_shard(path, f"{type(err).__name__}: {err}", on_bad, err)
+
+
+def _bad_shard(path: str, reason: str, on_bad: str, cause: Exception | None = None) -> None:
+    """Raise BadShardError naming ``path``, or (``on_bad="skip"``) warn once and record it."""
+    skip = " or set data.on_bad_shard=skip" if on_bad != "strict" else ""
+    message = (
+        f"shard {path} is unreadable ({reason}); re-check the folder with `nucleo data "
+        f"verify {Path(path).parent.parent}` and rebuild it{skip}"
+    )
+    if on_bad != "skip":
+        raise BadShardError(message) from cause
+    if path not in SKIPPED_SHARDS:
+        warnings.warn(f"skipping the rest of {message.split(';')[0]}", stacklevel=3)
+    SKIPPED_SHARDS[path] = reason
 
 
 def interleave_shards(
-    shards: list[tuple[str, int]], rng: random.Random, open_shards: int, on_bad: str = "error"
+    shards: list[tuple[str, int]],
+    rng: random.Random,
+    open_shards: int,
+    on_bad: str = "error",
+    checksums: dict[str, str] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Samples of ``shards`` ((path, chunks) in reading order), drawn from up to
     ``open_shards`` open shards at a time, each draw weighted by the chunks a shard has left.
@@ -207,7 +248,8 @@ def interleave_shards(
     while pending or pool:
         while pending and len(pool) < open_shards:
             path, chunks = pending.popleft()
-            pool.append([tar_samples(path, on_bad), chunks])
+            sha = checksums.get(path) if checksums else None
+            pool.append([tar_samples(path, on_bad, sha), chunks])
         pick = rng.choices(range(len(pool)), weights=[max(1, left) for _, left in pool])[0]
         sample = next(pool[pick][0], None)
         if sample is None:
@@ -227,7 +269,12 @@ def mixture_weights(cfg: DataConfig, chunks: dict[str, int]) -> dict[str, float]
 
 
 def kingdom_cycle(
-    shards: list[tuple[str, int]], seed: int, kingdom: str, consumer: int, cfg: DataConfig
+    shards: list[tuple[str, int]],
+    seed: int,
+    kingdom: str,
+    consumer: int,
+    cfg: DataConfig,
+    checksums: dict[str, str] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Endless samples of one kingdom's shards, reshuffled every pass."""
     cycle = 0
@@ -236,7 +283,7 @@ def kingdom_cycle(
         rng = _rng(seed, "kingdom", kingdom, cycle, consumer)
         rng.shuffle(order)
         read = 0
-        for sample in interleave_shards(order, rng, cfg.open_shards, cfg.on_bad_shard):
+        for sample in interleave_shards(order, rng, cfg.open_shards, cfg.on_bad_shard, checksums):
             read += 1
             yield sample
         if not read:
@@ -265,6 +312,7 @@ class WindowStream(IterableDataset):
         shard_kingdom: dict[str, str] | None = None,
         kingdom_chunks: dict[str, int] | None = None,
         grad_accum: int = 1,
+        checksums: dict[str, str] | None = None,
     ) -> None:
         self.grad_accum = grad_accum
         self.shards = shards
@@ -279,6 +327,7 @@ class WindowStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.skip_batches = skip_batches
+        self.checksums = checksums
 
     def consumer(self) -> tuple[int, int]:
         """(consumer index, number of consumers) of the calling DataLoader worker.
@@ -312,7 +361,9 @@ class WindowStream(IterableDataset):
             _rng(self.seed, "shards", epoch, consumer).shuffle(order)
             crop_rng = _rng(self.seed, "crop", epoch, consumer)
             if cfg.mixture == "natural":
-                samples = interleave_shards(order, crop_rng, cfg.open_shards, cfg.on_bad_shard)
+                samples = interleave_shards(
+                    order, crop_rng, cfg.open_shards, cfg.on_bad_shard, self.checksums
+                )
             else:  # endless: one "epoch" of the mixed stream
                 samples = self.mixed(shards, consumer, crop_rng)
             rc_rng = _rng(self.seed, "rc", epoch, consumer)  # its own stream: crops unchanged
@@ -377,7 +428,10 @@ class WindowStream(IterableDataset):
             by_kingdom.setdefault(self.shard_kingdom[path], []).append((path, chunks))
         weights = mixture_weights(self.cfg, self.kingdom_chunks)
         names = sorted(k for k in by_kingdom if k in weights)
-        streams = {k: kingdom_cycle(by_kingdom[k], self.seed, k, consumer, self.cfg) for k in names}
+        streams = {
+            k: kingdom_cycle(by_kingdom[k], self.seed, k, consumer, self.cfg, self.checksums)
+            for k in names
+        }
         probs = [weights[k] for k in names]
         while True:
             yield next(streams[rng.choices(names, weights=probs)[0]])
@@ -520,6 +574,9 @@ class TrainLoader:
             shard_kingdom=self.shard_kingdom,
             kingdom_chunks=self.kingdom_chunks,
             grad_accum=self.grad_accum,
+            checksums=shard_checksums(self.cfg.shards, self.manifest)
+            if self.cfg.verify_shards
+            else None,
         )
         loader = DataLoader(
             stream,
@@ -581,13 +638,15 @@ def validation_windows(
     so the cost is bounded whatever the size of the validation split. Deterministic in seed.
     """
     manifest = load_manifest(cfg.shards)
+    checksums = shard_checksums(cfg.shards, manifest) if cfg.verify_shards else None
     kingdoms = tuple(sorted(cfg.kingdoms or manifest["kingdoms"]))
     rows: list[np.ndarray] = []
     labels: list[int] = []
     for index, kingdom in enumerate(kingdoms):
         chunks: list[bytes] = []
         for path, _ in shard_paths(cfg.shards, manifest, "val", [kingdom]):
-            for sample in tar_samples(path, on_bad="strict"):
+            sha = checksums.get(path) if checksums else None
+            for sample in tar_samples(path, on_bad="strict", sha256=sha):
                 chunks.append(sample["seq"])
                 if len(chunks) >= per_kingdom:
                     break

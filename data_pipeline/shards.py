@@ -739,6 +739,16 @@ def shard_paths(
     return [(path, chunks) for _, path, chunks in sorted(ranked)]
 
 
+def shard_checksums(shard_dir: str | Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """{shard path (as ``shard_paths`` gives it): SHA-256 from the manifest}."""
+    return {
+        str(Path(shard_dir) / shard["path"]): shard["sha256"]
+        for splits in manifest["kingdoms"].values()
+        for entry in splits.values()
+        for shard in entry["shards"]
+    }
+
+
 def verify_shards(shard_dir: str | Path) -> list[str]:
     """Problems found by re-hashing every shard against the manifest (empty when all good)."""
     manifest = load_manifest(shard_dir)

@@ -20,8 +20,10 @@ checkpoints hold), so a crafted pickle in a run directory is refused, not execut
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import os
 import pickle
 import re
 import shutil
@@ -192,8 +194,11 @@ def save_checkpoint(
     on_main(lambda: shutil.rmtree(root / tag, ignore_errors=True), is_main)
     try:  # a failed save has no COMPLETE: it is never resumed from, and removed next time
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
-    except OSError as err:
-        if err.filename is None:  # a write (disk full): name where it went
+    except (OSError, RuntimeError) as err:
+        # torch.save reports a full disk as a RuntimeError ("iostream error"); say what it is
+        if _disk_full(root):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(root / tag)) from err
+        if isinstance(err, OSError) and err.filename is None:  # name where the write went
             raise OSError(err.errno, err.strerror, str(root / tag)) from err
         raise
     _barrier()
@@ -216,6 +221,14 @@ def save_checkpoint(
 
     on_main(mark_and_prune, is_main)
     return root / tag
+
+
+def _disk_full(folder: Path, slack: int = 1 << 20) -> bool:
+    """Whether the file system holding ``folder`` has (almost) no space left."""
+    try:
+        return shutil.disk_usage(folder).free < slack
+    except OSError:
+        return False
 
 
 def load_checkpoint(engine: Any, ckpt_dir: str | Path, tag: str) -> dict[str, Any]:

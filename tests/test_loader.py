@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from data_pipeline.loader import (
+    BadShardError,
     DataConfig,
     NoWindowsError,
     TrainLoader,
@@ -268,7 +269,8 @@ def test_bad_shards_can_be_skipped_and_are_counted(tmp_path, four_kingdom_shards
         batches = _take(TrainLoader(cfg, CharTokenizer(), 16, 0), 60)
     assert bad in SKIPPED_SHARDS
     assert batches[-1].aux[SKIPPED_KEY].tolist() == [0, len(SKIPPED_SHARDS)]
-    assert len({int(k) for b in batches for k in b.kingdom}) == 4  # the rest still flows
+    # the other kingdoms still flow; the corrupt shard (its kingdom's only one) is refused whole
+    assert len({int(k) for b in batches for k in b.kingdom}) == 3
 
 
 def test_seq_len_warmup_stages_by_optimizer_step():
@@ -376,3 +378,20 @@ def test_a_data_worker_dies_with_its_trainer(tmp_path):
         if alive[mode]:
             os.kill(child, signal.SIGKILL)
     assert alive == {"on": False, "off": True}  # without it the busy child runs on
+
+
+def test_a_shard_with_altered_bytes_is_refused_not_trained_on(tmp_path, four_kingdom_shards):
+    """Bytes flipped inside a sequence leave the tar readable: only the manifest's checksum
+    tells, and the loader checks it before reading."""
+    shards = tmp_path / "shards"
+    shutil.copytree(four_kingdom_shards, shards)
+    tar = sorted((shards / "fungi").glob("train-*.tar"))[0]
+    data = bytearray(tar.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0x20 for b in data[middle : middle + 64])
+    tar.write_bytes(bytes(data))
+    cfg = DataConfig(str(shards), seq_len=256, num_workers=0, shuffle_buffer=8)
+    with pytest.raises(BadShardError, match=r"fungi/train-000000\.tar is unreadable.*SHA-256"):
+        _take(TrainLoader(cfg, CharTokenizer(), 16, 0), 60)
+    trusting = DataConfig(str(shards), seq_len=256, num_workers=0, verify_shards=False)
+    assert len(_take(TrainLoader(trusting, CharTokenizer(), 16, 0), 5)) == 5  # it would train
