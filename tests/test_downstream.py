@@ -210,81 +210,72 @@ def test_genomic_benchmarks_intervals_read_minus_strand_and_name_bad_rows(tmp_pa
         load_task(root)
 
 
-def test_genomic_benchmarks_reference_is_downloaded_once_from_its_url(tmp_path):
+@pytest.fixture
+def file_server(tmp_path):
+    """(folder, base URL): a loopback HTTP server of the files put in ``folder``."""
     import functools
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     served = tmp_path / "served"
     served.mkdir()
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=served))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield served, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_genomic_benchmarks_reference_is_downloaded_once_from_its_url(tmp_path, file_server):
+    served, base = file_server
     with gzip.open(served / "genome.fa.gz", "wt") as fh:
         fh.write(">1\nAACCGGTTACGTACGT\n>2\nGGGGCCCC\n")
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=served))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/genome.fa.gz"
-        root = tmp_path / "human_toy"
-        for split in ("train", "test"):
-            (root / split).mkdir(parents=True)
-            for cls, row in {"positive": "0,chr1,0,4,+", "negative": "0,chr2,0,4,+"}.items():
-                with gzip.open(root / split / f"{cls}.csv.gz", "wt") as fh:
-                    fh.write(f"id,region,start,end,strand\n{row}\n")
-        spec = f"{{type: fa.gz, url: '{url}', extra_processing: ENSEMBL_HUMAN_GENOME}}"
-        (root / "metadata.yaml").write_text(
-            f"version: 0\nclasses:\n  positive: {spec}\n  negative: {spec}\n"
-        )
-        refs = tmp_path / "refs"
-        task = load_task(root, references=refs)  # region names get Ensembl's "chr" prefix
-        assert (refs / "genome.fa.gz").is_file()
-        train = dict(
-            zip(task.splits["train"].labels.tolist(), task.splits["train"].sequences, strict=True)
-        )
-        assert train == {
-            task.classes.index("positive"): b"AACC",
-            task.classes.index("negative"): b"GGGG",
-        }
-    finally:
-        server.shutdown()
-    assert load_task(root, references=refs).classes == ["negative", "positive"]  # no server now
+    url = f"{base}/genome.fa.gz"
+    root = tmp_path / "human_toy"
+    for split in ("train", "test"):
+        (root / split).mkdir(parents=True)
+        for cls, row in {"positive": "0,chr1,0,4,+", "negative": "0,chr2,0,4,+"}.items():
+            with gzip.open(root / split / f"{cls}.csv.gz", "wt") as fh:
+                fh.write(f"id,region,start,end,strand\n{row}\n")
+    spec = f"{{type: fa.gz, url: '{url}', extra_processing: ENSEMBL_HUMAN_GENOME}}"
+    (root / "metadata.yaml").write_text(
+        f"version: 0\nclasses:\n  positive: {spec}\n  negative: {spec}\n"
+    )
+    refs = tmp_path / "refs"
+    task = load_task(root, references=refs)  # region names get Ensembl's "chr" prefix
+    assert (refs / "genome.fa.gz").is_file()
+    train = dict(
+        zip(task.splits["train"].labels.tolist(), task.splits["train"].sequences, strict=True)
+    )
+    assert train == {
+        task.classes.index("positive"): b"AACC",
+        task.classes.index("negative"): b"GGGG",
+    }
+    (served / "genome.fa.gz").unlink()  # no longer served: the kept copy is used
+    assert load_task(root, references=refs).classes == ["negative", "positive"]
 
 
-def test_a_corrupt_reference_download_is_refused_and_not_kept(tmp_path):
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-    served = tmp_path / "served"
-    served.mkdir()
+def test_a_corrupt_reference_download_is_refused_and_not_kept(tmp_path, file_server):
+    served, base = file_server
     whole = gzip.compress(b">1\nAACCGGTTACGTACGT\n" * 200)
     (served / "genome.fa.gz").write_bytes(whole[: len(whole) // 2])  # truncated upstream
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=served))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/genome.fa.gz"
-        root = tmp_path / "toy"
-        for split in ("train", "test"):
-            (root / split).mkdir(parents=True)
-            with gzip.open(root / split / "positive.csv.gz", "wt") as fh:
-                fh.write("id,region,start,end,strand\n0,1,0,4,+\n")
-        (root / "metadata.yaml").write_text(
-            f"version: 0\nclasses:\n  positive: {{type: fa.gz, url: '{url}'}}\n"
-        )
-        refs = tmp_path / "refs"
-        with pytest.raises(TaskError, match="corrupt or truncated gzip"):
-            load_task(root, references=refs)
-        assert not list(refs.iterdir())  # nothing half-downloaded is kept
-    finally:
-        server.shutdown()
+    url = f"{base}/genome.fa.gz"
+    root = tmp_path / "toy"
+    for split in ("train", "test"):
+        (root / split).mkdir(parents=True)
+        with gzip.open(root / split / "positive.csv.gz", "wt") as fh:
+            fh.write("id,region,start,end,strand\n0,1,0,4,+\n")
+    (root / "metadata.yaml").write_text(
+        f"version: 0\nclasses:\n  positive: {{type: fa.gz, url: '{url}'}}\n"
+    )
+    refs = tmp_path / "refs"
+    with pytest.raises(TaskError, match="corrupt or truncated gzip"):
+        load_task(root, references=refs)
+    assert not list(refs.iterdir())  # nothing half-downloaded is kept
 
 
 def test_nucleotide_transformer_parquet_and_bad_sequences(tmp_path):
