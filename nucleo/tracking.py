@@ -78,8 +78,9 @@ class Tracker:
     Every call only queues its work; one background thread talks to the store, in order.
     When the store is unreachable the thread keeps the queue (metrics up to
     ``MAX_BUFFERED``), says so once, and retries with a growing pause (5 s to 2 min) until it
-    answers again; training never waits on it, except at ``start`` and ``end`` for at most
-    ``tracking.timeout`` seconds each.
+    answers again. Training waits on it only at ``start`` and ``end`` (at most
+    ``tracking.timeout`` seconds each) and at a checkpoint's ``flush`` (at most 3 s, and not
+    at all once the store is known to be down).
     """
 
     MAX_BUFFERED = 200_000  # metrics held while the store is down (then the oldest go)
@@ -164,19 +165,24 @@ class Tracker:
         path = str(path)
         self._queue("artifact", lambda: self._client.log_artifact(self.run_id, path, artifact_path))
 
-    def flush(self, timeout: float = 10.0) -> None:
-        """Let the thread send what is queued; wait up to ``timeout`` s, not at all while the
-        store is down (it stays queued)."""
+    def flush(self, timeout: float = 3.0) -> None:
+        """Wait up to ``timeout`` s for the thread to send what is queued; not at all while the
+        store is known to be down (it stays queued and is sent when the store answers)."""
         if self.active and self._down is None:
             self.wait(timeout)
 
     def end(self, status: str = "FINISHED") -> None:
-        """Send what is queued and mark the run ended, waiting up to ``tracking.timeout`` s;
-        what the store did not take by then is reported, not waited for."""
+        """Send what is queued and mark the run ended, waiting up to ``tracking.timeout`` s
+        (2 s for a run that failed while the store is down); what the store did not take by
+        then is reported, not waited for."""
         if not self.active or self._thread is None:
             return
         self._queue("end", lambda: self._client.set_terminated(self.run_id, status=status))
-        done = self.wait(self.cfg.timeout)
+        # a run that failed while the store is down does not wait long for it
+        patience = self.cfg.timeout
+        if status != "FINISHED" and self._down:
+            patience = min(patience, 2.0)
+        done = self.wait(patience)
         with self._cond:
             self._closing = True
             left = len(self._ops) + len(self._metrics)
@@ -184,7 +190,7 @@ class Tracker:
         if not done:
             self._say(
                 f"warning: MLflow store {self.uri} did not take the run's last "
-                f"{left} record(s) (metrics, tags, its end) in {self.cfg.timeout:.0f} s: they "
+                f"{left} record(s) (metrics, tags, its end) in {patience:.0f} s: they "
                 "are lost; the checkpoints and summary.json hold the run"
             )
 
@@ -255,8 +261,9 @@ class Tracker:
                     self._cond.notify_all()
                 if self._down is None:
                     self._down = _brief(err)
+                    what = "cannot write: its disk is full" if _disk_full(err) else "unreachable"
                     self._say(
-                        f"warning: MLflow store {self.uri} unreachable ({self._down}); "
+                        f"warning: MLflow store {self.uri} {what} ({self._down}); "
                         "training goes on, metrics are kept and sent when it answers "
                         "(retrying with a growing pause)"
                     )
@@ -312,6 +319,12 @@ def _permanent(err: Exception) -> bool:
     """An error that retrying cannot fix (a value the store rejects), not an outage."""
     code = str(getattr(err, "error_code", ""))
     return any(c in code for c in ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"))
+
+
+def _disk_full(err: Exception) -> bool:
+    """Whether ``err`` (from SQLite, the file system or a server) says no space is left."""
+    text = str(err).lower()
+    return any(k in text for k in ("disk is full", "no space left", "disk full", "enospc"))
 
 
 def _brief(err: Exception) -> str:

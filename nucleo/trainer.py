@@ -419,8 +419,7 @@ class Trainer:
         self.progress.pause()
         self.last_val = val = self.validator(self.engine, self.model)
         self.val_seconds += val.get("val/seconds", 0.0)
-        self.tracker.log_metrics(val, self.state.step)
-        self.tracker.flush()
+        self.tracker.log_metrics(val, self.state.step)  # sent at once, in the background
         if val:
             per_kingdom = " ".join(
                 f"{k.rsplit('/', 1)[1]} {v:.3f}"
@@ -453,7 +452,9 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "config": self.cfg.to_dict(),
         }
-        self.tracker.flush()  # metrics up to this step are in the store before it is saved
+        # metrics up to this step reach the store before it is saved (a healthy store takes
+        # them in milliseconds; a hung one costs this wait once, then it is known to be down)
+        self.tracker.flush(timeout=3.0)
         config_text = self.config_yaml.read_text() if self.dist.is_main else ""
         path = save_checkpoint(
             self.engine, self.ckpt_dir, self.state.step, client, config_text,

@@ -4,7 +4,8 @@ device (one decision, as in nucleo.device) and the ``gpu`` marker."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from architectures.kernels import Kernel, load
 from data_pipeline.readers import read_sequences
 from data_pipeline.shards import ShardOptions, SourceFile, build_shards, read_sources_tsv
 from data_pipeline.tokenizers import CharTokenizer
+from experiments.fault_suite import mount_tmpfs
 from nucleo.device import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +61,24 @@ def loaded_or_fail(kernel: Kernel):
 
 def sample_file(relative: str) -> Path:
     return SAMPLE / relative
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[str], Path | None]]:
+    """``small_disk("1m")``: a folder on a tmpfs of that size (a disk that really fills), or
+    None where the machine allows no mount; unmounted after the test."""
+    mounted: list[Path] = []
+
+    def make(size: str) -> Path | None:
+        folder = tmp_path / f"disk-{len(mounted)}"
+        if not mount_tmpfs(folder, size):
+            return None
+        mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", "--lazy", str(folder)], check=False)  # files may be open
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ are one line on stderr and the command goes on.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
 import subprocess
@@ -178,22 +177,14 @@ def test_a_bad_validation_shard_does_not_suggest_skipping(tmp_path):
     assert "unreadable" in str(err.value) and "on_bad_shard" not in str(err.value)
 
 
-def _mount_tmpfs(folder: Path, size: str) -> bool:
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        return False
-    folder.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                          capture_output=True)  # fmt: skip
-    return done.returncode == 0
-
-
-def test_a_full_disk_is_one_line_and_leaves_nothing_partial(tmp_path):
+def test_a_full_disk_is_one_line_and_leaves_nothing_partial(tmp_path, small_disk):
     """Shards onto a 1 MB tmpfs (a real ENOSPC) where the machine allows a mount, else under a
     file-size limit (EFBIG): one line naming the file, exit 2, no partial folder left."""
-    disk = tmp_path / "disk"
-    mounted = _mount_tmpfs(disk, "1m")
-    if not mounted:
-        disk.mkdir(exist_ok=True)
+    disk = small_disk("1m")
+    mounted = disk is not None
+    if disk is None:
+        disk = tmp_path / "disk"
+        disk.mkdir()
     genome = sample_file("bacteria/E_coli_536.fna.xz")
     cmd = [sys.executable, "-m", "nucleo", "data", "build", "--input", f"bacteria={genome}",
            "--out", str(disk / "s")]  # fmt: skip
@@ -201,14 +192,10 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_partial(tmp_path):
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
-    try:
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                             preexec_fn=None if mounted else limit)  # fmt: skip
-        lines = [x for x in out.stderr.splitlines() if x.startswith("nucleo:")]
-        assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
-        want = "no space left on device (free some space" if mounted else "file too large"
-        assert str(disk) in lines[0] and want in lines[0], lines[0]
-        assert list(disk.iterdir()) == []  # no shards.partial-* left behind
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(disk)], check=False)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         preexec_fn=None if mounted else limit)  # fmt: skip
+    lines = [x for x in out.stderr.splitlines() if x.startswith("nucleo:")]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+    want = "no space left on device (free some space" if mounted else "file too large"
+    assert str(disk) in lines[0] and want in lines[0], lines[0]
+    assert list(disk.iterdir()) == []  # no shards.partial-* left behind

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -188,6 +189,28 @@ def test_metrics_logged_while_a_batch_is_in_flight_are_sent_too(tmp_path):
     tracker.end()
     history = MlflowClient(tracking_uri=tracker.uri).get_metric_history(run_id, "a")
     assert sorted(m.step for m in history) == [0, 1, 2, 3]
+
+
+def test_a_store_on_a_full_disk_is_named_so_and_a_failed_run_does_not_wait_for_it(
+    tmp_path, small_disk, capsys
+):
+    """The run directory (and its SQLite store) on a disk that fills: the warning says the
+    disk is full, not that the store is unreachable, and the failing run ends in seconds."""
+    disk = small_disk("2m")
+    if disk is None:
+        pytest.skip("needs a tmpfs mount (root)")
+    tracker = Tracker(TrackingConfig(timeout=20), disk, enabled=True)
+    assert tracker.start("r", None, {})
+    (disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(disk).free - 4096))
+    for step in range(2000):
+        tracker.log_metrics({f"m{i}": float(i) for i in range(20)}, step)
+    deadline = time.monotonic() + 20
+    while "MLflow store" not in (err := capsys.readouterr().err) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "cannot write: its disk is full" in err and "unreachable" not in err, err
+    started = time.monotonic()
+    tracker.end("FAILED")
+    assert time.monotonic() - started < 5
 
 
 def test_resuming_a_run_missing_from_the_store_opens_a_linked_new_run(tmp_path):
