@@ -331,7 +331,10 @@ def tracking_outage(shards: Path, work: Path, reference: dict) -> Row:
     server = _server(store, port)
     uri = f"http://127.0.0.1:{port}"
     try:
-        run = Run.start(pretrain_args(shards, work / "runs", "outage", "tracking.enabled=true"),
+        # the run ends while the server restarts (~10 s, more on a loaded machine): its end
+        # may wait up to tracking.timeout for the store
+        run = Run.start(pretrain_args(shards, work / "runs", "outage", "tracking.enabled=true",
+                                      "tracking.timeout=90"),
                         env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
         while not any(line.startswith("step 20/") for line in run.lines):
             if run.proc.poll() is not None:

@@ -108,6 +108,7 @@ class Tracker:
         self._sending = 0  # metrics in the batch being sent (more may arrive meanwhile)
         self._down: str | None = None  # why the store is unreachable, while it is
         self._closing = False
+        self._ending = False  # end() is waiting for the queue
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ public, all non-blocking
@@ -177,6 +178,7 @@ class Tracker:
         then is reported, not waited for."""
         if not self.active or self._thread is None:
             return
+        self._ending = True
         self._queue("end", lambda: self._client.set_terminated(self.run_id, status=status))
         # a run that failed while the store is down does not wait long for it
         patience = self.cfg.timeout
@@ -270,7 +272,8 @@ class Tracker:
                 with self._cond:
                     if self._closing:
                         return
-                    self._cond.wait(pause)
+                    # while end() waits for the store, try it every 2 s
+                    self._cond.wait(min(pause, 2.0) if self._ending else pause)
                 pause = min(120.0, pause * 2)
                 continue
             self._done(kind)

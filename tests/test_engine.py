@@ -147,7 +147,7 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
 
 
 def test_a_store_failing_mid_run_keeps_the_metrics_and_sends_them_when_it_is_back(tmp_path, capsys):
-    tracker = Tracker(TrackingConfig(timeout=5), tmp_path, enabled=True)
+    tracker = Tracker(TrackingConfig(timeout=15), tmp_path, enabled=True)
     run_id = tracker.start("r", None, {})
     tracker.log_metrics({"a": 0.0}, 0)
     tracker.flush()
@@ -160,9 +160,15 @@ def test_a_store_failing_mid_run_keeps_the_metrics_and_sends_them_when_it_is_bac
     deadline = time.monotonic() + 10
     while "unreachable" not in capsys.readouterr().err and time.monotonic() < deadline:
         time.sleep(0.1)  # the thread has noticed
-    db.rmdir()
-    (tmp_path / "away.db").rename(db)  # and comes back
+
+    def come_back() -> None:
+        db.rmdir()
+        (tmp_path / "away.db").rename(db)
+
+    threading.Timer(3.0, come_back).start()  # back only while the run's end waits for it
+    started = time.monotonic()
     tracker.end()
+    assert time.monotonic() - started < 8  # retried every 2 s meanwhile, not after minutes
     history = MlflowClient(tracking_uri=tracker.uri).get_metric_history(run_id, "a")
     assert sorted(m.step for m in history) == [0, 1, 2, 3]
     assert "answers again" in capsys.readouterr().err
