@@ -10,7 +10,7 @@ installed)::
     h_t  = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t        h: [b, d, n], h_{-1} = 0
     y_t  = sum_n C_t h_t + D * u_t,    then y = y * silu(z)
 
-Three entry points:
+Four entry points:
 
 - ``selective_scan``: the fast pure-PyTorch path. The sequence is cut into chunks of ``chunk``
   positions; a chunk's states (laid out [T, b, n, d]) come from a work-efficient (Blelloch)
@@ -19,8 +19,12 @@ Three entry points:
   and the state at each chunk start; backward recomputes a chunk's states and runs the reverse
   scan for the state gradient chunk by chunk from the last one, like the CUDA kernel. Memory
   is O(b d L + b d n (T + L / T)) instead of the O(b d n L) of autograd through a loop.
+- ``selective_scan_compiled``: the recurrence in compiled C++ (``csrc/selective_scan.cpp``,
+  built at first use by ``architectures.cpu_ops``): sequential over positions, vectorised over
+  channels, states recomputed chunk by chunk in backward. 2-2.5x the chunked path in models.
 - ``selective_scan_reference``: a plain loop over positions, for tests and benchmarks.
-- ``scan``: mamba-ssm's CUDA kernel on CUDA tensors when it is installed, else ``selective_scan``.
+- ``scan``: mamba-ssm's CUDA kernel on CUDA tensors when it is installed; on CPU the compiled
+  op (unless ``kernels="off"`` or it cannot be built); else ``selective_scan``.
 
 Computation is in float32 (float64 when u is float64); the output has u's dtype.
 """
@@ -28,11 +32,13 @@ Computation is in float32 (float64 when u is float64); the output has u's dtype.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from architectures.cpu_ops import load_op
 from architectures.kernels import SELECTIVE_SCAN, use
 
 log = logging.getLogger("nucleo")
@@ -299,6 +305,120 @@ def selective_scan(
     return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
 
 
+def compiled_blocks(d: int, n: int) -> tuple[int, int]:
+    """(chunk, channels per task) for the compiled CPU scan: a task's recomputed states
+    [chunk + 1, n, channels] stay within about 512 KB in backward. Measured (b 8, d 256,
+    n 16, L 256, one thread): 256 channels and 32 positions are best, 64 x 64 is 1.3x slower."""
+    channels = min(d, 256)
+    chunk = max(16, min(256, 2**17 // max(1, n * channels)))
+    return chunk, channels
+
+
+class _CompiledScan(torch.autograd.Function):
+    """The selective scan with its recurrence in compiled C++ (``csrc/selective_scan.cpp``):
+    sequential over positions, vectorised over channels, states recomputed chunk by chunk in
+    backward (memory O(b d L + b d n L / chunk)). Softplus, D and the gate stay in PyTorch."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        op: Any,
+        u: Tensor,
+        delta: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Tensor | None,
+        z: Tensor | None,
+        delta_bias: Tensor | None,
+        delta_softplus: bool,
+        blocks: tuple[int, int],
+    ) -> Tensor:
+        ct = _compute_dtype(u)
+        chunk, channels = blocks
+        uc = u.to(ct)
+        dt = _step_sizes(delta, delta_bias, delta_softplus, ct)
+        ins = (  # channels last: [b, L, d]; B, C: [b, L, n]; A: [n, d]
+            dt.transpose(1, 2).contiguous(),
+            uc.transpose(1, 2).contiguous(),
+            A.to(ct).t().contiguous(),
+            B.to(ct).transpose(1, 2).contiguous(),
+            C.to(ct).transpose(1, 2).contiguous(),
+        )
+        y_l, states = op.forward(*ins, chunk, channels)
+        y = y_l.transpose(1, 2)
+        if D is not None:
+            y = y.addcmul(D.to(ct)[:, None], uc)
+        out = y if z is None else F.silu(z.to(ct)).mul_(y)
+        ctx.save_for_backward(*ins, states, D, z, delta_bias, y if z is not None else None)
+        ctx.op, ctx.blocks, ctx.softplus = op, (chunk, channels), delta_softplus
+        ctx.dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype)
+        return out.to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, dout: Tensor) -> tuple[Tensor | None, ...]:
+        dt_l, x_l, At, B_l, C_l, states, D, z, delta_bias, y = ctx.saved_tensors
+        u_type, delta_type, A_type, B_type, C_type = ctx.dtypes
+        dy = dout.to(dt_l.dtype)
+        uc = x_l.transpose(1, 2)
+        dz = None
+        if z is not None:  # out = y * silu(z)
+            zc = z.to(dy.dtype)
+            sz = torch.sigmoid(zc)
+            dsilu = torch.sub(1, sz).mul_(zc).add_(1).mul_(sz)  # sz (1 + z (1 - sz))
+            dz = dsilu.mul_(dy).mul_(y).to(z.dtype)
+            dy = sz.mul_(zc).mul_(dy)
+        dD = None if D is None else (dy * uc).sum((0, 2)).to(D.dtype)
+        dy_l = dy.transpose(1, 2).contiguous()
+        ddt_l, dx_l, dAt, dB_l, dC_l = ctx.op.backward(
+            dt_l, x_l, At, B_l, C_l, states, dy_l, *ctx.blocks
+        )
+        du = dx_l.transpose(1, 2)
+        if D is not None:
+            du = du.addcmul(dy, D.to(dy.dtype)[:, None])
+        ddelta = ddt_l.transpose(1, 2)
+        if ctx.softplus:  # softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x))
+            ddelta = ddelta * torch.neg(dt_l).expm1_().neg_().transpose(1, 2)
+        dbias = None if delta_bias is None else ddelta.sum((0, 2)).to(delta_bias.dtype)
+        return (
+            None,
+            du.to(u_type),
+            ddelta.to(delta_type),
+            dAt.t().to(A_type),
+            dB_l.transpose(1, 2).to(B_type),
+            dC_l.transpose(1, 2).to(C_type),
+            dD,
+            dz,
+            dbias,
+            None,
+            None,
+        )
+
+
+def selective_scan_compiled(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    chunk: int | None = None,
+) -> Tensor | None:
+    """The selective scan through the compiled CPU op (same arguments and shapes as
+    ``selective_scan``), or None when the op cannot be built here (architectures.cpu_ops).
+    chunk: positions per recomputed chunk in backward (None: ``compiled_blocks``)."""
+    _check_shapes(u, delta, A, B, C, D, z)
+    op = load_op("selective_scan")
+    if op is None:
+        return None
+    best, channels = compiled_blocks(*A.shape)
+    blocks = (chunk or best, channels)
+    return _CompiledScan.apply(op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, blocks)
+
+
 def selective_scan_reference(
     u: Tensor,
     delta: Tensor,
@@ -342,7 +462,8 @@ def scan(
     kernels: str = "auto",
 ) -> Tensor:
     """Selective scan on the best backend: mamba-ssm's CUDA kernel for CUDA tensors under
-    ``kernels`` (architectures.kernels), else ``selective_scan``. Same arguments and shapes as
+    ``kernels`` (architectures.kernels), the compiled CPU op for CPU tensors unless
+    ``kernels="off"`` (architectures.cpu_ops), else ``selective_scan``. Same arguments and shapes as
     ``selective_scan``."""
     unsuitable = None
     if A.shape[1] > MAX_KERNEL_STATE:
@@ -350,4 +471,8 @@ def scan(
     kernel = use(SELECTIVE_SCAN, u.device, kernels, unsuitable)
     if kernel is not None:
         return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if u.device.type == "cpu" and kernels != "off":
+        y = selective_scan_compiled(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        if y is not None:
+            return y
     return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

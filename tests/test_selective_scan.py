@@ -9,8 +9,14 @@ import pytest
 import torch
 
 import architectures.selective_scan as ss
-from architectures import kernels
-from architectures.selective_scan import scan, selective_scan, selective_scan_reference
+from architectures import cpu_ops, kernels
+from architectures.cpu_ops import load_op, why_not
+from architectures.selective_scan import (
+    scan,
+    selective_scan,
+    selective_scan_compiled,
+    selective_scan_reference,
+)
 from tests.conftest import loaded_or_fail
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -61,7 +67,8 @@ def _run(fn, x: dict[str, torch.Tensor], use: set[str], softplus: bool, **kw) ->
 def _grads(y: torch.Tensor, x: dict[str, torch.Tensor], use: set[str]) -> dict[str, torch.Tensor]:
     names = [k for k in NAMES if k in use or k in ("u", "delta", "A", "B", "C")]
     seed = torch.Generator(device=y.device).manual_seed(1)
-    grad_out = torch.randn(y.shape, generator=seed, device=y.device, dtype=y.dtype)
+    grad_out = torch.randn(y.shape, generator=seed, device=y.device, dtype=torch.float64)
+    grad_out = grad_out.to(y.dtype)  # the same values whatever y's dtype
     grads = torch.autograd.grad(y, [x[k] for k in names], grad_out)
     return dict(zip(names, grads, strict=True))
 
@@ -142,15 +149,93 @@ def test_saves_no_per_position_states():
     assert sum(saved) < 6 * b * d * length + 2 * states // chunk
 
 
-def test_scan_on_cpu_uses_the_pure_pytorch_path(monkeypatch):
+def _compiled():
+    if load_op("selective_scan") is None:
+        pytest.fail(f"the compiled CPU scan did not build: {why_not('selective_scan')}")
+    return selective_scan_compiled
+
+
+@pytest.mark.parametrize("use, softplus", [(set(), False), (ALL, True), ({"z"}, True)])
+@pytest.mark.parametrize(
+    "b, d, n, length, chunk",
+    [(2, 5, 3, 37, 8), (1, 70, 4, 23, 7), (3, 130, 16, 65, None), (2, 8, 1, 1, None)],
+)
+def test_compiled_scan_matches_reference(use, softplus, b, d, n, length, chunk):
+    """Output and every gradient in fp32 within 1e-5 (of each tensor's largest value) of the
+    sequential reference run in float64: several channel blocks (d > 64, not a multiple of
+    the vector width), several chunks, one chunk, L = 1, n = 1. (Without softplus, negative
+    steps make states grow to ~1e5: hence a tolerance relative to the scale.)"""
+    x = _inputs(b=b, d=d, n=n, length=length, seed=d)
+    x64 = {k: v.detach().double().requires_grad_() for k, v in x.items()}
+    y = _run(_compiled(), x, use, softplus, chunk=chunk)
+    y_ref = _run(selective_scan_reference, x64, use, softplus)
+
+    def close(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+        scale = float(want.detach().abs().max())
+        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+    close(y, y_ref, "y")
+    grads, grads_ref = _grads(y, x, use), _grads(y_ref, x64, use)
+    for name, g in grads.items():
+        close(g, grads_ref[name], name)
+
+
+def test_compiled_scan_gradcheck_float64_and_large_steps():
+    x = _inputs(b=2, d=3, n=2, length=9, dtype=torch.float64)
+    names = list(NAMES)
+
+    def f(*tensors: torch.Tensor) -> torch.Tensor:
+        return _run(_compiled(), dict(zip(names, tensors, strict=True)), ALL, True, chunk=4)
+
+    assert torch.autograd.gradcheck(f, [x[k] for k in names])
+    big = _inputs(length=50, big_steps=True)
+    y = _run(_compiled(), big, ALL, True, chunk=16)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, _run(selective_scan_reference, big, ALL, True))
+
+
+def test_compiled_scan_takes_bf16_and_keeps_few_states():
+    x16 = {k: v.detach().bfloat16().requires_grad_() for k, v in _inputs(length=40).items()}
+    y16 = _run(_compiled(), x16, ALL, True)
+    assert y16.dtype == torch.bfloat16
+    assert all(g.dtype == torch.bfloat16 for g in _grads(y16, x16, ALL).values())
+    b, d, n, length, chunk = 2, 8, 4, 256, 32
+    x = _inputs(b=b, d=d, n=n, length=length)
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _run(_compiled(), x, ALL, True, chunk=chunk)
+    assert max(saved) <= b * d * length  # no [b, d, n, L] states
+    assert sum(saved) < 7 * b * d * length + 2 * b * d * n * length // chunk
+
+
+def test_scan_on_cpu_uses_the_compiled_op_unless_kernels_are_off(monkeypatch):
     for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.selective_scan_interface"):
         monkeypatch.setitem(sys.modules, name, None)  # any import of it would fail
     kernels.forget()
     x = _inputs(length=20)
-    torch.testing.assert_close(
-        _run(scan, x, ALL, True), _run(selective_scan, x, ALL, True), rtol=0, atol=0
-    )
-    assert "selective_scan" not in kernels._LOADED  # never even tried on CPU
+    compiled = _run(_compiled(), x, ALL, True)
+    torch.testing.assert_close(_run(scan, x, ALL, True), compiled, rtol=0, atol=0)
+    off = _run(scan, x, ALL, True, kernels="off")
+    torch.testing.assert_close(off, _run(selective_scan, x, ALL, True), rtol=0, atol=0)
+    assert "selective_scan" not in kernels._LOADED  # the CUDA kernel is never tried on CPU
+
+
+def test_without_a_compiler_the_pure_scan_runs_with_one_line(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_ops, "_LOADED", {})
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    monkeypatch.setattr(cpu_ops, "_cpu_tag", lambda: "nocompiler")  # not the cached build
+    x = _inputs(length=12)
+    with caplog.at_level("WARNING", logger="nucleo"):
+        y = _run(scan, x, ALL, True)
+        _run(scan, x, ALL, True)
+    torch.testing.assert_close(y, _run(selective_scan, x, ALL, True), rtol=0, atol=0)
+    lines = [r.getMessage() for r in caplog.records if "compiled CPU op" in r.getMessage()]
+    assert len(lines) == 1 and "pure-PyTorch" in lines[0], lines
 
 
 @pytest.mark.gpu
