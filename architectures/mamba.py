@@ -135,16 +135,24 @@ class MambaMixer(nn.Module):
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xz = self.in_proj(x).transpose(1, 2)  # [B, 2E, L]
-        u, z = xz.chunk(2, dim=1)
+    def forward(self, x: torch.Tensor, projected: bool = False) -> torch.Tensor:
+        """x [B, L, D] -> [B, L, D]; ``projected``: x is in_proj's output [B, L, 2E] and the
+        result is y [B, L, E] before out_proj (BiMamba shares both projections). A module
+        call either way, so that ZeRO-3 gathers this mixer's parameters."""
+        if projected:
+            return self.mix(x)
+        return self.out_proj(like_weights(self.mix(self.in_proj(x)), self.out_proj))
+
+    def mix(self, xz: torch.Tensor) -> torch.Tensor:
+        """The mixer between its projections: in_proj's output [B, L, 2E] -> y [B, L, E]."""
+        u, z = xz.transpose(1, 2).chunk(2, dim=1)  # [B, E, L] each
         weight, bias = self.conv_weight.to(u.dtype), self.conv_bias.to(u.dtype)
         u = F.silu(causal_depthwise_conv(u, weight, bias, self.kernels, self.conv_unsuitable))
         dt, B, C = self.x_proj(u.transpose(1, 2)).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1
         )
         delta = (dt @ self.dt_proj.weight.t().to(dt.dtype)).transpose(1, 2)  # [B, E, L]
-        with float32_region(x.device):
+        with float32_region(xz.device):
             y = scan(
                 u.float(),
                 delta.float(),
@@ -157,7 +165,7 @@ class MambaMixer(nn.Module):
                 delta_softplus=True,
                 kernels=self.kernels,
             )
-        return self.out_proj(like_weights(y.transpose(1, 2), self.out_proj))
+        return y.transpose(1, 2)
 
 
 class BiMamba(nn.Module):
@@ -173,7 +181,11 @@ class BiMamba(nn.Module):
         self.out_proj = self.forward_mixer.out_proj  # for the residual-projection init
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_mixer(x) + self.reverse_mixer(x.flip(1)).flip(1)
+        # the shared projections act per position, so each runs once for both directions:
+        # in_proj(flip x) = flip in_proj(x); out_proj(a) + flip out_proj(b) = out_proj(a + flip b)
+        xz = self.forward_mixer.in_proj(x)
+        y = self.forward_mixer(xz, True) + self.reverse_mixer(xz.flip(1), True).flip(1)
+        return self.out_proj(like_weights(y, self.out_proj))
 
 
 def mamba_mixer(cfg: MambaConfig, d_model: int) -> nn.Module:

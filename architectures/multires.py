@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from architectures.cpu_ops import load_op
 from architectures.layers import Block, LanguageModel, ModelConfig, float32_region, presets
 from nucleo.registry import ARCHITECTURES
 from nucleo.schema import check
@@ -68,11 +70,31 @@ class MultiresConfig(ModelConfig):
         return max(1, math.ceil(math.log2((self.max_len - 1) / (self.kernel_size - 1) + 1)))
 
 
+class _CompiledTree(torch.autograd.Function):
+    """The tree through the compiled CPU op (``csrc/multires_tree.cpp``): one pass per channel
+    row with its levels in cache; backward recomputes them. x [B, D, L], h0, h1 [D, K],
+    w [D, J + 2], all float32 or float64."""
+
+    @staticmethod
+    def forward(ctx, op: Any, x: Tensor, h0: Tensor, h1: Tensor, w: Tensor) -> Tensor:
+        ins = tuple(t.contiguous() for t in (x, h0, h1, w))
+        ctx.save_for_backward(*ins)
+        ctx.op = op
+        return op.forward(*ins)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
+        x, h0, h1, w = ctx.saved_tensors
+        gx, dh0, dh1, dw = ctx.op.backward(x, h0, h1, w, gy.contiguous())
+        return None, gx, dh0, dh1, dw
+
+
 class MultiresConv(nn.Module):
     """The multiresolution convolution with fading combination, [B, D, L] -> [B, D, L]."""
 
-    def __init__(self, d_model: int, kernel_size: int, depth: int) -> None:
+    def __init__(self, d_model: int, kernel_size: int, depth: int, kernels: str = "auto") -> None:
         super().__init__()
+        self.kernels = kernels
         self.depth = depth
         scale = math.sqrt(2.0 / (2 * kernel_size))
         self.h0 = nn.Parameter(torch.empty(d_model, 1, kernel_size).uniform_(-1, 1) * scale)
@@ -86,9 +108,15 @@ class MultiresConv(nn.Module):
         """x [B, D, L] in any dtype -> [B, D, L] in x's dtype; the tree runs in float32 (its
         J cascaded low-pass filters would compound bf16 rounding)."""
         with float32_region(x.device):
+            op = None
+            if x.device.type == "cpu" and self.kernels != "off":
+                op = load_op("multires_tree")
+            if op is not None:  # recomputes its levels in backward itself
+                h0, h1 = self.h0.float()[:, 0], self.h1.float()[:, 0]
+                y = _CompiledTree.apply(op, x.float(), h0, h1, self.w.float())
             # The tree's intermediates are ~2J activations; keep only x and recompute them in
             # backward (elementwise work, cheap next to the memory it saves at long L).
-            if torch.is_grad_enabled() and x.requires_grad:
+            elif torch.is_grad_enabled() and x.requires_grad:
                 y = checkpoint(self.tree, x.float(), use_reentrant=False)
             else:
                 y = self.tree(x.float())
@@ -133,7 +161,7 @@ class MultiresMixer(nn.Module):
 
     def __init__(self, cfg: MultiresConfig) -> None:
         super().__init__()
-        self.conv = MultiresConv(cfg.d_model, cfg.kernel_size, cfg.depth)
+        self.conv = MultiresConv(cfg.d_model, cfg.kernel_size, cfg.depth, cfg.kernels)
         self.drop = nn.Dropout(cfg.dropout)
         self.out_proj = nn.Linear(cfg.d_model, 2 * cfg.d_model)
 

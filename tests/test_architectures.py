@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from architectures.caduceus import conjoin, rc_logits
+from architectures.cpu_ops import load_op, why_not
 from architectures.hyena import HyenaRecurrence, hyena_recurrence_reference
 from architectures.kernels import CAUSAL_CONV1D, FLASH_ATTN, kernels_of
 from architectures.layers import POSITIONWISE_CHUNK, SIZES, causal_depthwise_conv
-from architectures.multires import MultiresConv
+from architectures.multires import MultiresConv, _CompiledTree
 from architectures.transformer import attention, attention_reference
 from data_pipeline.tokenizers import CharTokenizer
 from nucleo.alphabet import COMPLEMENT_IDS
@@ -223,6 +224,37 @@ def test_multires_shifted_taps_match_dilated_conv1d(width, depth, length):
     x = torch.randn(2, 4, length, dtype=torch.float64, requires_grad=True)
     torch.testing.assert_close(layer.tree(x), layer.reference(x))
     assert torch.autograd.gradcheck(layer.tree, (x,))
+
+
+@pytest.mark.parametrize("width,depth,length", [(2, 5, 40), (3, 3, 20), (2, 7, 30), (4, 2, 1)])
+def test_compiled_multires_tree_matches_dilated_conv1d(width, depth, length):
+    """The compiled CPU tree: output and the gradients of x, h0, h1 and w, float64 gradcheck
+    included; levels whose taps reach past the start; L = 1."""
+    op = load_op("multires_tree")
+    assert op is not None, why_not("multires_tree")
+    torch.manual_seed(0)
+    layer = MultiresConv(5, width, depth).double()
+    x = torch.randn(3, 5, length, dtype=torch.float64, requires_grad=True)
+    params = (layer.h0[:, 0], layer.h1[:, 0], layer.w)
+
+    def compiled(x: torch.Tensor, h0: torch.Tensor, h1: torch.Tensor, w: torch.Tensor):
+        return _CompiledTree.apply(op, x, h0, h1, w)
+
+    torch.testing.assert_close(compiled(x, *params), layer.reference(x))
+    assert torch.autograd.gradcheck(compiled, (x, *params))
+
+
+def test_multires_layer_uses_the_compiled_tree_on_cpu_unless_kernels_are_off():
+    torch.manual_seed(0)
+    layer = MultiresConv(8, 2, 4)
+    x = torch.randn(2, 8, 50, requires_grad=True)
+    fast, slow = layer(x), MultiresConv(8, 2, 4, kernels="off").requires_grad_(False)
+    slow.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(fast, slow(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, layer.tree(x), rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(fast.square().sum(), x)
+    (grad_ref,) = torch.autograd.grad(layer.tree(x).square().sum(), x)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("causal", [True, False])
