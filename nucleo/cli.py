@@ -116,10 +116,14 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from nucleo.engine import shutdown_distributed
     from nucleo.trainer import fit
 
     cfg = config_from_args(args)
-    fit(cfg, resume=args.resume)
+    try:
+        fit(cfg, resume=args.resume)
+    finally:
+        shutdown_distributed()
     return 0
 
 

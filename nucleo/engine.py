@@ -226,6 +226,15 @@ def setup_distributed(cfg: EngineConfig) -> DistInfo:
     )
 
 
+def shutdown_distributed() -> None:
+    """Tear down the process group before the interpreter exits: left to exit-time
+    destructors, gloo's threads can abort the process ("terminate called without an active
+    exception", exit code 6) after training has finished."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):  # a peer may already be gone
+            torch.distributed.destroy_process_group()
+
+
 def _agree_accelerator(device: torch.device) -> None:
     """Make DeepSpeed's accelerator the one for ``device``, even if DeepSpeed chose one
     before (it reads DS_ACCELERATOR once, at its first use)."""

@@ -20,7 +20,8 @@ layer type, for a batch of ``batch`` sequences of ``seq_len`` tokens:
 Elementwise work (norms, activations, gates, rotary) is not counted. Training compute is taken
 as 3 x forward (backward ~ 2 x forward), per backbone pass: a step that also runs the reverse
 complement strand (``rc``) pays twice. ``matmul``, ``attention``, ``conv`` and ``readout`` are
-what ``torch.utils.flop_counter`` sees; tests/test_flops.py holds the two to each other.
+what ``torch.utils.flop_counter`` sees in the pure-PyTorch paths (the compiled CPU scan hides
+its readout); tests/test_flops.py holds the two to each other.
 """
 
 from __future__ import annotations
@@ -94,7 +95,12 @@ def _mamba(m: MambaMixer, batch: int, length: int) -> Flops:
 
 
 def _bimamba(m: BiMamba, batch: int, length: int) -> Flops:
-    return _mamba(m.forward_mixer, batch, length) + _mamba(m.reverse_mixer, batch, length)
+    """Two mixers whose shared in_proj and out_proj run once for both directions."""
+    rows = batch * length
+    shared = _linear(m.forward_mixer.in_proj, rows) + _linear(m.out_proj, rows)
+    both = _mamba(m.forward_mixer, batch, length) + _mamba(m.reverse_mixer, batch, length)
+    both["matmul"] -= shared
+    return both
 
 
 def _multires(m: MultiresMixer, batch: int, length: int) -> Flops:

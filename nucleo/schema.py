@@ -64,6 +64,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return value
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("on" if value else "off") in choices:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as a bool
         if value not in choices:
             valid = ", ".join(repr(c) for c in choices)
             raise ConfigError(key, f"{value!r} is not valid; choose one of {valid}")

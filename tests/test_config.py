@@ -94,6 +94,13 @@ def test_errors_from_a_file_name_the_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_a_bare_off_is_the_word_not_false():
+    """YAML 1.1 reads `off` as False: `--set model.kernels=off`, as the README writes it."""
+    assert load_config(arch="mamba", overrides=["model.kernels=off"]).model.kernels == "off"
+    with pytest.raises(ConfigError, match=r"model\.kernels"):
+        load_config(arch="mamba", overrides=["model.kernels=true"])  # no "on" to map to
+
+
 def test_malformed_override():
     with pytest.raises(ConfigError, match=r"key\.path=value"):
         load_config(overrides=["train.max_steps"])

@@ -33,7 +33,9 @@ FAMILIES = [
 
 
 def _model(arch: str, extra: list[str]) -> nn.Module:
-    cfg = load_config(arch=arch, overrides=[*SMALL, *extra])
+    """The pure-PyTorch paths (model.kernels=off): torch's counter cannot see into the
+    compiled CPU ops."""
+    cfg = load_config(arch=arch, overrides=[*SMALL, *extra, "model.kernels=off"])
     return build_model(cfg.arch, cfg.model, CharTokenizer()).eval()
 
 
