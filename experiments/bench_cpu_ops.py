@@ -114,7 +114,7 @@ def main() -> int:
     lines = [
         "# Compiled CPU ops",
         "",
-        f"- command: `python experiments/bench_cpu_ops.py {' '.join(sys.argv[1:])}`",
+        f"- command: `{' '.join(["python experiments/bench_cpu_ops.py", *sys.argv[1:]])}`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
         f"- machine: {machine}",
         f"- {args.rounds} rounds, interleaved, one configuration per process, one thread",
