@@ -111,10 +111,11 @@ def main() -> int:
     from experiments.machine import describe
 
     machine = ", ".join(f"{k}: {v}" for k, v in describe().items())
+    command = " ".join(["python experiments/bench_cpu_ops.py", *sys.argv[1:]])
     lines = [
         "# Compiled CPU ops",
         "",
-        f"- command: `{' '.join(["python experiments/bench_cpu_ops.py", *sys.argv[1:]])}`",
+        f"- command: `{command}`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
         f"- machine: {machine}",
         f"- {args.rounds} rounds, interleaved, one configuration per process, one thread",
