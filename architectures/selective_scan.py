@@ -133,6 +133,18 @@ def _scan_(
             x[T - 1].addcmul_(a[T - 1], x[T - 2])
 
 
+def _through_gate(dy: Tensor, z: Tensor | None, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Back through out = y * silu(z): (dL/dy, dL/dz in z's dtype), or (dy, None) without z.
+    dy: dL/dout in the compute dtype; y: the output before the gate."""
+    if z is None:
+        return dy, None
+    zc = z.to(dy.dtype)
+    sz = torch.sigmoid(zc)
+    dsilu = torch.sub(1, sz).mul_(zc).add_(1).mul_(sz)  # sz (1 + z (1 - sz))
+    dz = dsilu.mul_(dy).mul_(y).to(z.dtype)
+    return sz.mul_(zc).mul_(dy), dz
+
+
 def _chunks(length: int, chunk: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
 
@@ -214,13 +226,7 @@ class _SelectiveScan(torch.autograd.Function):
         (b, d, length), n = u.shape, A.shape[1]
         uc, dy = u.to(ct), dout.to(ct)
 
-        dz = None
-        if z is not None:  # out = y * silu(z)
-            zc = z.to(ct)
-            sz = torch.sigmoid(zc)
-            dsilu = torch.sub(1, sz).mul_(zc).add_(1).mul_(sz)  # sz (1 + z (1 - sz))
-            dz = dsilu.mul_(dy).mul_(y).to(z.dtype)
-            dy = sz.mul_(zc).mul_(dy)  # dL/dy before the gate
+        dy, dz = _through_gate(dy, z, y)
         dD = None if D is None else (dy * uc).sum((0, 2)).to(D.dtype)
 
         tm = _TimeMajor(
@@ -361,13 +367,7 @@ class _CompiledScan(torch.autograd.Function):
         u_type, delta_type, A_type, B_type, C_type = ctx.dtypes
         dy = dout.to(dt_l.dtype)
         uc = x_l.transpose(1, 2)
-        dz = None
-        if z is not None:  # out = y * silu(z)
-            zc = z.to(dy.dtype)
-            sz = torch.sigmoid(zc)
-            dsilu = torch.sub(1, sz).mul_(zc).add_(1).mul_(sz)  # sz (1 + z (1 - sz))
-            dz = dsilu.mul_(dy).mul_(y).to(z.dtype)
-            dy = sz.mul_(zc).mul_(dy)
+        dy, dz = _through_gate(dy, z, y)
         dD = None if D is None else (dy * uc).sum((0, 2)).to(D.dtype)
         dy_l = dy.transpose(1, 2).contiguous()
         ddt_l, dx_l, dAt, dB_l, dC_l = ctx.op.backward(

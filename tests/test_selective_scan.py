@@ -132,9 +132,8 @@ def test_bfloat16_inputs():
     )
 
 
-def test_saves_no_per_position_states():
-    """Backward keeps the inputs and one state per chunk, not the [b, d, n, L] states."""
-    b, d, n, length, chunk = 2, 8, 4, 256, 32
+def _saved_sizes(fn, b: int, d: int, n: int, length: int, chunk: int) -> list[int]:
+    """The element counts of the tensors ``fn`` saves for backward."""
     x = _inputs(b=b, d=d, n=n, length=length)
     saved: list[int] = []
 
@@ -143,7 +142,14 @@ def test_saves_no_per_position_states():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _run(selective_scan, x, ALL, True, chunk=chunk)
+        _run(fn, x, ALL, True, chunk=chunk)
+    return saved
+
+
+def test_saves_no_per_position_states():
+    """Backward keeps the inputs and one state per chunk, not the [b, d, n, L] states."""
+    b, d, n, length, chunk = 2, 8, 4, 256, 32
+    saved = _saved_sizes(selective_scan, b, d, n, length, chunk)
     states = b * d * n * length
     assert max(saved) <= max(b * d * length, states // chunk)
     assert sum(saved) < 6 * b * d * length + 2 * states // chunk
@@ -200,15 +206,7 @@ def test_compiled_scan_takes_bf16_and_keeps_few_states():
     assert y16.dtype == torch.bfloat16
     assert all(g.dtype == torch.bfloat16 for g in _grads(y16, x16, ALL).values())
     b, d, n, length, chunk = 2, 8, 4, 256, 32
-    x = _inputs(b=b, d=d, n=n, length=length)
-    saved: list[int] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _run(_compiled(), x, ALL, True, chunk=chunk)
+    saved = _saved_sizes(_compiled(), b, d, n, length, chunk)
     assert max(saved) <= b * d * length  # no [b, d, n, L] states
     assert sum(saved) < 7 * b * d * length + 2 * b * d * n * length // chunk
 
