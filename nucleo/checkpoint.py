@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import pickle
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 
+from data_pipeline.shards import sha256_file
 from nucleo.engine import on_main
 from nucleo.schema import check
 
@@ -79,12 +79,8 @@ def file_digests(tag_dir: Path) -> dict[str, dict[str, Any]]:
     """{relative path: {"bytes", "sha256"}} of every file of a checkpoint but its marker."""
     out = {}
     for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != COMPLETE):
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
         rel = str(path.relative_to(tag_dir))
-        out[rel] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+        out[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     return out
 
 

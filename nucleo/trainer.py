@@ -453,8 +453,8 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
         # metrics up to this step reach the store before it is saved (a healthy store takes
-        # them in milliseconds; a hung one costs this wait once, then it is known to be down)
-        self.tracker.flush(timeout=3.0)
+        # them in milliseconds; a hung one costs flush's wait once, then it is known down)
+        self.tracker.flush()
         config_text = self.config_yaml.read_text() if self.dist.is_main else ""
         path = save_checkpoint(
             self.engine, self.ckpt_dir, self.state.step, client, config_text,
