@@ -11,6 +11,13 @@ it is flip over both length and channels, rc(h) = flip_{L,C}(h). With RC paramet
   one set of weights for both strands; used for the BiMamba mixers and the RMSNorms.
 - RCPS LM head, tied to e: logits = h1 W^T + flip_C(h2) W[comp]^T.
 
+How it runs: the states travel strand-batched, s = [h1; flip_{L,C}(h2)] along the batch
+([2B, L, D/2]). Then the embedding is e applied to the batch [x; rc(x)], every RCPS layer is
+its layer applied once to s (rc is linear, so residual sums commute with it), and the halves
+meet only at the head: logits = s1 W^T + flip_L(s2 W[comp]^T), hidden = [s1, flip_{L,C}(s2)].
+No concatenation or flip inside the blocks: the model costs one width-D/2 BiMamba on 2B
+sequences.
+
 Without RCPS (``rcps: false``, Caduceus-PH), ``conjoin: true`` averages, in eval mode, the
 outputs on x and on rc(x) mapped back ("post-hoc conjoining"); ``conjoin`` (the function) does
 the same for any model. Caduceus is bidirectional: train it with masked-LM (``mlm``).
@@ -70,18 +77,16 @@ def rc_hidden(h: torch.Tensor) -> torch.Tensor:
 
 
 class RCPS(nn.Module):
-    """Apply ``layer`` ([B, L, D/2] -> [B, L, D/2], each sequence on its own) to both strands
-    with one set of weights, in one call on a batch of 2B (half the calls, larger matrices)."""
+    """``layer`` ([B, L, D/2] -> [B, L, D/2], each sequence on its own) shared by both strands.
+    It takes and gives strand-batched states [2B, L, D/2] (the module docstring): one call,
+    no copies."""
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         self.layer = layer
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        forward, reverse = h.chunk(2, dim=-1)
-        both = self.layer(torch.cat([forward, rc_hidden(reverse)], dim=0))
-        forward, reverse = both.chunk(2, dim=0)
-        return torch.cat([forward, rc_hidden(reverse)], -1)
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return self.layer(s)
 
 
 class RCPSBlock(nn.Module):
@@ -163,11 +168,10 @@ class Caduceus(LanguageModel):
                 return conjoin(super().forward, tokens, self.complement)
             return super().forward(tokens)
         with autocast_context(self.cfg.autocast, tokens.device):
-            e = self.embed
-            h = torch.cat([e(tokens), e(self.complement[tokens]).flip(-1)], dim=-1)
-            hidden = self.norm(self.run_blocks(h))
-            forward, reverse = hidden.chunk(2, dim=-1)
-            logits = F.linear(forward, e.weight) + F.linear(
-                reverse.flip(-1), e.weight[self.complement]
-            )
+            both = torch.cat([tokens, self.complement[tokens].flip(-1)])  # [x; rc(x)]
+            s = self.norm(self.run_blocks(self.embed(both)))  # strand-batched [2B, L, D/2]
+            forward, reverse = s.chunk(2, dim=0)
+            w = self.embed.weight
+            logits = F.linear(forward, w) + F.linear(reverse, w[self.complement]).flip(-2)
+            hidden = torch.cat([forward, rc_hidden(reverse)], dim=-1)
         return ModelOutput(hidden=hidden.float(), logits=logits.float())

@@ -35,7 +35,13 @@ from architectures.layers import (
     like_weights,
     presets,
 )
-from architectures.selective_scan import MAX_KERNEL_STATE, scan
+from architectures.selective_scan import (
+    MAX_KERNEL_STATE,
+    causal_conv_silu_rows,
+    compiled_op,
+    scan,
+    selective_scan_rows,
+)
 from nucleo.registry import ARCHITECTURES
 from nucleo.schema import check
 
@@ -135,16 +141,51 @@ class MambaMixer(nn.Module):
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def forward(self, x: torch.Tensor, projected: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, projected: bool = False, reverse: bool = False
+    ) -> torch.Tensor:
         """x [B, L, D] -> [B, L, D]; ``projected``: x is in_proj's output [B, L, 2E] and the
-        result is y [B, L, E] before out_proj (BiMamba shares both projections). A module
-        call either way, so that ZeRO-3 gathers this mixer's parameters."""
+        result is y [B, L, E] before out_proj (BiMamba shares both projections); ``reverse``:
+        read the sequence from the end (the result stays in position order). A module call
+        either way, so that ZeRO-3 gathers this mixer's parameters."""
         if projected:
-            return self.mix(x)
-        return self.out_proj(like_weights(self.mix(self.in_proj(x)), self.out_proj))
+            return self.mix(x, reverse)
+        return self.out_proj(like_weights(self.mix(self.in_proj(x), reverse), self.out_proj))
 
-    def mix(self, xz: torch.Tensor) -> torch.Tensor:
-        """The mixer between its projections: in_proj's output [B, L, 2E] -> y [B, L, E]."""
+    def mix(self, xz: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        """The mixer between its projections: in_proj's output [B, L, 2E] -> y [B, L, E].
+        On CPU, the compiled channels-last op (unless ``kernels: off``); else PyTorch."""
+        if xz.device.type == "cpu" and self.kernels != "off" and compiled_op() is not None:
+            return self._mix_compiled(xz, reverse)
+        if reverse:
+            return self._mix(xz.flip(1)).flip(1)
+        return self._mix(xz)
+
+    def _mix_compiled(self, xz: torch.Tensor, reverse: bool) -> torch.Tensor:
+        """``_mix`` through the compiled CPU op: channels last throughout, no transposes, no
+        flips; softplus, D and the gate inside the scan. [B, L, 2E] -> [B, L, E] float32."""
+        with float32_region(xz.device):
+            u, z = xz.float().chunk(2, dim=-1)  # [B, L, E] views
+            u = causal_conv_silu_rows(u, self.conv_weight, self.conv_bias, reverse)
+        dt, B, C = self.x_proj(like_weights(u, self.x_proj)).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1
+        )
+        delta = dt @ self.dt_proj.weight.t().to(dt.dtype)  # [B, L, E]
+        with float32_region(xz.device):
+            return selective_scan_rows(
+                u,
+                delta,
+                -torch.exp(self.A_log.float()),
+                B,
+                C,
+                self.D,
+                z,
+                delta_bias=self.dt_proj.bias,
+                delta_softplus=True,
+                reverse=reverse,
+            )
+
+    def _mix(self, xz: torch.Tensor) -> torch.Tensor:
         u, z = xz.transpose(1, 2).chunk(2, dim=1)  # [B, E, L] each
         weight, bias = self.conv_weight.to(u.dtype), self.conv_bias.to(u.dtype)
         u = F.silu(causal_depthwise_conv(u, weight, bias, self.kernels, self.conv_unsuitable))
@@ -184,7 +225,7 @@ class BiMamba(nn.Module):
         # the shared projections act per position, so each runs once for both directions:
         # in_proj(flip x) = flip in_proj(x); out_proj(a) + flip out_proj(b) = out_proj(a + flip b)
         xz = self.forward_mixer.in_proj(x)
-        y = self.forward_mixer(xz, True) + self.reverse_mixer(xz.flip(1), True).flip(1)
+        y = self.forward_mixer(xz, True) + self.reverse_mixer(xz, True, reverse=True)
         return self.out_proj(like_weights(y, self.out_proj))
 
 

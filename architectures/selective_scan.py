@@ -320,79 +320,105 @@ def compiled_blocks(d: int, n: int) -> tuple[int, int]:
     return chunk, channels
 
 
+def compiled_op() -> Any:
+    """The compiled CPU op of Mamba's mixer (``csrc/selective_scan.cpp``), or None when it
+    cannot be built here (architectures.cpu_ops says why, once)."""
+    return load_op("selective_scan")
+
+
+def _rows(t: Tensor) -> Tensor:
+    """t with its last dimension contiguous (what the compiled op reads), copied only if not."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _none_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(0) if t is None else t
+
+
 class _CompiledScan(torch.autograd.Function):
-    """The selective scan with its recurrence in compiled C++ (``csrc/selective_scan.cpp``):
-    sequential over positions, vectorised over channels, states recomputed chunk by chunk in
-    backward (memory O(b d L + b d n L / chunk)). Softplus, D and the gate stay in PyTorch."""
+    """The selective scan in compiled C++, channels last, with softplus, D and the gate fused:
+    x, delta, z [b, L, d]; At [n, d]; B, C [b, L, n]; all of one floating type. Sequential over
+    positions, vectorised over channels, states recomputed chunk by chunk in backward (memory
+    O(b d L + b d n L / chunk))."""
 
     @staticmethod
     def forward(
         ctx,
         op: Any,
-        u: Tensor,
+        x: Tensor,
         delta: Tensor,
-        A: Tensor,
+        At: Tensor,
         B: Tensor,
         C: Tensor,
         D: Tensor | None,
         z: Tensor | None,
         delta_bias: Tensor | None,
         delta_softplus: bool,
+        reverse: bool,
         blocks: tuple[int, int],
     ) -> Tensor:
-        ct = _compute_dtype(u)
-        chunk, channels = blocks
-        uc = u.to(ct)
-        dt = _step_sizes(delta, delta_bias, delta_softplus, ct)
-        ins = (  # channels last: [b, L, d]; B, C: [b, L, n]; A: [n, d]
-            dt.transpose(1, 2).contiguous(),
-            uc.transpose(1, 2).contiguous(),
-            A.to(ct).t().contiguous(),
-            B.to(ct).transpose(1, 2).contiguous(),
-            C.to(ct).transpose(1, 2).contiguous(),
-        )
-        y_l, states = op.forward(*ins, chunk, channels)
-        y = y_l.transpose(1, 2)
-        if D is not None:
-            y = y.addcmul(D.to(ct)[:, None], uc)
-        out = y if z is None else F.silu(z.to(ct)).mul_(y)
-        ctx.save_for_backward(*ins, states, D, z, delta_bias, y if z is not None else None)
-        ctx.op, ctx.blocks, ctx.softplus = op, (chunk, channels), delta_softplus
-        ctx.dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype)
-        return out.to(u.dtype)
+        ins = (delta, x, _none_empty(z, x), At, B, C, _none_empty(D, x), _none_empty(delta_bias, x))
+        settings = (delta_softplus, reverse, *blocks)
+        out, states = op.forward(*ins, *settings)
+        ctx.save_for_backward(*ins, states)
+        ctx.op, ctx.settings, ctx.given = op, settings, (D is not None, z is not None)
+        ctx.has_bias = delta_bias is not None
+        return out
 
     @staticmethod
     def backward(ctx, dout: Tensor) -> tuple[Tensor | None, ...]:
-        dt_l, x_l, At, B_l, C_l, states, D, z, delta_bias, y = ctx.saved_tensors
-        u_type, delta_type, A_type, B_type, C_type = ctx.dtypes
-        dy = dout.to(dt_l.dtype)
-        uc = x_l.transpose(1, 2)
-        dy, dz = _through_gate(dy, z, y)
-        dD = None if D is None else (dy * uc).sum((0, 2)).to(D.dtype)
-        dy_l = dy.transpose(1, 2).contiguous()
-        ddt_l, dx_l, dAt, dB_l, dC_l = ctx.op.backward(
-            dt_l, x_l, At, B_l, C_l, states, dy_l, *ctx.blocks
-        )
-        du = dx_l.transpose(1, 2)
-        if D is not None:
-            du = du.addcmul(dy, D.to(dy.dtype)[:, None])
-        ddelta = ddt_l.transpose(1, 2)
-        if ctx.softplus:  # softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x))
-            ddelta = ddelta * torch.neg(dt_l).expm1_().neg_().transpose(1, 2)
-        dbias = None if delta_bias is None else ddelta.sum((0, 2)).to(delta_bias.dtype)
+        *ins, states = ctx.saved_tensors
+        grads = ctx.op.backward(*ins, *ctx.settings, states, _rows(dout))
+        ddelta, dx, dz, dAt, dB, dC, dD, dbias = grads
+        has_D, has_z = ctx.given
         return (
             None,
-            du.to(u_type),
-            ddelta.to(delta_type),
-            dAt.t().to(A_type),
-            dB_l.transpose(1, 2).to(B_type),
-            dC_l.transpose(1, 2).to(C_type),
-            dD,
-            dz,
-            dbias,
+            dx,
+            ddelta,
+            dAt,
+            dB,
+            dC,
+            dD if has_D else None,
+            dz if has_z else None,
+            dbias if ctx.has_bias else None,
+            None,
             None,
             None,
         )
+
+
+def selective_scan_rows(
+    x: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    reverse: bool = False,
+    chunk: int | None = None,
+) -> Tensor | None:
+    """The selective scan through the compiled CPU op, channels last: x, delta, z [b, L, d]
+    (slices of a larger last dimension go in without copies), A [d, n], B, C [b, L, n],
+    D, delta_bias [d] -> y [b, L, d] in the compute dtype (float32, float64 for float64 x).
+    reverse: scan from the last position to the first (the same as flipping the inputs along
+    L and the output back). chunk: positions per recomputed chunk in backward (None:
+    ``compiled_blocks``). None when the op cannot be built here."""
+    op = compiled_op()
+    if op is None:
+        return None
+    ct = _compute_dtype(x)
+    best, channels = compiled_blocks(*A.shape)
+    rows = [None if t is None else _rows(t.to(ct)) for t in (x, delta, B, C, z)]
+    vectors = [None if t is None else t.to(ct).contiguous() for t in (D, delta_bias)]
+    At = A.to(ct).t().contiguous()
+    blocks = (chunk or best, channels)
+    x_, delta_, B_, C_, z_ = rows
+    return _CompiledScan.apply(
+        op, x_, delta_, At, B_, C_, vectors[0], z_, vectors[1], delta_softplus, reverse, blocks
+    )
 
 
 def selective_scan_compiled(
@@ -407,16 +433,44 @@ def selective_scan_compiled(
     delta_softplus: bool = False,
     chunk: int | None = None,
 ) -> Tensor | None:
-    """The selective scan through the compiled CPU op (same arguments and shapes as
-    ``selective_scan``), or None when the op cannot be built here (architectures.cpu_ops).
-    chunk: positions per recomputed chunk in backward (None: ``compiled_blocks``)."""
+    """``selective_scan_rows`` with ``selective_scan``'s arguments and shapes ([b, d, L]; the
+    channels-last copies cost two passes over each tensor), or None without the op."""
     _check_shapes(u, delta, A, B, C, D, z)
-    op = load_op("selective_scan")
+    tr = [None if t is None else t.transpose(1, 2) for t in (u, delta, B, C, z)]
+    y = selective_scan_rows(tr[0], tr[1], A, tr[2], tr[3], D, tr[4], delta_bias,
+                            delta_softplus, chunk=chunk)  # fmt: skip
+    return None if y is None else y.transpose(1, 2).to(u.dtype)
+
+
+class _CompiledConv(torch.autograd.Function):
+    """Causal depthwise conv + silu in compiled C++, channels last: x [b, L, d], wt [K, d]."""
+
+    @staticmethod
+    def forward(ctx, op: Any, x: Tensor, wt: Tensor, bias: Tensor, reverse: bool) -> Tensor:
+        ctx.save_for_backward(x, wt, bias)
+        ctx.op, ctx.reverse = op, reverse
+        return op.conv_forward(x, wt, bias, reverse)
+
+    @staticmethod
+    def backward(ctx, dout: Tensor) -> tuple[Tensor | None, ...]:
+        x, wt, bias = ctx.saved_tensors
+        dx, dwt, dbias = ctx.op.conv_backward(x, wt, bias, ctx.reverse, _rows(dout))
+        return None, dx, dwt, dbias, None
+
+
+def causal_conv_silu_rows(
+    x: Tensor, weight: Tensor, bias: Tensor, reverse: bool = False
+) -> Tensor | None:
+    """silu(causal depthwise conv) through the compiled CPU op, channels last: x [b, L, d]
+    (a slice of a larger last dimension goes in without a copy), weight [d, K], bias [d] ->
+    [b, L, d] in x's dtype (float32 or float64). Output t sees inputs t-K+1..t (reverse:
+    t..t+K-1). The same as ``architectures.layers.causal_depthwise_conv`` then silu. None when
+    the op cannot be built here."""
+    op = compiled_op()
     if op is None:
         return None
-    best, channels = compiled_blocks(*A.shape)
-    blocks = (chunk or best, channels)
-    return _CompiledScan.apply(op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, blocks)
+    wt = weight.to(x.dtype).t().contiguous()
+    return _CompiledConv.apply(op, _rows(x), wt, bias.to(x.dtype).contiguous(), reverse)
 
 
 def selective_scan_reference(
