@@ -26,7 +26,7 @@ import yaml
 from data_pipeline.loader import DataConfig
 from nucleo.checkpoint import CheckpointConfig
 from nucleo.components import ARCHITECTURES, LOSSES, TOKENIZERS
-from nucleo.engine import EngineConfig, TrainConfig
+from nucleo.engine import EngineConfig, TrainConfig, check_compile
 from nucleo.evaluation import EvalConfig
 from nucleo.registry import UnknownNameError
 from nucleo.schema import ConfigError, check, from_dict, parse_override, set_path, to_dict
@@ -130,6 +130,7 @@ def resolve(raw: dict[str, Any]) -> RunConfig:
     from_dict(
         TOKENIZERS.get(data.tokenizer).config, data.tokenizer_options, "data.tokenizer_options"
     )
+    check_compile(sections["train"], sections["engine"])
     return RunConfig(
         arch=arch,
         losses=loss_names,

@@ -41,6 +41,9 @@ class TrainConfig:
         warmup_steps of linear warm-up, then cosine decay to lr x min_lr_ratio at max_steps.
     grad_clip: global gradient-norm clip (0 turns it off). seed: model init, data order,
         dropout. log_every: steps between progress lines and metric logs.
+    compile: torch.compile each block of the model (compiled once per distinct block, at the
+        first step: 5-40 s on CPU). Off by default: measured on CPU it speeds up multires
+        (1.3x) and slows hyena (0.9x); experiments/results/architectures.md has every family.
     """
 
     max_steps: int = 1000
@@ -55,6 +58,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 10
+    compile: bool = False
 
     def __post_init__(self) -> None:
         check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
@@ -360,6 +364,9 @@ def build_engine(model: nn.Module, train: TrainConfig, engine: EngineConfig, dis
         eps=train.eps,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
+    if train.compile:
+        check_compile(train, engine)
+        compile_blocks(model)
     ds_engine, _, _, _ = deepspeed.initialize(
         model=model.to(dist.device),
         optimizer=optimizer,
@@ -368,6 +375,29 @@ def build_engine(model: nn.Module, train: TrainConfig, engine: EngineConfig, dis
     )
     _unprime_optimizer(ds_engine)
     return ds_engine
+
+
+def check_compile(train: TrainConfig, engine: EngineConfig) -> None:
+    """train.compile and ZeRO-3 do not go together: ZeRO-3 gathers each layer's parameters
+    in module hooks, which torch.compile traces with the parameters still partitioned."""
+    if train.compile and engine.zero_stage == 3:
+        raise ConfigError(
+            "train.compile",
+            "not with engine.zero_stage=3 (ZeRO-3 gathers parameters in module hooks that "
+            "torch.compile traces with the parameters still partitioned); use ZeRO 0-2 or "
+            "train.compile=false",
+        )
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each of ``model.blocks`` in place (regional compilation: identical blocks
+    share one compiled graph, and parameter names, checkpoints and ZeRO's hooks are those of
+    the uncompiled model). Operations dynamo cannot trace (nucleo's compiled CPU ops, CUDA
+    kernels behind custom autograd functions) run between compiled graphs."""
+    limit = torch._dynamo.config.recompile_limit  # one graph per distinct block type and shape
+    torch._dynamo.config.recompile_limit = max(limit, 64)
+    for block in getattr(model, "blocks", []):
+        block.compile(dynamic=False)
 
 
 def apply_current_settings(ds_engine: Any, train: TrainConfig) -> None:

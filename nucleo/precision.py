@@ -77,10 +77,12 @@ def combos(
     ]
 
 
-def settings(arch: str, stage: int, precision: str) -> list[str]:
-    """Overrides for one combination (ZeRO-3 partitions even these tiny parameters)."""
+def settings(arch: str, stage: int, precision: str, compiled: bool = False) -> list[str]:
+    """Overrides for one combination (ZeRO-3 partitions even these tiny parameters);
+    ``compiled``: with train.compile (a combination written ``arch:stage:precision:compile``)."""
     engine_precision = "bf16" if precision == "bf16" else "fp32"
     return [
+        *(["train.compile=true"] if compiled else []),
         *TINY[arch],
         f"engine.zero_stage={stage}",
         f"engine.precision={engine_precision}",
@@ -134,8 +136,8 @@ def optimizer_steps(engine) -> list[int]:
 
 
 def run_combo(combo: str, root: Path, dist_holder: list) -> dict:
-    arch, stage, precision = combo.split(":")
-    cfg = load_config(arch=arch, overrides=settings(arch, int(stage), precision))
+    arch, stage, precision, *compiled = combo.split(":")
+    cfg = load_config(arch=arch, overrides=settings(arch, int(stage), precision, bool(compiled)))
     dist = setup_distributed(cfg.engine)
     dist_holder[:] = [dist]
     tokenizer = CharTokenizer()
@@ -243,7 +245,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="launch/precision_check.py",
         description="Train, resume and export every family in every precision and ZeRO stage.",
     )
-    p.add_argument("combos", nargs="*", help="arch:stage:precision (default: the selection)")
+    p.add_argument("combos", nargs="*", help="arch:stage:precision[:compile] (with "
+                   "train.compile; default: the selection)")  # fmt: skip
     p.add_argument("--families", nargs="+", choices=sorted(TINY), help="default: all")
     p.add_argument("--stages", nargs="+", type=int, choices=range(4), help="default: 0 1 2 3")
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, help="default: all three")
@@ -267,11 +270,11 @@ def default_scratch() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     for combo in args.combos:
-        arch, _, rest = combo.partition(":")
-        stage, _, precision = rest.partition(":")
-        if arch not in TINY or stage not in "0123" or not stage or precision not in PRECISIONS:
+        arch, stage, precision, *rest = [*combo.split(":"), "", ""][:3] + combo.split(":")[3:]
+        valid = arch in TINY and stage in ("0", "1", "2", "3") and precision in PRECISIONS
+        if not valid or rest not in ([], ["compile"]):
             raise SystemExit(
-                f"launch/precision_check.py: {combo!r} is not arch:stage:precision "
+                f"launch/precision_check.py: {combo!r} is not arch:stage:precision[:compile] "
                 f"(arch: {', '.join(sorted(TINY))}; stage 0-3; precision: {', '.join(PRECISIONS)})"
             )
     todo = args.combos or combos(args.families, args.stages, args.precisions)
@@ -354,7 +357,8 @@ def report(results: list[tuple[dict, list[str]]], world_size: int, argv: list[st
         "|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for result, wrong in results:
-        arch, stage, precision = result["combo"].split(":")
+        arch, stage, precision, *compiled = result["combo"].split(":")
+        precision += " compiled" if compiled else ""
         if "losses" in result:
             losses = result["losses"]
             cells = [f"{losses[0]:.3f} -> {losses[-1]:.3f}", f"{result['resume_max_diff']:.3g}",

@@ -3,7 +3,8 @@
 The matrix runs in launch/precision_check.py (nucleo.precision: real DeepSpeed engines on real
 DNA: training, validation, checkpoint and resume, export from the fp32 masters, the offline
 ``nucleo export`` path), once per process count, on the suite's device; each combination is a
-test here. One process: all 72 combinations, without a launcher. Two processes (``deepspeed
+test here. One process: all 72 combinations, without a launcher, and train.compile on the family
+it speeds up (multires) and on one behind compiled CPU ops (mamba). Two processes (``deepspeed
 --num_gpus 2``): bf16 weights under every stage, plus autocast under ZeRO-3 and fp32 under
 ZeRO-2.
 """
@@ -21,7 +22,7 @@ import pytest
 from nucleo.precision import combos, problems
 from tests.conftest import DEVICE, ROOT, launch_env
 
-ONE = combos()
+ONE = combos() + ["mamba:2:bf16:compile", "multires:0:fp32:compile"]  # train.compile
 TWO = combos(precisions=["bf16"]) + combos(stages=[3], precisions=["autocast"])
 TWO += combos(stages=[2], precisions=["fp32"])
 WORKER = str(ROOT / "launch" / "precision_check.py")
