@@ -97,7 +97,7 @@ def work(cfg: Config) -> Config:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model, vocab = build(cfg)
+    model, _ = build(cfg)
     if cfg.get("compile"):
         from nucleo.engine import compile_blocks
 
@@ -267,16 +267,18 @@ def report(records: list[Config], meta: dict[str, Any]) -> str:
     lengths = sorted({r["L"] for r in records if not r.get("compile") and "sets" not in r})
     for precision in ("fp32", "bf16"):
         for size in ("tiny", "mini"):
-            rows = sorted({r["model"] for r in records if r["precision"] == precision
-                           and r["model"].endswith(f":{size}") and not r.get("compile")
-                           and "sets" not in r}, key=lambda m: FAMILIES.index(m.split(":")[1]))  # fmt: skip
+            rows = sorted(
+                {r["model"] for r in records if r["precision"] == precision
+                 and r["model"].endswith(f":{size}") and not r.get("compile") and "sets" not in r},
+                key=lambda m: FAMILIES.index(m.split(":")[1]),
+            )  # fmt: skip
             if not rows:
                 continue
             if size == "tiny":
                 rows.append("ref:hyena_ref")
             name = "fp32" if precision == "fp32" else "bf16 autocast"
-            lines += [f"## {size} presets, {name}", "",
-                      "| model | params | " + " | ".join(f"L {n:,}: tok/CPU-s, GB, vs hyena tiny" for n in lengths) + " |",
+            heads = " | ".join(f"L {n:,}: tok/CPU-s, GB, vs hyena tiny" for n in lengths)
+            lines += [f"## {size} presets, {name}", "", f"| model | params | {heads} |",
                       "|---|---|" + "---|" * len(lengths)]  # fmt: skip
             for model in rows:
                 cells = []
@@ -307,8 +309,8 @@ def report(records: list[Config], meta: dict[str, Any]) -> str:
             if not _values(records, k) and not _error(records, k):
                 continue
             comp_s = _range(_values(records, k, "compile_s"))
-            lines.append(f"| {family} | {_range(_values(records, eager))} | "
-                         f"{_range(_values(records, k)) if _values(records, k) else _error(records, k)} | "
+            fast = _range(_values(records, k)) if _values(records, k) else _error(records, k)
+            lines.append(f"| {family} | {_range(_values(records, eager))} | {fast} | "
                          f"{_range(ratios(records, k, eager), '{:.2f}')} | {comp_s} |")  # fmt: skip
         lines.append("")
     lines += targets(records)
@@ -346,8 +348,8 @@ def targets(records: list[Config]) -> list[str]:
             if length == 16384:
                 mine, theirs = _values(records, a, "peak_gb"), _values(records, ref, "peak_gb")
                 if mine and theirs:
-                    out.append(f"| hyena tiny peak memory <= the reference's, L 16,384, {precision} "
-                               f"| {max(mine):.2f} vs {min(theirs):.2f} GB | "
+                    out.append(f"| hyena tiny peak memory <= the reference's, L 16,384, "
+                               f"{precision} | {max(mine):.2f} vs {min(theirs):.2f} GB | "
                                f"{'yes' if max(mine) <= min(theirs) else 'no'} |")  # fmt: skip
     ref, mine = (
         "ref:mamba_ref L1024 B8 fp32 n_layers=2",

@@ -22,7 +22,7 @@ import pytest
 from nucleo.precision import combos, problems
 from tests.conftest import DEVICE, ROOT, launch_env
 
-ONE = combos() + ["mamba:2:bf16:compile", "multires:0:fp32:compile"]  # train.compile
+ONE = [*combos(), "mamba:2:bf16:compile", "multires:0:fp32:compile"]  # train.compile
 TWO = combos(precisions=["bf16"]) + combos(stages=[3], precisions=["autocast"])
 TWO += combos(stages=[2], precisions=["fp32"])
 WORKER = str(ROOT / "launch" / "precision_check.py")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
@@ -133,6 +134,32 @@ def test_a_sweep_runs_each_point_as_a_child_run_skips_finished_ones_and_resumes(
     table = capfd.readouterr().out
     assert "| 0 | transformer-" in table and "| finished | 6 |" in table and "| new |" not in table
     assert "| interrupted | 4 |" in table  # point 1: finished at 4 steps, now short of 6
+
+
+@pytest.mark.slow
+def test_one_smoke_point_of_every_family_runs_through_a_sweep(sample_shards, tmp_path, capfd):
+    """Every family (nucleo.precision's tiny settings, 2 steps, its default loss: ce, or mlm
+    for caduceus) as a point of one ``nucleo sweep run`` on the sample shards: each finishes as
+    an MLflow child run with a finite loss."""
+    from nucleo.precision import TINY
+
+    points = [
+        {"arch": arch, **{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in sets)}}
+        for arch, sets in sorted(TINY.items())
+    ]
+    spec = _spec(tmp_path, sample_shards, points=points, grid={})
+    spec["config"]["train"].update(max_steps=2, log_every=1)
+    path = _write(tmp_path, spec)
+    assert main(["sweep", "run", str(path)]) == 0
+    assert f"{len(TINY)}/{len(TINY)} points, 0 failed" in capfd.readouterr().out
+    sweep = Sweep(load_spec(path))
+    client = MlflowClient(tracking_uri=sweep.uri)
+    assert sorted(p.config.arch for p in sweep.points) == sorted(TINY)
+    for point in sweep.points:
+        summary = json.loads((point.run_dir / "summary.json").read_text())
+        run = client.get_run(summary["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and summary["step"] == 2, point.name
+        assert math.isfinite(run.data.metrics["train/loss"]), point.name
 
 
 def _char():
