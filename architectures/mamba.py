@@ -9,8 +9,10 @@ One Mamba mixer on x [B, L, D], with inner width E = expand * D and state size N
     y = selective_scan(x, dt, A = -exp(A_log), B, C, D) * silu(z)
     out = out_proj(y)
 
-The scan is ``architectures.selective_scan.scan``: mamba-ssm's CUDA kernel when installed,
-otherwise nucleo's chunked pure-PyTorch scan (tied to a sequential reference by tests).
+On CPU the mixer runs channels last through nucleo's compiled ops (the conv + silu, and the
+scan with softplus, D and the gate fused; ``architectures.selective_scan``); on CUDA, or with
+``kernels: off``, through ``architectures.selective_scan.scan``: mamba-ssm's CUDA kernel when
+installed, otherwise the chunked pure-PyTorch scan (tied to a sequential reference by tests).
 ``causal: false`` gives BiMamba (Caduceus, Schiff et al. 2024): a second mixer reads the
 sequence backwards, sharing in_proj and out_proj with the forward one, and the two outputs add.
 Blocks are x + Mixer(RMSNorm(x)) without an MLP, as in the paper.
@@ -167,10 +169,7 @@ class MambaMixer(nn.Module):
         with float32_region(xz.device):
             u, z = xz.float().chunk(2, dim=-1)  # [B, L, E] views
             u = causal_conv_silu_rows(u, self.conv_weight, self.conv_bias, reverse)
-        dt, B, C = self.x_proj(like_weights(u, self.x_proj)).split(
-            [self.dt_rank, self.d_state, self.d_state], dim=-1
-        )
-        delta = dt @ self.dt_proj.weight.t().to(dt.dtype)  # [B, L, E]
+        delta, B, C = self._selection(like_weights(u, self.x_proj))
         with float32_region(xz.device):
             return selective_scan_rows(
                 u,
@@ -185,18 +184,24 @@ class MambaMixer(nn.Module):
                 reverse=reverse,
             )
 
+    def _selection(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The input-dependent scan parameters from the conv output u [B, L, E]: delta
+        [B, L, E] (dt_proj without its bias, which the scan adds before softplus), B, C
+        [B, L, N]."""
+        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return dt @ self.dt_proj.weight.t().to(dt.dtype), B, C
+
     def _mix(self, xz: torch.Tensor) -> torch.Tensor:
+        """The mixer in PyTorch (and mamba-ssm's kernels on CUDA), in their [B, E, L] layout:
+        in_proj's output [B, L, 2E] -> y [B, L, E] float32."""
         u, z = xz.transpose(1, 2).chunk(2, dim=1)  # [B, E, L] each
         weight, bias = self.conv_weight.to(u.dtype), self.conv_bias.to(u.dtype)
         u = F.silu(causal_depthwise_conv(u, weight, bias, self.kernels, self.conv_unsuitable))
-        dt, B, C = self.x_proj(u.transpose(1, 2)).split(
-            [self.dt_rank, self.d_state, self.d_state], dim=-1
-        )
-        delta = (dt @ self.dt_proj.weight.t().to(dt.dtype)).transpose(1, 2)  # [B, E, L]
+        delta, B, C = self._selection(u.transpose(1, 2))
         with float32_region(xz.device):
             y = scan(
                 u.float(),
-                delta.float(),
+                delta.transpose(1, 2).float(),
                 -torch.exp(self.A_log.float()),
                 B.transpose(1, 2).float(),
                 C.transpose(1, 2).float(),

@@ -361,8 +361,8 @@ class _CompiledScan(torch.autograd.Function):
         settings = (delta_softplus, reverse, *blocks)
         out, states = op.forward(*ins, *settings)
         ctx.save_for_backward(*ins, states)
-        ctx.op, ctx.settings, ctx.given = op, settings, (D is not None, z is not None)
-        ctx.has_bias = delta_bias is not None
+        ctx.op, ctx.settings = op, settings
+        ctx.given = (D is not None, z is not None, delta_bias is not None)
         return out
 
     @staticmethod
@@ -370,7 +370,7 @@ class _CompiledScan(torch.autograd.Function):
         *ins, states = ctx.saved_tensors
         grads = ctx.op.backward(*ins, *ctx.settings, states, _rows(dout))
         ddelta, dx, dz, dAt, dB, dC, dD, dbias = grads
-        has_D, has_z = ctx.given
+        has_D, has_z, has_bias = ctx.given
         return (
             None,
             dx,
@@ -380,7 +380,7 @@ class _CompiledScan(torch.autograd.Function):
             dC,
             dD if has_D else None,
             dz if has_z else None,
-            dbias if ctx.has_bias else None,
+            dbias if has_bias else None,
             None,
             None,
             None,

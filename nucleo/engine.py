@@ -42,8 +42,9 @@ class TrainConfig:
     grad_clip: global gradient-norm clip (0 turns it off). seed: model init, data order,
         dropout. log_every: steps between progress lines and metric logs.
     compile: torch.compile each block of the model (compiled once per distinct block, at the
-        first step: 5-40 s on CPU). Off by default: measured on CPU it speeds up multires
-        (1.3x) and slows hyena (0.9x); experiments/results/architectures.md has every family.
+        first step: 2-6 s for tiny models on CPU). Off by default: measured on CPU it speeds up
+        hyena (1.3-1.6x), multires (1.2-1.4x) and transformer (1.1x), not mamba, caduceus or
+        hybrid (0.9-1.05x); experiments/results/architectures.md. Not with ZeRO-3.
     """
 
     max_steps: int = 1000
@@ -364,8 +365,7 @@ def build_engine(model: nn.Module, train: TrainConfig, engine: EngineConfig, dis
         eps=train.eps,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
-    if train.compile:
-        check_compile(train, engine)
+    if train.compile:  # refused with ZeRO-3 when the config was read (check_compile)
         compile_blocks(model)
     ds_engine, _, _, _ = deepspeed.initialize(
         model=model.to(dist.device),

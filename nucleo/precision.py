@@ -270,7 +270,9 @@ def default_scratch() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     for combo in args.combos:
-        arch, stage, precision, *rest = [*combo.split(":"), "", ""][:3] + combo.split(":")[3:]
+        parts = combo.split(":")
+        arch, stage, precision = [*parts, "", ""][:3]
+        rest = parts[3:]
         valid = arch in TINY and stage in ("0", "1", "2", "3") and precision in PRECISIONS
         if not valid or rest not in ([], ["compile"]):
             raise SystemExit(
