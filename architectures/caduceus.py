@@ -34,10 +34,11 @@ from torch import nn
 
 from architectures.layers import Block, LanguageModel, autocast_context, presets
 from architectures.mamba import BiMamba, MambaConfig
-from nucleo.alphabet import COMPLEMENT_IDS
-from nucleo.registry import ARCHITECTURES
-from nucleo.schema import ConfigError, check
-from nucleo.types import ModelOutput
+from nucleo.core import cost
+from nucleo.core.alphabet import COMPLEMENT_IDS
+from nucleo.core.registry import ARCHITECTURES
+from nucleo.core.schema import ConfigError, check
+from nucleo.core.types import ModelOutput
 
 
 @dataclass
@@ -89,6 +90,11 @@ class RCPS(nn.Module):
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         return self.layer(s)
 
+    def flops(self, batch: int, length: int) -> cost.Flops:
+        """The same layer on each strand."""
+        one = cost.module_flops(self.layer, batch, length)
+        return one + one
+
 
 class RCPSBlock(nn.Module):
     """h + RCPS(BiMamba)(RCPS(RMSNorm)(h))."""
@@ -103,6 +109,10 @@ class RCPSBlock(nn.Module):
 
     def residual_projections(self) -> list[nn.Linear]:
         return [self.mixer.layer.out_proj]
+
+    def flops(self, batch: int, length: int) -> cost.Flops:
+        """The RCPS mixer on both strands (no MLP in Caduceus blocks)."""
+        return self.mixer.flops(batch, length)
 
 
 def rc_logits(logits: torch.Tensor, complement: torch.Tensor) -> torch.Tensor:
@@ -153,6 +163,7 @@ class Caduceus(LanguageModel):
         ]
         super().__init__(cfg, vocab_size, blocks)
         self.rc_equivariant = cfg.rcps
+        self.heads_per_position = 2 if cfg.rcps else 1  # the head runs on each strand
         self.register_buffer(
             "complement", complement_table(complement_ids, vocab_size), persistent=False
         )

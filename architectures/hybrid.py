@@ -19,8 +19,8 @@ from architectures.layers import Block, LanguageModel, ModelConfig, presets
 from architectures.mamba import MambaConfig, mamba_mixer
 from architectures.multires import MultiresConfig, MultiresMixer
 from architectures.transformer import Attention, TransformerConfig
-from nucleo.registry import ARCHITECTURES
-from nucleo.schema import ConfigError, check
+from nucleo.core.registry import ARCHITECTURES
+from nucleo.core.schema import ConfigError, check
 
 
 @dataclass

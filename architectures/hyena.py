@@ -33,8 +33,9 @@ from architectures.layers import (
     like_weights,
     presets,
 )
-from nucleo.registry import ARCHITECTURES
-from nucleo.schema import check
+from nucleo.core import cost
+from nucleo.core.registry import ARCHITECTURES
+from nucleo.core.schema import check
 
 
 @dataclass
@@ -287,6 +288,19 @@ class HyenaOperator(nn.Module):
             inner = [self.drop(g.float()) for g in reversed(gates[1:])]
             y = HyenaRecurrence.apply(v.float(), gates[0].float(), k, bias, *inner)
         return self.out_proj(like_weights(y.transpose(1, 2), self.out_proj))
+
+    def flops(self, batch: int, length: int) -> cost.Flops:
+        """Projections and the filter MLP, the short conv, and per stage and channel an FFT
+        convolution of n = 2L points (rfft, complex product, irfft, skip) plus each filter's
+        spectrum once per batch."""
+        d, stages, rows, n = self.d_model, self.order - 1, batch * length, 2 * length
+        mlp = sum(cost.linear(x, length) for x in self.filter.mlp if isinstance(x, nn.Linear))
+        per_channel = 2 * cost.rfft(n) + 6.0 * (n // 2 + 1) + 2.0 * length
+        return cost.Flops(
+            matmul=cost.linear(self.in_proj, rows) + cost.linear(self.out_proj, rows) + mlp,
+            conv=2.0 * self.short_conv.in_channels * self.short_conv.kernel_size[0] * rows,
+            fft=stages * d * (batch * per_channel + cost.rfft(n)),
+        )
 
 
 @ARCHITECTURES.register("hyena", config=HyenaConfig)

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import torch
 
-from nucleo.schema import ConfigError
+from nucleo.core.schema import ConfigError
 
 log = logging.getLogger("nucleo")
 

@@ -20,8 +20,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from architectures.kernels import CAUSAL_CONV1D, KernelMode, use
-from nucleo.schema import check
-from nucleo.types import ModelOutput
+from nucleo.core import cost
+from nucleo.core.schema import check
+from nucleo.core.types import ModelOutput
 
 # The size ladder shared by every family: about 3.5x more parameters per rung, from ~0.5M to
 # ~1B, so a scaling sweep is one flag (``--set model.size=...``). Each family's PRESETS pick a
@@ -92,6 +93,11 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.up(x)))
 
+    def flops(self, batch: int, length: int) -> cost.Flops:
+        """Up and down projections."""
+        rows = batch * length
+        return cost.Flops(matmul=cost.linear(self.up, rows) + cost.linear(self.down, rows))
+
 
 #: With checkpointing, the position-wise half of a block (norm, MLP, residual) runs in pieces of
 #: this many positions, each recomputed in backward, so its r*D-wide hidden layer never exists
@@ -136,6 +142,13 @@ class Block(nn.Module):
         """Linear layers that write into the residual stream (scaled at init)."""
         out = [m for m in (getattr(self.mixer, "out_proj", None),) if isinstance(m, nn.Linear)]
         return out + ([self.mlp.down] if self.mlp is not None else [])
+
+    def flops(self, batch: int, length: int) -> cost.Flops:
+        """The mixer's formula plus the MLP's."""
+        out = cost.module_flops(self.mixer, batch, length)
+        if self.mlp is not None:
+            out += self.mlp.flops(batch, length)
+        return out
 
 
 def autocast_context(mode: str, device: torch.device):
@@ -213,6 +226,18 @@ class LanguageModel(nn.Module):
             hidden = self.norm(self.run_blocks(self.embed(tokens)))
             logits = self.head(hidden)
         return ModelOutput(hidden=hidden.float(), logits=logits.float())
+
+    #: LM heads applied per position (Caduceus with RC parameter sharing: one per strand).
+    heads_per_position = 1
+
+    def flops(self, batch: int, length: int) -> cost.Flops:
+        """Forward FLOPs on tokens [batch, length]: every block, plus the tied LM head."""
+        out = cost.Flops()
+        for block in self.blocks:
+            out += cost.module_flops(block, batch, length)
+        vocab, width = self.embed.num_embeddings, self.embed.embedding_dim
+        out["matmul"] += self.heads_per_position * 2.0 * width * vocab * batch * length
+        return out
 
 
 def causal_depthwise_conv(

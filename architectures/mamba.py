@@ -44,8 +44,9 @@ from architectures.selective_scan import (
     scan,
     selective_scan_rows,
 )
-from nucleo.registry import ARCHITECTURES
-from nucleo.schema import check
+from nucleo.core import cost
+from nucleo.core.registry import ARCHITECTURES
+from nucleo.core.schema import check
 
 
 @dataclass
@@ -213,6 +214,18 @@ class MambaMixer(nn.Module):
             )
         return y.transpose(1, 2)
 
+    def flops(self, batch: int, length: int) -> cost.Flops:
+        """Projections, the causal conv, the scan's state update (7 E N per token) and its
+        readout y = C h (2 E N)."""
+        rows, e, n = batch * length, self.inner, self.d_state
+        projections = (self.in_proj, self.x_proj, self.dt_proj, self.out_proj)
+        return cost.Flops(
+            matmul=sum(cost.linear(x, rows) for x in projections),
+            conv=2.0 * e * cost.shape(self.conv_weight)[-1] * rows,
+            scan=7.0 * e * n * rows,
+            readout=2.0 * e * n * rows,
+        )
+
 
 class BiMamba(nn.Module):
     """Forward mixer + a mixer over the reversed sequence, in_proj and out_proj shared
@@ -232,6 +245,14 @@ class BiMamba(nn.Module):
         xz = self.forward_mixer.in_proj(x)
         y = self.forward_mixer(xz, True) + self.reverse_mixer(xz, True, reverse=True)
         return self.out_proj(like_weights(y, self.out_proj))
+
+    def flops(self, batch: int, length: int) -> cost.Flops:
+        """Two mixers whose shared in_proj and out_proj run once for both directions."""
+        rows = batch * length
+        shared = cost.linear(self.forward_mixer.in_proj, rows) + cost.linear(self.out_proj, rows)
+        both = self.forward_mixer.flops(batch, length) + self.reverse_mixer.flops(batch, length)
+        both["matmul"] -= shared
+        return both
 
 
 def mamba_mixer(cfg: MambaConfig, d_model: int) -> nn.Module:

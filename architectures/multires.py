@@ -26,8 +26,9 @@ from torch.utils.checkpoint import checkpoint
 
 from architectures.cpu_ops import load_op
 from architectures.layers import Block, LanguageModel, ModelConfig, float32_region, presets
-from nucleo.registry import ARCHITECTURES
-from nucleo.schema import check
+from nucleo.core import cost
+from nucleo.core.registry import ARCHITECTURES
+from nucleo.core.schema import check
 
 
 @dataclass
@@ -169,6 +170,16 @@ class MultiresMixer(nn.Module):
         # contiguous [B, D, L]: the tree's shifted taps on a transposed view run ~1.3x slower
         y = self.conv(x.transpose(1, 2).contiguous()).transpose(1, 2)
         return F.glu(self.out_proj(self.drop(F.gelu(y))), dim=-1)
+
+    def flops(self, batch: int, length: int) -> cost.Flops:
+        """The output projection, and 4 K D per level per token for the dilated taps (plus
+        the mix)."""
+        rows = batch * length
+        d, k = cost.shape(self.conv.h0)[0], cost.shape(self.conv.h0)[-1]
+        return cost.Flops(
+            matmul=cost.linear(self.out_proj, rows),
+            tree=(4.0 * k * self.conv.depth + 4.0) * d * rows,
+        )
 
 
 @ARCHITECTURES.register("multires", config=MultiresConfig)

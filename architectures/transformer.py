@@ -20,8 +20,9 @@ from torch import nn
 
 from architectures.kernels import FLASH_ATTN, require_suitable, use
 from architectures.layers import Block, LanguageModel, ModelConfig, presets
-from nucleo.registry import ARCHITECTURES
-from nucleo.schema import check
+from nucleo.core import cost
+from nucleo.core.registry import ARCHITECTURES
+from nucleo.core.schema import check
 
 
 @dataclass
@@ -154,6 +155,14 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
         y = attention(q, k, v, self.causal, self.dropout if self.training else 0.0, self.kernels)
         return self.out_proj(y.reshape(batch, length, width))
+
+    def flops(self, batch: int, length: int) -> cost.Flops:
+        """Projections, and q k^T plus attention x v over the full L x L matrix."""
+        rows = batch * length
+        return cost.Flops(
+            matmul=cost.linear(self.qkv, rows) + cost.linear(self.out_proj, rows),
+            attention=4.0 * batch * length * length * self.qkv.in_features,
+        )
 
 
 @ARCHITECTURES.register("transformer", config=TransformerConfig)

@@ -40,9 +40,9 @@ from data_pipeline.shards import (
     shard_checksums,
     shard_paths,
 )
-from nucleo.alphabet import reverse_complement_bytes
-from nucleo.schema import check
-from nucleo.types import Batch
+from nucleo.core.alphabet import reverse_complement_bytes
+from nucleo.core.schema import check
+from nucleo.core.types import Batch
 
 
 @dataclass

@@ -39,7 +39,7 @@ import webdataset as wds
 
 from data_pipeline.dedup import SketchOptions, cluster_sketches, sketch
 from data_pipeline.readers import SequenceRecord, read_sequences
-from nucleo.alphabet import reverse_complement_bytes
+from nucleo.core.alphabet import reverse_complement_bytes
 
 MANIFEST = "manifest.json"
 #: data.max_n_fraction's default: training windows with more N than this are skipped

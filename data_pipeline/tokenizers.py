@@ -17,14 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from nucleo import alphabet
-from nucleo.registry import TOKENIZERS
-from nucleo.schema import check, from_dict
+from nucleo.core import alphabet
+from nucleo.core.registry import TOKENIZERS
+from nucleo.core.schema import check, from_dict
 
 
 @dataclass
 class CharTokenizerConfig:
-    """The character tokenizer has no settings; the vocabulary is ``nucleo.alphabet.VOCAB``."""
+    """The character tokenizer has no settings; the vocabulary is ``nucleo.core.alphabet.VOCAB``."""
 
 
 @TOKENIZERS.register("char", config=CharTokenizerConfig)

@@ -43,7 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.machine import describe  # noqa: E402
+from nucleo.core.machine import describe  # noqa: E402
 
 FAMILIES = ["hyena", "transformer", "mamba", "caduceus", "multires", "hybrid"]
 SIZES = ["tiny", "mini"]
@@ -71,9 +71,9 @@ def build(cfg: Config):
         refmodels.REF = cfg["refs"]
         return refmodels.BUILDERS[rest](cfg["L"]), 12
     from data_pipeline.tokenizers import build_tokenizer
-    from nucleo.components import build_model
-    from nucleo.registry import ARCHITECTURES
-    from nucleo.schema import from_dict
+    from nucleo.core.registry import ARCHITECTURES
+    from nucleo.core.schema import from_dict
+    from nucleo.train.components import build_model
 
     family, size = rest.split(":")
     settings: dict[str, Any] = {"size": size, **cfg.get("sets", {})}
@@ -99,7 +99,7 @@ def work(cfg: Config) -> Config:
     torch.manual_seed(0)
     model, _ = build(cfg)
     if cfg.get("compile"):
-        from nucleo.engine import compile_blocks
+        from nucleo.train.engine import compile_blocks
 
         compile_blocks(model)
     reference = cfg["model"].startswith("ref:")

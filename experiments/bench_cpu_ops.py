@@ -139,7 +139,7 @@ def main() -> int:
             else:
                 models.setdefault((a, b), []).append(model_point(a, b)["tok_per_cpu_s"])
     sys.path.insert(0, str(ROOT))
-    from experiments.machine import describe
+    from nucleo.core.machine import describe
 
     machine = ", ".join(f"{k}: {v}" for k, v in describe().items())
     command = " ".join(["python experiments/bench_cpu_ops.py", *sys.argv[1:]])

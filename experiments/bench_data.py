@@ -32,9 +32,9 @@ from data_pipeline.loader import DataConfig, TrainLoader  # noqa: E402
 from data_pipeline.readers import read_sequences  # noqa: E402
 from data_pipeline.shards import ShardOptions, build_shards, read_sources_tsv  # noqa: E402
 from data_pipeline.tokenizers import build_tokenizer, train_bpe  # noqa: E402
-from experiments.machine import describe  # noqa: E402
-from nucleo.components import build_model  # noqa: E402
-from nucleo.config import load_config  # noqa: E402
+from nucleo.core.machine import describe  # noqa: E402
+from nucleo.train.components import build_model  # noqa: E402
+from nucleo.train.config import load_config  # noqa: E402
 
 SAMPLE = ROOT / "data_pipeline" / "sample"
 TOKENIZERS: dict[str, dict] = {"char": {}, "kmer": {"k": 6}}  # + "bpe" once it is known

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nucleo.runtime import configure_threads  # noqa: E402
+from nucleo.core.runtime import configure_threads  # noqa: E402
 
 configure_threads()
 
@@ -33,7 +33,7 @@ from data_pipeline.loader import DataConfig, TrainLoader, validation_windows  # 
 from data_pipeline.readers import read_sequences  # noqa: E402
 from data_pipeline.shards import build_shards, read_sources_tsv  # noqa: E402
 from data_pipeline.tokenizers import CharTokenizer  # noqa: E402
-from experiments.machine import describe  # noqa: E402
+from nucleo.core.machine import describe  # noqa: E402
 
 SAMPLE = ROOT / "data_pipeline" / "sample"
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))

@@ -32,12 +32,12 @@ import torch  # noqa: E402
 
 from data_pipeline.readers import read_sequences  # noqa: E402
 from data_pipeline.tokenizers import CharTokenizer  # noqa: E402
-from experiments.machine import describe  # noqa: E402
-from nucleo.components import build_model  # noqa: E402
-from nucleo.config import load_config  # noqa: E402
-from nucleo.objective import Objective  # noqa: E402
-from nucleo.runtime import configure_allocator  # noqa: E402
-from nucleo.types import Batch  # noqa: E402
+from nucleo.core.machine import describe  # noqa: E402
+from nucleo.core.runtime import configure_allocator  # noqa: E402
+from nucleo.core.types import Batch  # noqa: E402
+from nucleo.train.components import build_model  # noqa: E402
+from nucleo.train.config import load_config  # noqa: E402
+from nucleo.train.objective import Objective  # noqa: E402
 
 COMBINATIONS = ["ce", "ce,rc", "ce,rc,cgr", "ce,cgr", "ce,walk", "ce,ph", "ce,headless"]
 #: (combination, target ratio to ce, what the target is)

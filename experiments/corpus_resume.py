@@ -25,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.machine import describe  # noqa: E402
-from nucleo.checkpoint import complete_tags  # noqa: E402
-from nucleo.export import load_exported  # noqa: E402
+from nucleo.core.machine import describe  # noqa: E402
+from nucleo.train.checkpoint import complete_tags  # noqa: E402
+from nucleo.train.export import load_exported  # noqa: E402
 
 CONFIG = "experiments/configs/corpus_bpe.yaml"
 

@@ -51,7 +51,7 @@ PYEOF
 for NAME in pre-ce pre-ce+rc+cgr; do
     [ -f "data/generation/$NAME.fa" ] || "$PY" -m nucleo generate "runs/$NAME/export" \
         --out "data/generation/$NAME.fa" --prompt-file data/generation/prompts.fa --num 64 \
-        --length 400 --batch 32 --seed 0
+        --length 400 --batch-size 32 --seed 0
     "$PY" -m nucleo evaluate-generation "data/generation/$NAME.fa" --shards data/offline/shards \
         --kingdom bacteria --label "$NAME" --out "experiments/results/generation/$NAME"
 done

@@ -16,8 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.machine import describe  # noqa: E402
-from nucleo.finetune import format_table  # noqa: E402
+from nucleo.core.machine import describe  # noqa: E402
+from nucleo.downstream.finetune import format_table  # noqa: E402
 
 MODELS = {"ce": "pre-ce", "ce+rc+cgr": "pre-ce+rc+cgr"}
 
@@ -128,7 +128,7 @@ def main() -> int:
         "",
         "Wall time and tokens/s are not benchmarks: both runs shared the 2 cores with the "
         "fine-tuning runs of this study. Training FLOPs are counted analytically "
-        "(`nucleo.flops`); `rc` runs the backbone twice per window.",
+        "(`nucleo.train.compute`); `rc` runs the backbone twice per window.",
         "",
         "## Tasks, pretrained (full fine-tune, linear probe) vs scratch",
         "",

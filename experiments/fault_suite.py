@@ -117,7 +117,7 @@ def pretrain_args(shards: Path, root: Path, name: str, *extra: str) -> list[str]
 
 
 def weights(run_dir: Path) -> dict:
-    from nucleo.export import load_exported
+    from nucleo.train.export import load_exported
 
     return load_exported(run_dir / "export")[0].state_dict()
 
@@ -175,7 +175,7 @@ def kill_at(
 
 
 def damage_newest(run_dir: Path, how: str) -> str:
-    from nucleo.checkpoint import complete_tags
+    from nucleo.train.checkpoint import complete_tags
 
     tags = complete_tags(run_dir / "checkpoints")
     if len(tags) < 2:  # damaging the only one leaves nothing to resume: not a recovery test
@@ -250,7 +250,7 @@ def disk_full(shards: Path, work: Path, reference: dict) -> Row:
         code = run.wait()
         errors = [line for line in run.lines if line.startswith("nucleo:")]
         stopped = code == 2 and len(errors) == 1 and "no space left" in errors[0]
-        from nucleo.checkpoint import damage, latest_tag
+        from nucleo.train.checkpoint import damage, latest_tag
 
         tag = latest_tag(disk / "full" / "checkpoints")
         whole = tag is not None and damage(disk / "full" / "checkpoints" / tag) is None
@@ -277,8 +277,10 @@ def corrupt_shard(shards: Path, work: Path) -> Row:
         middle = len(data) // 2
         data[middle : middle + 64] = bytes(b ^ 0x20 for b in data[middle : middle + 64])
         tar.write_bytes(bytes(data))
-    verify = subprocess.run([sys.executable, "-m", "nucleo", "data", "verify", str(bad)],
-                            cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    verify = subprocess.run(
+        [sys.executable, "-m", "nucleo", "data", "verify", "--shards", str(bad)],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
     named = verify.returncode != 0 and all(str(t) in verify.stdout for t in tars)
     # the natural mixture opens up to data.open_shards shards at once: bacteria's among them
     run = Run.start(pretrain_args(bad, work / "runs", "bad-shard"))
@@ -426,8 +428,10 @@ def main() -> int:
             rows.append(corrupt_shard(shards, work))
         if "tracking" not in args.skip:
             rows.append(tracking_outage(shards, work, reference))
-        verify = subprocess.run([sys.executable, "-m", "nucleo", "data", "verify", str(shards)],
-                                cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+        verify = subprocess.run(
+            [sys.executable, "-m", "nucleo", "data", "verify", "--shards", str(shards)],
+            cwd=ROOT, capture_output=True, text=True,
+        )  # fmt: skip
         data_lost = [] if verify.returncode == 0 else [f"shards: {verify.stdout[-300:]}"]
         command = "python experiments/fault_suite.py " + " ".join(sys.argv[1:])
         text = report(rows, command.strip(), time.time() - started, data_lost)

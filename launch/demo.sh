@@ -26,7 +26,7 @@ echo "== downstream: kingdom task -> fine-tune $export -> predict"
 [ -f data/tasks/demo_kingdom/task.json ] || nucleo tasks build kingdom --shards "$shards" \
     --out data/tasks/demo_kingdom --train-per-class 100 --test-per-class 20
 python launch/finetune.py data/tasks/demo_kingdom --export "$export" --mode probe \
-    --seeds 0 --rc-conjoin --out-dir runs/finetune
+    --seeds 0 --rc-conjoin --out runs/finetune
 classifier=$(ls -td runs/finetune/kingdom-*-probe-seed0 | head -1)
 nucleo predict "$classifier" data_pipeline/sample/viral/lactococcus_phages.fasta.bz2
 echo

@@ -6,7 +6,7 @@ finetune``).
     python launch/finetune.py tasks/kingdom tasks/coding --export ce=runs/a/export \
         --export ce+rc+cgr=runs/b/export --compare --seeds 0,1,2 --table results.md
 
-Thin on purpose: parse, then ``nucleo.finetune``.
+Thin on purpose: parse, then ``nucleo.downstream.finetune``.
 """
 
 import sys
@@ -14,11 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # usable from a plain checkout
 
-from nucleo.runtime import configure_threads
+from nucleo.core.runtime import configure_threads
 
 configure_threads()  # before torch is imported
 
-from nucleo.cli_downstream import finetune_main  # noqa: E402
+from nucleo.cli.downstream import finetune_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(finetune_main())

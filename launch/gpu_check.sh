@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, for whoever has a GPU host: set up (the project's .venv; where a CUDA build of
-# torch is already installed, a venv that uses it), then nucleo.gpu_check: build the missing
+# torch is already installed, a venv that uses it), then nucleo.studies.gpu_check: build the missing
 # kernel packages within a time limit, run the GPU tests, the precision matrix on the GPU and a
 # short bf16 run of every family on one GPU and on all GPUs, and write
 # experiments/results/gpu.md with tokens/s and MFU per family. About 10 minutes at most.
@@ -19,4 +19,4 @@ else
     launch/setup.sh
 fi
 export PYTHONUNBUFFERED=1
-exec "$venv/bin/python" -m nucleo.gpu_check "$@"
+exec "$venv/bin/python" -m nucleo.studies.gpu_check "$@"

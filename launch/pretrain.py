@@ -6,7 +6,7 @@
     python launch/pretrain.py ...            # one process, no launcher
     deepspeed launch/pretrain.py --resume runs/NAME [--set train.max_steps=2000]
 
-Thin on purpose: parse, build the config, call ``nucleo.trainer.fit``.
+Thin on purpose: parse, build the config, call ``nucleo.train.trainer.fit``.
 """
 
 import sys
@@ -14,11 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # usable from a plain checkout
 
-from nucleo.runtime import configure_threads
+from nucleo.core.runtime import configure_threads
 
 configure_threads()  # before torch is imported
 
-from nucleo.cli import pretrain_main  # noqa: E402
+from nucleo.cli.main import pretrain_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(pretrain_main())

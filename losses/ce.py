@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses.common import LossConfig
-from nucleo.registry import LOSSES
-from nucleo.schema import check
-from nucleo.types import Batch, LossOutput, ModelOutput
+from nucleo.core.registry import LOSSES
+from nucleo.core.schema import check
+from nucleo.core.types import Batch, LossOutput, ModelOutput
 
 
 @dataclass

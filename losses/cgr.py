@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from losses.common import LossConfig, next_base_probs, require_per_base
-from nucleo.registry import LOSSES
-from nucleo.representations import corners, kmer_index
-from nucleo.schema import check
-from nucleo.types import Batch, LossOutput, ModelOutput
+from nucleo.core.registry import LOSSES
+from nucleo.core.representations import corners, kmer_index
+from nucleo.core.schema import check
+from nucleo.core.types import Batch, LossOutput, ModelOutput
 
 
 @dataclass

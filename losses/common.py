@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 import torch
 
-from nucleo.representations import base_mask
-from nucleo.schema import ConfigError, check
+from nucleo.core.representations import base_mask
+from nucleo.core.schema import ConfigError, check
 
 
 @dataclass

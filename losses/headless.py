@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses.common import LossConfig
-from nucleo.registry import LOSSES
-from nucleo.schema import ConfigError, check
-from nucleo.types import Batch, LossOutput, ModelOutput
+from nucleo.core.registry import LOSSES
+from nucleo.core.schema import ConfigError, check
+from nucleo.core.types import Batch, LossOutput, ModelOutput
 
 CUT = "headless/cut"  # Batch.aux key: [B] int64 first placeholder position, -1: window skipped
 

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses.common import LossConfig
-from nucleo.registry import LOSSES
-from nucleo.schema import ConfigError, check
-from nucleo.types import Batch, LossOutput, ModelOutput
+from nucleo.core.registry import LOSSES
+from nucleo.core.schema import ConfigError, check
+from nucleo.core.types import Batch, LossOutput, ModelOutput
 
 SELECTED = "mlm/selected"  # Batch.aux key: [B, L] bool, the positions the loss is scored on
 

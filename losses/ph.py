@@ -1,7 +1,7 @@
 """Persistent homology of the chaos-game trajectory, with gradients (gudhi).
 
 Point clouds: the soft CGR trajectory of a window's next-base predictions (the chaos game
-played with the expected corners mu_t, ``nucleo.representations.cgr_points``) and the true
+played with the expected corners mu_t, ``nucleo.core.representations.cgr_points``) and the true
 window's trajectory, each subsampled to ``points`` evenly spaced positions. Diagrams: H0 and
 H1 (``max_dimension``) of their Vietoris-Rips filtrations. gudhi pairs the simplices on a
 detached copy of the distance matrix (``flag_persistence_generators``); births and deaths are
@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from losses.common import LossConfig, next_base_probs, require_per_base
-from nucleo.registry import LOSSES
-from nucleo.representations import cgr_points, corners, diagrams, onehot, wasserstein
-from nucleo.schema import check
-from nucleo.types import Batch, LossOutput, ModelOutput
+from nucleo.core.registry import LOSSES
+from nucleo.core.representations import cgr_points, corners, diagrams, onehot, wasserstein
+from nucleo.core.schema import check
+from nucleo.core.types import Batch, LossOutput, ModelOutput
 
 
 @dataclass

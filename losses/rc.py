@@ -27,9 +27,9 @@ from torch import nn
 
 from losses.ce import next_token_nll
 from losses.common import LossConfig
-from nucleo.registry import LOSSES
-from nucleo.schema import ConfigError
-from nucleo.types import Batch, LossOutput, ModelOutput
+from nucleo.core.registry import LOSSES
+from nucleo.core.schema import ConfigError
+from nucleo.core.types import Batch, LossOutput, ModelOutput
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The DNA walk loss for causal models: the "2D line" of Yau et al. (2003).
 
 Each base is a unit vector (purines A, G below the x-axis, pyrimidines C, T above; see
-``nucleo.representations.WALK_VECTORS``) and a sequence is the walk W_t = sum_{j<=t} v(s_j).
+``nucleo.core.representations.WALK_VECTORS``) and a sequence is the walk W_t = sum_{j<=t} v(s_j).
 The model's walk sums the expected vectors of its next-base predictions,
 W^_t = sum_{j<=t} sum_k p_j(k) v(k), each predicted from the true prefix. The loss is
 mean_t ||W^_t - W_t||^2 / n_t (n_t: the bases walked so far; a walk of independent errors
@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from losses.common import LossConfig, next_base_probs, require_per_base
-from nucleo.registry import LOSSES
-from nucleo.representations import dna_walk, onehot
-from nucleo.types import Batch, LossOutput, ModelOutput
+from nucleo.core.registry import LOSSES
+from nucleo.core.representations import dna_walk, onehot
+from nucleo.core.types import Batch, LossOutput, ModelOutput
 
 
 @dataclass

@@ -2,6 +2,6 @@
 
 import sys
 
-from nucleo.cli import main
+from nucleo.cli.main import main
 
 sys.exit(main())

@@ -16,7 +16,7 @@ from data_pipeline.readers import read_sequences
 from data_pipeline.shards import ShardOptions, SourceFile, build_shards, read_sources_tsv
 from data_pipeline.tokenizers import CharTokenizer
 from experiments.fault_suite import mount_tmpfs
-from nucleo.device import resolve
+from nucleo.core.device import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data_pipeline" / "sample"

@@ -18,15 +18,15 @@ from architectures.layers import POSITIONWISE_CHUNK, SIZES, causal_depthwise_con
 from architectures.multires import MultiresConv, _CompiledTree
 from architectures.transformer import attention, attention_reference
 from data_pipeline.tokenizers import CharTokenizer
-from nucleo.alphabet import COMPLEMENT_IDS
-from nucleo.components import ARCHITECTURES, build_model
-from nucleo.config import load_config
-from nucleo.export import export_model, load_exported
-from nucleo.objective import Objective
-from nucleo.precision import TINY
-from nucleo.schema import ConfigError, from_dict
-from nucleo.trainer import count_parameters
-from nucleo.types import Batch
+from nucleo.core.alphabet import COMPLEMENT_IDS
+from nucleo.core.schema import ConfigError, from_dict
+from nucleo.core.types import Batch
+from nucleo.train.components import ARCHITECTURES, build_model
+from nucleo.train.config import load_config
+from nucleo.train.export import export_model, load_exported
+from nucleo.train.objective import Objective
+from nucleo.train.precision import TINY
+from nucleo.train.trainer import count_parameters
 from tests.conftest import loaded_or_fail
 
 # one tiny model per family (the precision check's): d_model 32, a layer or two

@@ -18,10 +18,10 @@ import torch
 
 from data_pipeline.loader import BadShardError, tar_samples
 from data_pipeline.tokenizers import CharTokenizer
-from nucleo.cli import main
-from nucleo.components import build_model
-from nucleo.config import load_config
-from nucleo.export import export_model
+from nucleo.cli.main import main
+from nucleo.train.components import build_model
+from nucleo.train.config import load_config
+from nucleo.train.export import export_model
 from tests.conftest import ROOT, sample_file
 
 LAMBDA = sample_file("viral/lambda.fasta.gz")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nucleo.cli import main
+from nucleo.cli.main import main
 from tests.conftest import SAMPLE, sample_file
 
 
@@ -23,8 +23,8 @@ def test_data_build_verify_summary(tmp_path, capsys):
         ]
     )
     assert code == 0 and (out / "manifest.json").is_file()
-    assert main(["data", "verify", str(out)]) == 0
-    assert main(["data", "summary", str(out)]) == 0
+    assert main(["data", "verify", "--shards", str(out)]) == 0
+    assert main(["data", "summary", "--shards", str(out)]) == 0
     text = capsys.readouterr().out
     assert "every shard matches" in text and "viral" in text and "plasmid" in text
     assert main(["data", "build", "--sources", str(SAMPLE / "sources.tsv"), "--out", str(out)]) == 2
@@ -89,7 +89,7 @@ def test_data_bpe_and_build_from_folders_and_tables(tmp_path, capsys, sample_sha
     code = main(["data", "build", "--folder", tree, "--table", parquet, "--out", str(shards),
                  "--min-shards", "1"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
-    assert main(["data", "summary", str(shards)]) == 0
+    assert main(["data", "summary", "--shards", str(shards)]) == 0
     text = capsys.readouterr().out
     assert "viral" in text and "plasmid" in text
     code = main(["data", "build", "--table", str(tmp_path / "t.parquet"), "--sequence-column",

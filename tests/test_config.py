@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from nucleo.config import load_config, save_config
-from nucleo.registry import Registry, UnknownNameError
-from nucleo.schema import ConfigError
+from nucleo.core.registry import Registry, UnknownNameError
+from nucleo.core.schema import ConfigError
+from nucleo.train.config import load_config, save_config
 from tests.conftest import ROOT
 
 DEMO = ROOT / "experiments" / "configs" / "demo.yaml"
@@ -122,7 +122,7 @@ def test_registry_suggests_and_refuses_duplicates():
 
 def test_every_shipped_config_and_sweep_spec_resolves():
     """The YAML files under experiments/ stay valid as the configs evolve."""
-    from nucleo.sweep import expand, load_spec
+    from nucleo.studies.sweep import expand, load_spec
 
     configs = sorted((ROOT / "experiments" / "configs").glob("*.yaml"))
     assert len(configs) >= 3

@@ -41,8 +41,8 @@ from data_pipeline.shards import (
     write_sources_tsv,
 )
 from data_pipeline.stats import entropy_bits, kingdom_stats, kmer_counts, report
-from nucleo.alphabet import reverse_complement_bytes
-from nucleo.cli import main
+from nucleo.cli.main import main
+from nucleo.core.alphabet import reverse_complement_bytes
 from tests.conftest import sample_file
 
 QUIET = {"log": lambda _: None}
@@ -727,17 +727,18 @@ def test_report_writes_the_table_and_three_plots(tmp_path, stats_shards):
 
 def test_cli_data_stats(tmp_path, stats_shards, capsys):
     out = tmp_path / "cli" / "data.md"
-    assert main(["data", "stats", str(stats_shards), "--out", str(out), "--k", "4"]) == 0
+    args = ["data", "stats", "--shards", str(stats_shards), "--out", str(out), "--k", "4"]
+    assert main(args) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     expected = report(stats_shards, tmp_path / "api.md", k=4, **QUIET).read_text()
     assert _table_rows(out.read_text()) == _table_rows(expected)
-    assert f"nucleo data stats {stats_shards} --out {out} --k 4" in out.read_text()
+    assert f"nucleo data stats --shards {stats_shards} --out {out} --k 4" in out.read_text()
     assert sorted(p.name for p in out.parent.glob("*.png")) == [
         "data_gc.png",
         "data_lengths.png",
         "data_redundancy.png",
     ]
-    assert main(["data", "stats", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert main(["data", "stats", "--shards", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert "no shard manifest" in capsys.readouterr().err
 
 

@@ -21,14 +21,11 @@ from data_pipeline.annotations import (
 )
 from data_pipeline.readers import read_sequences
 from data_pipeline.tokenizers import CharTokenizer
-from nucleo.alphabet import reverse_complement_bytes
-from nucleo.cli import main
-from nucleo.components import build_model
-from nucleo.config import load_config
-from nucleo.export import export_model
-from nucleo.finetune import fit_probe, metrics
-from nucleo.generate import compare_sets, filter_logits, sample
-from nucleo.tasks import (
+from nucleo.cli.main import main
+from nucleo.core.alphabet import reverse_complement_bytes
+from nucleo.downstream.finetune import fit_probe, metrics
+from nucleo.downstream.generate import compare_sets, filter_logits, sample
+from nucleo.downstream.tasks import (
     Split,
     Task,
     TaskError,
@@ -38,6 +35,9 @@ from nucleo.tasks import (
     load_task,
     save_task,
 )
+from nucleo.train.components import build_model
+from nucleo.train.config import load_config
+from nucleo.train.export import export_model
 from tests.conftest import sample_file
 
 GENBANK = [
@@ -339,7 +339,7 @@ def test_finetune_learns_a_real_task_and_predict_reads_the_saved_classifier(tmp_
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [
         "finetune", str(task), "--export", str(export), "--epochs", "4", "--lr", "3e-3",
-        "--batch-size", "16", "--seeds", "0", "--out-dir", str(tmp_path / "ft"),
+        "--batch-size", "16", "--seeds", "0", "--out", str(tmp_path / "ft"),
         "--tracking-uri", store, "--rc-conjoin",
     ]  # fmt: skip
     assert main(args) == 0
@@ -354,7 +354,7 @@ def test_finetune_learns_a_real_task_and_predict_reads_the_saved_classifier(tmp_
         "".join(f">{i}\n{s.decode()}\n" for i, s in zip(test.ids, test.sequences, strict=True))
     )
     tsv = tmp_path / "pred.tsv"
-    assert main(["predict", str(saved), str(fasta), "--out", str(tsv), "--batch", "7"]) == 0
+    assert main(["predict", str(saved), str(fasta), "--out", str(tsv), "--batch-size", "7"]) == 0
     lines = tsv.read_text().splitlines()
     assert lines[0].split("\t") == ["record", "prediction", "p_yeast", "p_deinococcus"]
     rows = [line.split("\t") for line in lines[1:]]
@@ -378,7 +378,7 @@ def test_compare_writes_the_table_and_resumes(tmp_path, capsys):
     table = tmp_path / "cmp.md"
     args = [
         "finetune", str(task), "--export", f"rand={export}", "--compare", "--seeds", "0,1",
-        "--epochs", "1", "--table", str(table), "--out-dir", str(tmp_path / "ft"),
+        "--epochs", "1", "--table", str(table), "--out", str(tmp_path / "ft"),
         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
     ]  # fmt: skip
     before = os.environ.get("MLFLOW_TRACKING_URI")
@@ -406,7 +406,7 @@ def test_compare_writes_the_table_and_resumes(tmp_path, capsys):
 def test_a_probe_folded_into_the_head_gives_the_logistic_regressions_probabilities():
     from sklearn.linear_model import LogisticRegression
 
-    from nucleo.finetune import FinetuneConfig
+    from nucleo.downstream.finetune import FinetuneConfig
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(90, 6)) * [1, 5, 0.1, 2, 3, 1] + [0, 3, 1, 0, -2, 0]
@@ -444,7 +444,7 @@ def test_top_k_and_top_p_keep_the_right_tokens():
 
 
 def test_sampling_continues_each_prompt_with_bases_only(tmp_path):
-    from nucleo.export import load_exported
+    from nucleo.train.export import load_exported
 
     model, tok, _ = load_exported(_export(tmp_path))
     out = sample(model, tok, 3, 25, [b"ACGTA", b"TTTTT", b"GGGCC"], top_k=3, seed=1)
@@ -457,7 +457,7 @@ def test_generate_and_evaluate_generation_commands(tmp_path, capsys):
     export = _export(tmp_path)
     fasta = tmp_path / "gen.fa"
     assert main(["generate", str(export), "--out", str(fasta), "--num", "6", "--length", "120",
-                 "--prompt", "ACGT", "--batch", "4", "--top-p", "0.9"]) == 0  # fmt: skip
+                 "--prompt", "ACGT", "--batch-size", "4", "--top-p", "0.9"]) == 0  # fmt: skip
     generated = list(read_sequences(fasta))
     assert len(generated) == 6 and all(len(r) == 120 for r in generated)
     real = sample_file("viral/lambda.fasta.gz")
@@ -484,7 +484,7 @@ def test_set_distances_are_zero_for_a_set_and_itself_and_grow_with_difference():
 
 
 def test_class_weights_balance_the_classes_in_the_loss():
-    from nucleo.finetune import _class_weights
+    from nucleo.downstream.finetune import _class_weights
 
     labels = np.array([0] * 90 + [1] * 10)
     weights = _class_weights(labels, 3)
@@ -500,7 +500,7 @@ def test_tasks_commands_build_convert_and_describe(tmp_path, capsys):
     for path in GENBANK:
         args += ["--annotations", str(path)]
     assert main(args) == 0
-    assert main(["tasks", "convert", str(tmp_path / "c"), str(tmp_path / "gb"),
+    assert main(["tasks", "convert", str(tmp_path / "c"), "--out", str(tmp_path / "gb"),
                  "--layout", "genomic-benchmarks"]) == 0  # fmt: skip
     capsys.readouterr()
     assert main(["tasks", "info", str(tmp_path / "gb")]) == 0

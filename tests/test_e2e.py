@@ -22,9 +22,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from nucleo.checkpoint import complete_tags
-from nucleo.config import load_config
-from nucleo.export import load_exported, state_from_checkpoint
+from nucleo.train.checkpoint import complete_tags
+from nucleo.train.config import load_config
+from nucleo.train.export import load_exported, state_from_checkpoint
 from tests.conftest import ROOT, launch_env
 
 pytestmark = pytest.mark.slow

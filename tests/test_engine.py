@@ -14,11 +14,11 @@ import warnings
 import pytest
 from mlflow.tracking import MlflowClient
 
-from nucleo.components import ARCHITECTURES
-from nucleo.config import load_config
-from nucleo.engine import TrainConfig, deepspeed_config, lr_lambda, parameter_groups
-from nucleo.progress import Progress, duration, rate
-from nucleo.tracking import Tracker, TrackingConfig
+from nucleo.core.progress import Progress, duration, rate
+from nucleo.train.components import ARCHITECTURES
+from nucleo.train.config import load_config
+from nucleo.train.engine import TrainConfig, deepspeed_config, lr_lambda, parameter_groups
+from nucleo.train.tracking import Tracker, TrackingConfig
 
 
 def test_warmup_then_cosine_to_the_floor():
@@ -121,7 +121,7 @@ def test_rank_other_than_zero_logs_nothing(tmp_path):
 
 
 def test_threads_are_shared_between_local_processes(monkeypatch):
-    from nucleo.runtime import configure_threads
+    from nucleo.core.runtime import configure_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("MKL_NUM_THREADS", "8")  # inherited from a parent: must not survive
@@ -136,14 +136,14 @@ def test_threads_are_shared_between_local_processes(monkeypatch):
 
 
 def test_tracking_uri_precedence(tmp_path, monkeypatch):
-    from nucleo.tracking import resolve_uri
+    from nucleo.train.store import resolve_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert resolve_uri(TrackingConfig(), tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    assert resolve_uri(TrackingConfig(), tmp_path, "sqlite:///old.db") == "sqlite:///old.db"
+    assert resolve_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_uri(None, tmp_path, "sqlite:///old.db") == "sqlite:///old.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert resolve_uri(TrackingConfig(), tmp_path, "sqlite:///old.db") == "http://127.0.0.1:5000"
-    assert resolve_uri(TrackingConfig(uri="sqlite:///x.db"), tmp_path) == "sqlite:///x.db"
+    assert resolve_uri(None, tmp_path, "sqlite:///old.db") == "http://127.0.0.1:5000"
+    assert resolve_uri("sqlite:///x.db", tmp_path) == "sqlite:///x.db"
 
 
 def test_a_store_failing_mid_run_keeps_the_metrics_and_sends_them_when_it_is_back(tmp_path, capsys):
@@ -230,7 +230,7 @@ def test_resuming_a_run_missing_from_the_store_opens_a_linked_new_run(tmp_path):
 
 SHM_PROBE = """
 import os, sys, torch
-import nucleo.engine as engine
+import nucleo.train.engine as engine
 seen = {}
 unlink = engine._unlink_shm_buffer
 def record(device):
@@ -257,7 +257,7 @@ def test_deepspeeds_shared_memory_workspace_does_not_outlive_the_process():
 
 ALLOCATOR_PROBE = """
 import sys, torch
-from nucleo.runtime import configure_allocator
+from nucleo.core.runtime import configure_allocator
 def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
@@ -281,7 +281,7 @@ def test_cached_allocator_keeps_freed_memory_and_system_returns_it():
         took, rss[mode] = out.stdout.split()
         assert took == "True"
     assert float(rss["cached"]) > float(rss["system"]) + 200, rss
-    from nucleo.runtime import configure_allocator
+    from nucleo.core.runtime import configure_allocator
 
     with pytest.raises(ValueError, match="'cached' or 'system'"):
         configure_allocator("jemalloc")
@@ -291,7 +291,7 @@ def test_stale_jit_build_locks_are_found(tmp_path, monkeypatch):
     """A killed DeepSpeed start leaves a JIT lock that hangs every later start: it is named."""
     import time
 
-    from nucleo.engine import stale_jit_locks
+    from nucleo.train.engine import stale_jit_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     old = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"

@@ -1,4 +1,4 @@
-"""nucleo.flops: analytic compute per architecture, tied to torch.utils.flop_counter."""
+"""Each family's FLOP formula (nucleo.core.cost), tied to torch.utils.flop_counter."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from architectures.layers import Block
 from data_pipeline.tokenizers import CharTokenizer
-from nucleo.components import build_model
-from nucleo.config import load_config
-from nucleo.flops import COUNTED_BY_TORCH, ComputeCounter, forward_flops, module_flops
-from nucleo.trainer import count_parameters
+from nucleo.train.components import build_model
+from nucleo.train.compute import COUNTED_BY_TORCH, ComputeCounter, forward_flops, module_flops
+from nucleo.train.config import load_config
+from nucleo.train.trainer import count_parameters
 
 SMALL = ["model.d_model=32", "model.n_layers=2"]
 FAMILIES = [
@@ -108,7 +108,7 @@ def test_a_mixer_without_a_formula_counts_its_linear_layers_and_warns():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.proj(x)
 
-    with pytest.warns(UserWarning, match="no formula for Odd"):
+    with pytest.warns(UserWarning, match="Odd has no formula"):
         f = module_flops(Block(Odd(), 8, mlp_ratio=2.0), batch=1, length=10)
     assert f["matmul"] == 2 * 8 * 8 * 10 + 2 * (2 * 8 * 16) * 10
 

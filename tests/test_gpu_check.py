@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from nucleo import gpu_check
+from nucleo.studies import gpu_check
 from tests.conftest import ROOT
 
 

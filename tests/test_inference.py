@@ -10,12 +10,12 @@ import torch
 
 from data_pipeline.readers import read_sequences
 from data_pipeline.tokenizers import CharTokenizer
-from nucleo.alphabet import reverse_complement_bytes
-from nucleo.cli import main
-from nucleo.components import build_model
-from nucleo.config import load_config
-from nucleo.export import export_model
-from nucleo.inference import embed_sequence, log_likelihood
+from nucleo.cli.main import main
+from nucleo.core.alphabet import reverse_complement_bytes
+from nucleo.downstream.inference import embed_sequence, log_likelihood
+from nucleo.train.components import build_model
+from nucleo.train.config import load_config
+from nucleo.train.export import export_model
 from tests.conftest import sample_file
 
 LAMBDA = sample_file("viral/lambda.fasta.gz")

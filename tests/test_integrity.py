@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nucleo.checkpoint import COMPLETE, complete_tags, damage, file_digests, latest_intact
-from nucleo.export import load_exported
+from nucleo.train.checkpoint import COMPLETE, complete_tags, damage, file_digests, latest_intact
+from nucleo.train.export import load_exported
 from tests.conftest import ROOT
 
 TINY = [

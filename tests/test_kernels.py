@@ -22,12 +22,12 @@ from architectures import kernels
 from architectures.kernels import CAUSAL_CONV1D, FLASH_ATTN, SELECTIVE_SCAN, check_kernels, use
 from architectures.transformer import flash_unsuitable
 from data_pipeline.tokenizers import CharTokenizer
-from nucleo.cli import main
-from nucleo.components import build_model
-from nucleo.config import load_config
-from nucleo.device import DeviceError, resolve, resolve_for_training
-from nucleo.engine import deepspeed_config
-from nucleo.schema import ConfigError
+from nucleo.cli.main import main
+from nucleo.core.device import DeviceError, resolve, resolve_for_training
+from nucleo.core.schema import ConfigError
+from nucleo.train.components import build_model
+from nucleo.train.config import load_config
+from nucleo.train.engine import deepspeed_config
 from tests.conftest import ROOT
 
 CUDA = torch.device("cuda")  # a device object needs no GPU; nothing is allocated on it here

@@ -26,8 +26,8 @@ from data_pipeline.loader import (
 from data_pipeline.readers import read_sequences
 from data_pipeline.shards import ShardOptions, SourceFile, build_shards
 from data_pipeline.tokenizers import CharTokenizer, build_tokenizer
-from nucleo.alphabet import reverse_complement
-from nucleo.schema import ConfigError
+from nucleo.core.alphabet import reverse_complement
+from nucleo.core.schema import ConfigError
 from tests.conftest import ROOT, sample_file
 
 

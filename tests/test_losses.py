@@ -11,12 +11,12 @@ import torch.nn.functional as F
 
 from data_pipeline.tokenizers import CharTokenizer
 from losses.mlm import SELECTED, MaskedLM, MaskedLMConfig
-from nucleo.alphabet import MASK, PAD
-from nucleo.components import build_model
-from nucleo.config import load_config
-from nucleo.objective import Objective
-from nucleo.schema import ConfigError
-from nucleo.types import Batch, ModelOutput
+from nucleo.core.alphabet import MASK, PAD
+from nucleo.core.schema import ConfigError
+from nucleo.core.types import Batch, ModelOutput
+from nucleo.train.components import build_model
+from nucleo.train.config import load_config
+from nucleo.train.objective import Objective
 from tests.test_architectures import VARIANTS
 
 TOKENIZER = CharTokenizer()
@@ -158,7 +158,7 @@ def _outputs(logits: torch.Tensor, view: str = "forward") -> dict[str, ModelOutp
 
 
 def _loss(name: str, *sets: str):
-    from nucleo.registry import LOSSES
+    from nucleo.core.registry import LOSSES
 
     cfg = load_config(losses=f"ce,{name}" if name != "ce" else "ce", overrides=list(sets))
     return LOSSES.build(name, cfg.loss[name], tokenizer=TOKENIZER)
@@ -253,7 +253,7 @@ def test_square_corners_cannot_tell_uniform_from_an_even_a_g_mix():
 
 
 def test_walk_by_hand():
-    from nucleo.representations import WALK_VECTORS
+    from nucleo.core.representations import WALK_VECTORS
 
     tokens = torch.tensor([[0, 0, 4, 1]])  # A A N C: targets A N C; N is not walked
     uniform = torch.full((1, 4, 4), 0.25)
@@ -283,7 +283,7 @@ def test_geometric_losses_pass_finite_difference_checks(name):
 def test_ph_wasserstein_matches_gudhi_hera_and_its_gradient_matches_finite_differences():
     import gudhi.hera
 
-    from nucleo.representations import diagrams, wasserstein
+    from nucleo.core.representations import diagrams, wasserstein
 
     gen = torch.Generator().manual_seed(0)
     a = torch.rand(40, 3, generator=gen, dtype=torch.float64)

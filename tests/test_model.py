@@ -7,13 +7,13 @@ import torch
 
 from architectures.transformer import TransformerConfig
 from data_pipeline.tokenizers import CharTokenizer
-from nucleo.components import ARCHITECTURES
-from nucleo.config import load_config
-from nucleo.export import export_model, load_exported
-from nucleo.objective import Objective
-from nucleo.schema import ConfigError
-from nucleo.trainer import count_parameters
-from nucleo.types import Batch
+from nucleo.core.schema import ConfigError
+from nucleo.core.types import Batch
+from nucleo.train.components import ARCHITECTURES
+from nucleo.train.config import load_config
+from nucleo.train.export import export_model, load_exported
+from nucleo.train.objective import Objective
+from nucleo.train.trainer import count_parameters
 
 TINY = TransformerConfig(d_model=32, n_layers=2, n_heads=4)
 
@@ -107,8 +107,8 @@ def test_loading_something_that_is_not_an_export(tmp_path):
 def test_validation_reports_true_means_over_uneven_batches(sample_shards):
     """val/ce is the mean over windows, whatever the batch size; bits/base = ce / ln 2 here."""
     from data_pipeline.loader import DataConfig
-    from nucleo.engine import DistInfo
-    from nucleo.evaluation import EvalConfig, Validator
+    from nucleo.train.engine import DistInfo
+    from nucleo.train.evaluation import EvalConfig, Validator
 
     cfg = load_config(overrides=["model.d_model=32", "model.n_layers=1"])
     model = _model()

@@ -1,6 +1,6 @@
 """Every family x {fp32, bf16 weights, bf16 autocast} x ZeRO 0-3, in one and two processes.
 
-The matrix runs in launch/precision_check.py (nucleo.precision: real DeepSpeed engines on real
+The matrix runs in launch/precision_check.py (nucleo.train.precision: real DeepSpeed engines on real
 DNA: training, validation, checkpoint and resume, export from the fp32 masters, the offline
 ``nucleo export`` path), once per process count, on the suite's device; each combination is a
 test here. One process: all 72 combinations, without a launcher, and train.compile on the family
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from nucleo.precision import combos, problems
+from nucleo.train.precision import combos, problems
 from tests.conftest import DEVICE, ROOT, launch_env
 
 ONE = [*combos(), "mamba:2:bf16:compile", "multires:0:fp32:compile"]  # train.compile

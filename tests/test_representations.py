@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_pipeline.tokenizers import CharTokenizer
-from nucleo.representations import (
+from nucleo.core.representations import (
     CORNERS,
     WALK_VECTORS,
     base_mask,

@@ -1,4 +1,4 @@
-"""Scaling-law fits (nucleo.scaling) and the run table (nucleo.compare) over an MLflow store."""
+"""Scaling-law fits (nucleo.studies.scaling) and the run table (nucleo.studies.compare)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from nucleo.cli import main
-from nucleo.compare import RunRow, collect, parse_tags
-from nucleo.scaling import fit_law, frontier
+from nucleo.cli.main import main
+from nucleo.studies.compare import RunRow, collect, parse_tags
+from nucleo.studies.scaling import fit_law, frontier
 
 KINGDOMS = ("viral", "bacteria")
 

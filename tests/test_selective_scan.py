@@ -267,9 +267,9 @@ def test_compiled_conv_silu_matches_conv1d(reverse, width):
 def test_mamba_and_caduceus_give_the_same_results_with_the_compiled_op_and_without():
     """The channels-last compiled mixer (conv, scan, reverse direction without flips) against
     the pure-PyTorch mixer, same weights: logits and every parameter's gradient."""
-    from nucleo.components import build_model
-    from nucleo.registry import ARCHITECTURES
-    from nucleo.schema import from_dict
+    from nucleo.core.registry import ARCHITECTURES
+    from nucleo.core.schema import from_dict
+    from nucleo.train.components import build_model
 
     for arch in ("mamba", "caduceus"):
         torch.manual_seed(0)

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nucleo import slurm
-from nucleo.checkpoint import complete_tags
+from nucleo.slurm import launcher as slurm
+from nucleo.train.checkpoint import complete_tags
 from tests.conftest import ROOT
 
 BIN = ROOT / "tests" / "fixtures" / "slurm" / "bin"
@@ -148,7 +148,12 @@ def test_per_node_mode_trains_one_deepspeed_launcher_per_node(per_node_job):
         assert after(cmd, "--num_gpus") == "1"
         assert after(cmd, "--master_addr") == "localhost" and after(cmd, "--master_port") == port
         assert after(cmd, "--hostfile") == str(run_dir / "hostfile")
-        assert cmd[cmd.index("--master_port") + 2] == str(ROOT / "launch" / "pretrain.py")
+        assert cmd[cmd.index("--module") :][:4] == [
+            "--module",
+            "--no_local_rank",
+            "nucleo",
+            "pretrain",
+        ]
     assert (run_dir / "hostfile").read_text() == "localhost slots=1\n127.0.0.1 slots=1\n"
 
     # Both launchers started their rank of one world of two, and both ranks finished.

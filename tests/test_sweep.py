@@ -1,4 +1,4 @@
-"""Sweeps (nucleo.sweep): specs, points, and a real two-point sweep tracked as one MLflow parent."""
+"""Sweeps (nucleo.studies.sweep): specs, points, a real two-point sweep under one MLflow parent."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from nucleo.cli import main
-from nucleo.components import build_model
-from nucleo.config import load_config
-from nucleo.flops import ComputeCounter
-from nucleo.schema import ConfigError
-from nucleo.sweep import Sweep, expand, load_spec
+from nucleo.cli.main import main
+from nucleo.core.schema import ConfigError
+from nucleo.studies.sweep import Sweep, expand, load_spec
+from nucleo.train.components import build_model
+from nucleo.train.compute import ComputeCounter
+from nucleo.train.config import load_config
 
 TINY_MODEL = {"arch": "transformer", "model.d_model": 16, "model.n_layers": 1, "model.n_heads": 2}
 
@@ -138,10 +138,10 @@ def test_a_sweep_runs_each_point_as_a_child_run_skips_finished_ones_and_resumes(
 
 @pytest.mark.slow
 def test_one_smoke_point_of_every_family_runs_through_a_sweep(sample_shards, tmp_path, capfd):
-    """Every family (nucleo.precision's tiny settings, 2 steps, its default loss: ce, or mlm
+    """Every family (nucleo.train.precision's tiny settings, 2 steps, its default loss: ce, or mlm
     for caduceus) as a point of one ``nucleo sweep run`` on the sample shards: each finishes as
     an MLflow child run with a finite loss."""
-    from nucleo.precision import TINY
+    from nucleo.train.precision import TINY
 
     points = [
         {"arch": arch, **{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in sets)}}

@@ -8,8 +8,8 @@ import torch
 
 from data_pipeline.readers import read_sequences
 from data_pipeline.tokenizers import CharTokenizer, build_tokenizer, load_tokenizer
-from nucleo import alphabet
-from nucleo.alphabet import reverse_complement, reverse_complement_bytes
+from nucleo.core import alphabet
+from nucleo.core.alphabet import reverse_complement, reverse_complement_bytes
 from tests.conftest import sample_file
 
 
@@ -126,8 +126,8 @@ def test_kmer_round_trip_bases_per_token_and_reverse_complement_on_a_real_genome
 
 
 def test_kmer_options_are_checked_saved_and_loaded(tmp_path):
-    from nucleo.config import load_config
-    from nucleo.schema import ConfigError
+    from nucleo.core.schema import ConfigError
+    from nucleo.train.config import load_config
 
     cfg = load_config(overrides=["data.tokenizer=kmer", "data.tokenizer_options.k=4"])
     tok = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_options)
@@ -143,7 +143,7 @@ def test_kmer_options_are_checked_saved_and_loaded(tmp_path):
 
 def test_geometric_losses_need_one_token_per_base():
     from losses.cgr import ChaosGame, ChaosGameConfig
-    from nucleo.schema import ConfigError
+    from nucleo.core.schema import ConfigError
 
     with pytest.raises(ConfigError, match=r"data.tokenizer: loss 'cgr' needs one token per base"):
         ChaosGame(ChaosGameConfig(), build_tokenizer("kmer"))
@@ -192,7 +192,7 @@ def test_bpe_is_saved_whole_and_loads_without_its_training_file(sample_bpe, tmp_
 
 def test_bpe_errors_name_the_problem(tmp_path, sample_shards):
     from data_pipeline.tokenizers import train_bpe
-    from nucleo.schema import ConfigError
+    from nucleo.core.schema import ConfigError
 
     with pytest.raises(ConfigError, match=r"data\.tokenizer_options\.path"):
         build_tokenizer("bpe", {})
@@ -208,10 +208,10 @@ def test_bpe_errors_name_the_problem(tmp_path, sample_shards):
 
 
 def test_rc_loss_and_caduceus_refuse_bpe_clearly(sample_bpe):
-    from nucleo.components import build_model
-    from nucleo.config import load_config
-    from nucleo.objective import Objective
-    from nucleo.schema import ConfigError
+    from nucleo.core.schema import ConfigError
+    from nucleo.train.components import build_model
+    from nucleo.train.config import load_config
+    from nucleo.train.objective import Objective
 
     tok = _bpe(sample_bpe)
     cfg = load_config(arch="caduceus", overrides=["model.d_model=16", "model.n_layers=1"])

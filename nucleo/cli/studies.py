@@ -1,0 +1,150 @@
+"""``nucleo sweep | scaling | compare``: studies over many tracked runs.
+
+nucleo sweep run SPEC.yaml [--slurm]          every point of a sweep (skips finished ones)
+nucleo sweep status SPEC.yaml                 each point's state and result
+nucleo scaling fit --experiment NAME          scaling laws, plots and a report from MLflow
+nucleo compare [--experiment NAME] [--tag k=v] [--format md|csv]   a table of runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from nucleo.cli.common import add_out, add_store, at_least
+
+
+def cmd_sweep_run(args: argparse.Namespace) -> int:
+    from nucleo.studies.sweep import Sweep, load_spec
+
+    spec = load_spec(args.spec)
+    if args.launcher:
+        spec.launcher = shlex.split(args.launcher)
+    sweep = Sweep(spec)
+    if args.slurm:
+        sweep.submit_slurm(args.sbatch_arg or [], args.max_parallel)
+        return 0
+    failed = sweep.run(args.point, fail_fast=args.fail_fast, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(sweep.table())
+    return 1 if failed else 0
+
+
+def cmd_sweep_status(args: argparse.Namespace) -> int:
+    from nucleo.studies.sweep import Sweep, load_spec
+
+    print(Sweep(load_spec(args.spec)).table())
+    return 0
+
+
+def cmd_scaling_fit(args: argparse.Namespace) -> int:
+    import math
+    import time
+
+    from nucleo.core.machine import summary as machine
+    from nucleo.studies.compare import collect, parse_tags
+    from nucleo.studies.scaling import log_to_mlflow, run_fit
+    from nucleo.train.store import resolve_uri
+
+    uri = resolve_uri(args.tracking_uri, args.runs_root)
+    tags = parse_tags(args.tag)
+    if args.sweep:
+        tags["nucleo.sweep"] = args.sweep
+    rows = collect(uri, [args.experiment], tags)
+    usable = [r for r in rows if math.isfinite(r.flops) and math.isfinite(r.tokens)]
+    out = Path(args.out)
+    command = f"nucleo scaling fit --experiment {args.experiment} --out {args.out}"
+    for flag, value in (("--sweep", args.sweep), ("--notes", args.notes)):
+        command += f" {flag} {value}" if value else ""
+    command += "".join(f" --tag {t}" for t in args.tag or [])
+    command += f" --bootstrap {args.bootstrap} --seed {args.seed}"
+    header = {
+        "command": f"`{command}`",
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": machine(),
+        "MLflow": f"experiment `{args.experiment}` in `{uri}`" + (f", tags {tags}" if tags else ""),
+        "runs": f"{len(usable)} finished training runs"
+        + (
+            f" ({len(rows) - len(usable)} without recorded compute left out)"
+            if len(usable) < len(rows)
+            else ""
+        ),
+        "fit": f"Huber (delta 1e-3) in log space, L-BFGS from a grid of starts, "
+        f"{args.bootstrap} bootstrap resamples (seed {args.seed})",
+    }
+    notes = Path(args.notes).read_text() if args.notes else ""
+    fits, figures = run_fit(usable, out, header, args.bootstrap, args.seed, notes)
+    for fit in fits:
+        law = fit.law_n
+        text = f"alpha {law.params['alpha']:.3f}" if law else "; ".join(fit.errors)
+        print(f"{fit.group}: {fit.runs} runs, L(N) {text}")
+    if not args.no_log:
+        run_id = log_to_mlflow(
+            uri, args.experiment, fits, [out, out.with_suffix(".json"), *figures]
+        )
+        print(f"logged to MLflow run {run_id}")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from nucleo.studies.compare import collect, parse_tags, table
+    from nucleo.train.store import resolve_uri
+
+    uri = resolve_uri(args.tracking_uri, args.runs_root)
+    statuses = ("FINISHED", "RUNNING", "KILLED", "FAILED") if args.all else ("FINISHED",)
+    rows = collect(uri, args.experiment, parse_tags(args.tag), args.filter or "", statuses)
+    text = table(rows, args.format)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {len(rows)} runs to {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    """Register ``sweep``, ``scaling`` and ``compare``."""
+    sweep = sub.add_parser("sweep", help="run a grid of configs as one tracked sweep")
+    sweep_sub = sweep.add_subparsers(dest="sweep_command", required=True)
+    p = sweep_sub.add_parser("run", help="run (or resume) every point, or submit them to Slurm")
+    p.add_argument("spec", help="sweep spec (YAML; see experiments/sweeps/)")
+    p.add_argument("--point", type=at_least(0), action="append", help="only point N (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first failed point")
+    p.add_argument("--launcher", help="how to start a point, e.g. 'deepspeed launch/pretrain.py'")
+    p.add_argument("--slurm", action="store_true", help="submit a job array (sweep.sbatch)")
+    p.add_argument(
+        "--sbatch-arg", action="append", metavar="OPTION", help="extra sbatch option (repeatable)"
+    )
+    p.add_argument(
+        "--max-parallel", type=at_least(1), help="Slurm: at most this many points at once"
+    )
+    p.set_defaults(func=cmd_sweep_run)
+    p = sweep_sub.add_parser("status", help="each point's state and final bits per base")
+    p.add_argument("spec", help="sweep spec (YAML)")
+    p.set_defaults(func=cmd_sweep_status)
+
+    scaling = sub.add_parser("scaling", help="scaling laws from a tracked sweep")
+    scaling_sub = scaling.add_subparsers(dest="scaling_command", required=True)
+    p = scaling_sub.add_parser("fit", help="fit L(N) and L(N, D), plot, write a report")
+    p.add_argument("--experiment", required=True, help="MLflow experiment of the runs")
+    p.add_argument("--sweep", help="only the runs of this sweep (tag nucleo.sweep)")
+    add_out(p, "report file (markdown); plots and .json beside it", default="scaling.md")
+    p.add_argument("--bootstrap", type=at_least(0), default=200, help="resamples for the intervals")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--notes", help="markdown file appended to the report (the discussion)")
+    p.add_argument("--no-log", action="store_true", help="do not log the fit to MLflow")
+    add_store(p)
+    p.set_defaults(func=cmd_scaling_fit)
+    p = sub.add_parser("compare", help="a table of tracked runs (markdown or CSV)")
+    p.add_argument("--experiment", action="append", help="MLflow experiment (repeatable; all)")
+    p.add_argument("--filter", help='an MLflow filter, e.g. "metrics.`val/bits_per_base` < 1.9"')
+    p.add_argument("--format", choices=("md", "csv"), default="md", help="table format")
+    p.add_argument("--all", action="store_true", help="also unfinished runs")
+    add_out(p, "table file to write (default: stdout)")
+    add_store(p)
+    p.set_defaults(func=cmd_compare)

@@ -1,0 +1,136 @@
+"""Validation during training: a fixed, bounded set of windows, every N steps.
+
+The same windows every time (drawn once from the validation shards, ``windows_per_kingdom``
+per kingdom), split across ranks, each rank running the same number of batches (ZeRO-3
+gathers parameters collectively). Reports every loss of the objective and, for causal
+models, next-token bits per base overall and per kingdom. Random views (MLM masks) are drawn
+from a generator seeded per batch, so every evaluation scores the same masked positions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from data_pipeline.loader import DataConfig, validation_windows
+from losses.ce import next_token_nll
+from nucleo.core.schema import check
+from nucleo.core.types import Batch
+from nucleo.train.engine import DistInfo
+from nucleo.train.objective import Objective
+
+
+@dataclass
+class EvalConfig:
+    """every: optimizer steps between validations (0: only at the end).
+    windows_per_kingdom: validation windows drawn from each kingdom's val split.
+    batch_size: windows per forward during validation."""
+
+    every: int = 100
+    windows_per_kingdom: int = 32
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        check(self.every >= 0, "every", "must be >= 0")
+        check(self.windows_per_kingdom >= 1, "windows_per_kingdom", "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+class Validator:
+    """Holds this rank's share of the validation windows and evaluates a model on them."""
+
+    def __init__(
+        self,
+        cfg: EvalConfig,
+        data: DataConfig,
+        tokenizer: Any,
+        objective: Objective,
+        dist: DistInfo,
+        seed: int,
+    ) -> None:
+        tokens, kingdom, self.kingdoms = validation_windows(
+            data, tokenizer, cfg.windows_per_kingdom, seed
+        )
+        self.total_windows = len(tokens)
+        self.tokens = tokens[dist.rank :: dist.world_size]  # this rank's windows
+        self.kingdom = kingdom[dist.rank :: dist.world_size]
+        self.stand_in = (tokens[:1], kingdom[:1])  # for forwards that are not counted
+        # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively).
+        most = math.ceil(self.total_windows / dist.world_size)
+        self.n_batches = math.ceil(most / cfg.batch_size)
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.objective = objective
+        self.dist = dist
+        self.bases_per_token = torch.tensor(tokenizer.bases_per_token)
+        self.seed = seed
+
+    def _batch(self, index: int) -> tuple[Batch, bool]:
+        """Batch ``index`` of this rank, and whether it holds real windows (else a stand-in)."""
+        rows = slice(index * self.cfg.batch_size, (index + 1) * self.cfg.batch_size)
+        tokens, kingdom = self.tokens[rows], self.kingdom[rows]
+        real = len(tokens) > 0
+        if not real:  # this rank ran out: a forward that is not counted
+            tokens, kingdom = self.stand_in
+        batch = Batch(
+            tokens=tokens.to(self.dist.device),
+            kingdom=kingdom.to(self.dist.device),
+            kingdoms=self.kingdoms,
+            pad_id=self.tokenizer.pad_id,
+        )
+        return batch, real
+
+    @torch.no_grad()
+    def __call__(self, engine: Any, model: torch.nn.Module) -> dict[str, float]:
+        """Metrics ``val/<loss>``, ``val/bits_per_base`` and ``val/bits_per_base/<kingdom>``."""
+        if self.total_windows == 0:
+            return {}
+        started = time.perf_counter()
+        engine.eval()
+        device = self.dist.device
+        nll = torch.zeros(len(self.kingdoms), dtype=torch.float64, device=device)
+        bases = torch.zeros(len(self.kingdoms), dtype=torch.float64, device=device)
+        loss_sums: dict[str, torch.Tensor] = {}
+        windows = torch.zeros((), dtype=torch.float64, device=device)
+        bpt = self.bases_per_token.to(device)
+        keys: list[str] = []
+        for index in range(self.n_batches):
+            batch, real = self._batch(index)
+            # the same MLM masks (and any other random view) at every evaluation
+            generator = torch.Generator(device=device)
+            generator.manual_seed((self.seed * 1_000_003 + self.dist.rank) * 4099 + index)
+            outputs = self.objective.forward_views(engine, batch, generator)
+            result = self.objective.losses(batch, outputs, model)
+            # the same on every rank: the same objective (time per loss: training's business)
+            keys = sorted(k for k in result.metrics if not k.startswith("time/"))
+            if not real:
+                continue
+            size = len(batch.tokens)
+            windows += size
+            for key in keys:  # batch means, weighted by batch size
+                value = result.metrics[key]
+                loss_sums[key] = loss_sums.get(key, torch.zeros_like(windows)) + value * size
+            if getattr(model, "causal", False):
+                logits = outputs["forward"].logits
+                token_nll, mask = next_token_nll(logits, batch.tokens, batch.pad_id)
+                per_base = bpt[batch.tokens[:, 1:]] * mask
+                nll.index_add_(0, batch.kingdom, (token_nll * mask).sum(1).double())
+                bases.index_add_(0, batch.kingdom, per_base.sum(1).double())
+        engine.train()
+        zero = torch.zeros_like(windows)
+        packed = torch.stack([windows, *[loss_sums.get(k, zero) for k in keys]])
+        if self.dist.world_size > 1:
+            for tensor in (nll, bases, packed):
+                torch.distributed.all_reduce(tensor)
+        metrics = {f"val/{k}": float(packed[i + 1] / packed[0]) for i, k in enumerate(keys)}
+        if bases.sum() > 0:
+            metrics["val/bits_per_base"] = float(nll.sum() / bases.sum() / math.log(2))
+            for i, name in enumerate(self.kingdoms):
+                if bases[i] > 0:
+                    metrics[f"val/bits_per_base/{name}"] = float(nll[i] / bases[i] / math.log(2))
+        metrics["val/seconds"] = time.perf_counter() - started
+        return metrics
