@@ -216,12 +216,27 @@ def _samples(path: str, on_bad: str) -> Iterator[dict[str, Any]]:
         _bad_shard(path, f"{type(err).__name__}: {err}", on_bad, err)
 
 
+def split_chunks(
+    shard_dir: str | Path, kingdom: str, split: str, manifest: dict[str, Any]
+) -> list[tuple[str, int, bytes]]:
+    """(record id, offset, bases) of every chunk of one kingdom's split, in shard order and, in
+    a shard, by sample key: the whole split in memory (for building tasks and evaluation
+    sets from held-out data, not for training)."""
+    chunks = []
+    for shard in manifest["kingdoms"][kingdom].get(split, {}).get("shards", []):
+        samples = tar_samples(str(Path(shard_dir) / shard["path"]), on_bad="strict")
+        for sample in sorted(samples, key=lambda s: s["__key__"]):
+            meta = json.loads(sample["json"])
+            chunks.append((meta["record"], int(meta["offset"]), sample["seq"]))
+    return chunks
+
+
 def _bad_shard(path: str, reason: str, on_bad: str, cause: Exception | None = None) -> None:
     """Raise BadShardError naming ``path``, or (``on_bad="skip"``) warn once and record it."""
     skip = " or set data.on_bad_shard=skip" if on_bad != "strict" else ""
     message = (
         f"shard {path} is unreadable ({reason}); re-check the folder with `nucleo data "
-        f"verify {Path(path).parent.parent}` and rebuild it{skip}"
+        f"verify --shards {Path(path).parent.parent}` and rebuild it{skip}"
     )
     if on_bad != "skip":
         raise BadShardError(message) from cause

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nucleo.slurm import launcher as slurm
+from nucleo.slurm import allocation, launcher
 from nucleo.train.checkpoint import complete_tags
 from tests.conftest import ROOT
 
@@ -57,7 +57,7 @@ def _job_id() -> str:
     rng = random.Random()
     while True:
         job = rng.randrange(100_000, 999_999)
-        if _free(slurm.master_port(str(job), {})):
+        if _free(allocation.master_port(str(job), {})):
             return str(job)
 
 
@@ -267,39 +267,39 @@ def test_outside_an_allocation_is_a_clear_error(tmp_path):
 def test_missing_scontrol_and_gpu_count_are_clear_errors(tmp_path, monkeypatch, capsys):
     env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[1-2]"}
     monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol
-    assert slurm.main(["pretrain", "--dry-run", "--"], env) == 2
+    assert launcher.main(["pretrain", "--dry-run", "--"], env) == 2
     assert "scontrol is not on PATH" in capsys.readouterr().err
     monkeypatch.setenv("PATH", stand_ins_path())
-    assert slurm.main(["pretrain", "--dry-run", "--"], env) == 2
+    assert launcher.main(["pretrain", "--dry-run", "--"], env) == 2
     assert "pass --gpus-per-node" in capsys.readouterr().err
     bad = {**env, "SLURM_NNODES": "3"}
-    assert slurm.main(["pretrain", "--gpus-per-node", "1", "--dry-run", "--"], bad) == 2
+    assert launcher.main(["pretrain", "--gpus-per-node", "1", "--dry-run", "--"], bad) == 2
     assert "SLURM_NNODES=3" in capsys.readouterr().err
 
 
 def test_port_and_gpu_counts_from_the_slurm_environment():
-    assert slurm.master_port("123456", {}) == 20000 + 123456 % 20000 == 23456
-    assert slurm.master_port("123456", {"MASTER_PORT": "29500"}) == 29500
-    assert 20000 <= slurm.master_port("abc", {}) < 40000
-    assert slurm.parse_gpus("8") == slurm.parse_gpus("a100:8") == 8
-    assert slurm.parse_gpus("gpu:a100:4,gpu:v100:4") == 8
-    assert slurm.gpus_per_node({"SLURM_GPUS_PER_NODE": "h100:4"}) == 4
-    assert slurm.gpus_per_node({"SLURM_GPUS_ON_NODE": "2", "SLURM_GPUS_PER_NODE": "4"}) == 2
-    assert slurm.gpus_per_node({"SLURM_GPUS_ON_NODE": "2"}, override=3) == 3
-    with pytest.raises(slurm.SlurmError, match="GPU count"):
-        slurm.parse_gpus("lots")
+    assert allocation.master_port("123456", {}) == 20000 + 123456 % 20000 == 23456
+    assert allocation.master_port("123456", {"MASTER_PORT": "29500"}) == 29500
+    assert 20000 <= allocation.master_port("abc", {}) < 40000
+    assert allocation.parse_gpus("8") == allocation.parse_gpus("a100:8") == 8
+    assert allocation.parse_gpus("gpu:a100:4,gpu:v100:4") == 8
+    assert allocation.gpus_per_node({"SLURM_GPUS_PER_NODE": "h100:4"}) == 4
+    assert allocation.gpus_per_node({"SLURM_GPUS_ON_NODE": "2", "SLURM_GPUS_PER_NODE": "4"}) == 2
+    assert allocation.gpus_per_node({"SLURM_GPUS_ON_NODE": "2"}, override=3) == 3
+    with pytest.raises(allocation.SlurmError, match="GPU count"):
+        allocation.parse_gpus("lots")
 
 
 def test_task_env_maps_slurm_task_ids_to_torch_distributed():
     """Task 5 of 2 nodes x 4 GPUs, as srun describes it: second node, local rank 1."""
     env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_NTASKS": "8",
            "SLURM_NNODES": "2", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}  # fmt: skip
-    assert slurm.task_env(env, "gpu01", 23456) == {
+    assert allocation.task_env(env, "gpu01", 23456) == {
         "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_SIZE": "4",
         "MASTER_ADDR": "gpu01", "MASTER_PORT": "23456",
     }  # fmt: skip
-    with pytest.raises(slurm.SlurmError, match="cuda:LOCAL_RANK"):
-        slurm.task_env({**env, "CUDA_VISIBLE_DEVICES": "1"}, "gpu01", 23456)
+    with pytest.raises(allocation.SlurmError, match="cuda:LOCAL_RANK"):
+        allocation.task_env({**env, "CUDA_VISIBLE_DEVICES": "1"}, "gpu01", 23456)
 
 
 def test_per_task_dry_run_prints_each_rank_and_writes_nothing(tmp_path, monkeypatch, capsys):
@@ -309,7 +309,7 @@ def test_per_task_dry_run_prints_each_rank_and_writes_nothing(tmp_path, monkeypa
            "SLURM_CPUS_ON_NODE": "64"}  # fmt: skip
     argv = ["pretrain", "--mode", "per-task", "--gpus-per-node", "4", "--dry-run", "--",
             "--arch", "hyena", "--set", f"run.root={tmp_path}"]  # fmt: skip
-    assert slurm.main(argv, env) == 0
+    assert launcher.main(argv, env) == 0
     out = capsys.readouterr().out
     srun = shlex.split(re.search(r"srun: (.*)", out).group(1))
     assert srun[1:5] == ["--nodes=2", "--ntasks=8", "--ntasks-per-node=4", "--cpus-per-task=16"]
@@ -327,24 +327,24 @@ def test_per_task_dry_run_prints_each_rank_and_writes_nothing(tmp_path, monkeypa
 def test_plan_resumes_own_runs_and_refuses_foreign_ones(tmp_path):
     env = {"SLURM_JOB_ID": "55"}
     run_dir = tmp_path / "slurm-55"
-    plan = slurm.plan_run(["--set", f"run.root={tmp_path}"], env)
+    plan = launcher.plan_run(["--set", f"run.root={tmp_path}"], env)
     assert plan.run_dir == run_dir and plan.resume_tag is None and not plan.stale
     # an earlier attempt of this job died before its first checkpoint: start over
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("{}")
     (run_dir / "slurm.log").write_text("job=55 restart=0 mode=per-node\n")
-    assert slurm.plan_run(["--set", f"run.root={tmp_path}"], env).stale
+    assert launcher.plan_run(["--set", f"run.root={tmp_path}"], env).stale
     # ... but a run this job did not start is never touched
-    with pytest.raises(slurm.SlurmError, match="did not start"):
-        slurm.plan_run(["--set", f"run.root={tmp_path}", "--set", "run.name=slurm-55"],
-                       {"SLURM_JOB_ID": "56"})  # fmt: skip
+    with pytest.raises(allocation.SlurmError, match="did not start"):
+        launcher.plan_run(["--set", f"run.root={tmp_path}", "--set", "run.name=slurm-55"],
+                          {"SLURM_JOB_ID": "56"})  # fmt: skip
     # a complete checkpoint: resume it, keeping the overrides; config path as first argument
     tag = run_dir / "checkpoints" / "step_00000020"
     tag.mkdir(parents=True)
     (tag / "COMPLETE").write_text("")
     config = tmp_path / "c.yaml"
     config.write_text("train: {max_steps: 50}\n")
-    plan = slurm.plan_run([str(config), "--set", f"run.root={tmp_path}"], env)
+    plan = launcher.plan_run([str(config), "--set", f"run.root={tmp_path}"], env)
     assert plan.resume_tag == "step_00000020"
     assert plan.args == ["--config", str(config), "--set", f"run.root={tmp_path}",
                          "--set", "run.name=slurm-55", "--resume", str(run_dir)]  # fmt: skip
@@ -381,7 +381,7 @@ def test_usr1_handler_with_a_failing_scontrol(tmp_path, monkeypatch, capsys):
     failing.write_text("#!/bin/sh\necho 'Requested operation is presently disabled' >&2\nexit 1\n")
     failing.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    step = slurm.BatchStep("99")
+    step = launcher.BatchStep("99")
     step.on_usr1(signal.SIGUSR1, None)
     assert not step.requeued
     assert "presently disabled" in capsys.readouterr().out
@@ -392,14 +392,14 @@ def test_a_retry_of_a_start_that_died_early_starts_over(tmp_path, monkeypatch, c
     (its attempts log kept), the hostfile rewritten, and srun started without --resume."""
     monkeypatch.setenv("PATH", stand_ins_path())
     started: list[list[str]] = []
-    monkeypatch.setattr(slurm.BatchStep, "run", lambda self, cmd: started.append(cmd) or 0)
+    monkeypatch.setattr(launcher.BatchStep, "run", lambda self, cmd: started.append(cmd) or 0)
     run_dir = tmp_path / "slurm-77"
     (run_dir / "checkpoints" / "step_00000010").mkdir(parents=True)  # never completed
     (run_dir / "config.yaml").write_text("{}")
     (run_dir / "slurm.log").write_text("job=77 restart=0 mode=per-node\n")
     env = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_GPUS_ON_NODE": "1",
            "SLURM_RESTART_COUNT": "1"}  # fmt: skip
-    assert slurm.main(["pretrain", "--", "--set", f"run.root={tmp_path}"], env) == 0
+    assert launcher.main(["pretrain", "--", "--set", f"run.root={tmp_path}"], env) == 0
     assert "earlier attempt of this job left no checkpoint" in capsys.readouterr().out
     assert sorted(p.name for p in run_dir.iterdir()) == ["hostfile", "slurm.log"]
     assert (run_dir / "slurm.log").read_text().splitlines()[1].startswith("job=77 restart=1")

@@ -47,6 +47,16 @@ def _ints(text: str) -> list[int]:
 # ----------------------------------------------------------------------------- tasks
 
 
+def _option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (key, YAML-parsed value): ``--option test_fraction=0.25``."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. test_fraction=0.25")
+    return key, yaml.safe_load(value)
+
+
 def cmd_tasks_build(args: argparse.Namespace) -> int:
     from nucleo.downstream.tasks import build_task, save_task
 
@@ -55,16 +65,13 @@ def cmd_tasks_build(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "train_per_class": args.train_per_class,
         "test_per_class": args.test_per_class,
+        "shards": args.shards,
+        "genomes": args.genome,
+        "test_genome": args.test_genome,
+        "annotations": args.annotations,
+        "test_groups": args.test_group,
+        **dict(args.option or []),
     }
-    if args.name == "kingdom":
-        options["shards"] = args.shards
-    elif args.name == "plasmid_vs_chromosome":
-        options["genomes"] = args.genome
-        options["test_genome"] = args.test_genome
-    elif args.name == "coding_vs_intergenic":
-        options["annotations"] = args.annotations
-        options["test_groups"] = args.test_group
-    options = {k: v for k, v in options.items() if v is not None}
     task = build_task(args.name, corpus=args.corpus, **options)
     out = save_task(task, args.out, args.layout)
     print(task.describe())
@@ -342,7 +349,9 @@ def add_commands(sub: Any) -> None:
                    help="bases per example (default: the task's, 200)")  # fmt: skip
     p.add_argument("--train-per-class", type=at_least(1), help="training examples per class")
     p.add_argument("--test-per-class", type=at_least(1), help="test examples per class")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=int, help="sampling seed (default: the task's, 0)")
+    p.add_argument("--option", type=_option, action="append", metavar="KEY=VALUE",
+                   help="any other option of the task's builder (repeatable)")  # fmt: skip
     p.set_defaults(func=cmd_tasks_build)
     p = tsub.add_parser("convert", help="rewrite a task in another layout")
     p.add_argument("source", help="task folder (any layout)")

@@ -46,7 +46,7 @@ def cmd_scaling_fit(args: argparse.Namespace) -> int:
 
     from nucleo.core.machine import summary as machine
     from nucleo.studies.compare import collect, parse_tags
-    from nucleo.studies.scaling import log_to_mlflow, run_fit
+    from nucleo.studies.scaling_report import log_to_mlflow, run_fit
     from nucleo.train.store import resolve_uri
 
     uri = resolve_uri(args.tracking_uri, args.runs_root)

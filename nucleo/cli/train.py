@@ -19,6 +19,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     import torch
 
     from nucleo.core.schema import from_dict, to_dict
+    from nucleo.downstream.tasks import TASKS
     from nucleo.train.components import ARCHITECTURES, LOSSES, TOKENIZERS
     from nucleo.train.trainer import count_parameters
 
@@ -50,6 +51,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("tokenizers (--set data.tokenizer=...):")
     for entry in TOKENIZERS:
         print(f"  {entry.name:<14}{entry.summary}")
+    print("tasks (nucleo tasks build NAME):")
+    for entry in TASKS:
+        print(f"  {entry.name:<24}{entry.summary}")
     return 0
 
 

@@ -1,12 +1,21 @@
 """Registries: one per extension point; the registered names are the command-line names.
 
 Foundation module: imports nothing from the project. The families register themselves when
-their package is imported (``import architectures``); ``nucleo.train.components`` does that import.
+their package is imported (``import architectures``); ``nucleo.train.components`` does that
+import. Other installed packages add components through entry-point groups, one per registry
+(``nucleo.architectures``, ``nucleo.losses``, ``nucleo.tokenizers``, ``nucleo.tasks``): each
+entry point names a module, which registers its components when the registry first looks a
+name up. So a lab adds a family without forking::
+
+    # its pyproject.toml
+    [project.entry-points."nucleo.architectures"]
+    tinyconv = "my_lab.tinyconv"      # the module holding @ARCHITECTURES.register("tinyconv")
 """
 
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -23,22 +32,26 @@ class UnknownNameError(KeyError):
 
 @dataclass(frozen=True)
 class Entry(Generic[T]):
-    """A registered component: its name, the class that builds it and its typed config."""
+    """A registered component: its name, the class that builds it, its typed config (None for
+    components configured by keyword arguments, such as tasks) and a one-line summary."""
 
     name: str
     cls: type[T]
-    config: type
+    config: type | None
     summary: str
 
 
 class Registry(Generic[T]):
-    """Maps names to component classes and their config dataclasses."""
+    """Maps names to component classes and their config dataclasses; ``group`` is the
+    entry-point group whose modules are imported (once) before the first lookup."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, group: str | None = None) -> None:
         self.kind = kind
+        self.group = group
         self._entries: dict[str, Entry[T]] = {}
+        self._plugins_loaded = group is None
 
-    def register(self, name: str, *, config: type) -> Callable[[type[T]], type[T]]:
+    def register(self, name: str, *, config: type | None = None) -> Callable[[type[T]], type[T]]:
         """Class decorator: ``@ARCHITECTURES.register("transformer", config=TransformerConfig)``."""
 
         def decorate(cls: type[T]) -> type[T]:
@@ -50,7 +63,27 @@ class Registry(Generic[T]):
 
         return decorate
 
+    def load_plugins(self) -> None:
+        """Import every module of this registry's entry-point group (once). A plugin that
+        fails to import is skipped with a one-line warning naming it and its package."""
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        from importlib.metadata import entry_points
+
+        for point in entry_points(group=self.group or ""):
+            try:
+                point.load()
+            except Exception as err:  # a broken plugin must not take nucleo down with it
+                package = point.dist.name if point.dist else "an unknown package"
+                warnings.warn(
+                    f"{self.kind} plugin {point.name!r} ({point.value}, from {package}) was "
+                    f"not loaded: {type(err).__name__}: {err}",
+                    stacklevel=2,
+                )
+
     def get(self, name: str) -> Entry[T]:
+        self.load_plugins()
         if name not in self._entries:
             known = ", ".join(sorted(self._entries)) or "(none)"
             close = difflib.get_close_matches(name, list(self._entries), n=1)
@@ -61,20 +94,24 @@ class Registry(Generic[T]):
     def build(self, name: str, config: Any, **kwargs: Any) -> T:
         """Instantiate ``name`` from its config object (an instance of ``get(name).config``)."""
         entry = self.get(name)
-        if not isinstance(config, entry.config):
-            raise TypeError(f"{self.kind} {name!r} takes {entry.config.__name__}")
+        if entry.config is None or not isinstance(config, entry.config):
+            wanted = entry.config.__name__ if entry.config else "no config object"
+            raise TypeError(f"{self.kind} {name!r} takes {wanted}")
         return entry.cls(config, **kwargs)
 
     def names(self) -> list[str]:
+        self.load_plugins()
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
+        self.load_plugins()
         return name in self._entries
 
     def __iter__(self) -> Iterator[Entry[T]]:
         return iter(self._entries[n] for n in self.names())
 
 
-ARCHITECTURES: Registry[Any] = Registry("architecture")
-LOSSES: Registry[Any] = Registry("loss")
-TOKENIZERS: Registry[Any] = Registry("tokenizer")
+ARCHITECTURES: Registry[Any] = Registry("architecture", "nucleo.architectures")
+LOSSES: Registry[Any] = Registry("loss", "nucleo.losses")
+TOKENIZERS: Registry[Any] = Registry("tokenizer", "nucleo.tokenizers")
+TASKS: Registry[Any] = Registry("task", "nucleo.tasks")

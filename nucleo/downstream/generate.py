@@ -234,22 +234,23 @@ def real_windows(
     shards: str | Path, kingdom: str, length: int, count: int, seed: int = 0, split: str = "val"
 ) -> list[bytes]:
     """Up to ``count`` N-free windows of ``length`` bases from a kingdom's held-out shards."""
+    from data_pipeline.loader import split_chunks
     from data_pipeline.shards import load_manifest
-    from nucleo.downstream.tasks import _grid_fragments, _shard_chunks
+    from nucleo.downstream.tasks.base import grid_fragments
 
     manifest = load_manifest(shards)
     if kingdom not in manifest["kingdoms"]:
         raise ValueError(
             f"{shards}: no kingdom {kingdom!r}; have {', '.join(manifest['kingdoms'])}"
         )
-    chunks = _shard_chunks(Path(shards), kingdom, split, manifest)
+    chunks = split_chunks(Path(shards), kingdom, split, manifest)
     if not chunks:
         raise ValueError(f"{shards}: kingdom {kingdom!r} has no {split} shards")
     rng = np.random.default_rng(seed)
     out: list[bytes] = []
     for index in rng.permutation(len(chunks)):
         seq = chunks[index][2]
-        for start in _grid_fragments(seq, length, max(1, count // len(chunks) + 1), rng):
+        for start in grid_fragments(seq, length, max(1, count // len(chunks) + 1), rng):
             out.append(seq[start : start + length])
         if len(out) >= count:
             break
