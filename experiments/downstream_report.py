@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nucleo.core.machine import describe  # noqa: E402
-from nucleo.downstream.finetune import format_table  # noqa: E402
+from nucleo.downstream.finetune_compare import format_table  # noqa: E402
 
 MODELS = {"ce": "pre-ce", "ce+rc+cgr": "pre-ce+rc+cgr"}
 

@@ -1,9 +1,9 @@
-"""Train, resume and export every family in every precision and ZeRO stage (nucleo.train.precision).
+"""Train, resume, export and fine-tune every family in every precision and ZeRO stage.
 
     python launch/precision_check.py [--families hyena mamba] [--stages 0 3] [--precisions bf16]
     deepspeed --num_gpus 2 launch/precision_check.py ...
 
-Thin on purpose: threads, then ``nucleo.train.precision.main``.
+Thin on purpose: threads, then ``nucleo.studies.precision.main``.
 """
 
 import os
@@ -17,7 +17,7 @@ from nucleo.core.runtime import configure_threads
 configure_threads()  # before torch is imported
 os.environ.setdefault("TQDM_DISABLE", "1")  # DeepSpeed's checkpoint readers draw progress bars
 
-from nucleo.train.precision import main  # noqa: E402
+from nucleo.studies.precision import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,12 +21,12 @@ from data_pipeline.tokenizers import CharTokenizer
 from nucleo.core.alphabet import COMPLEMENT_IDS
 from nucleo.core.schema import ConfigError, from_dict
 from nucleo.core.types import Batch
+from nucleo.studies.precision import TINY
 from nucleo.train.components import ARCHITECTURES, build_model
+from nucleo.train.compute import count_parameters
 from nucleo.train.config import load_config
 from nucleo.train.export import export_model, load_exported
 from nucleo.train.objective import Objective
-from nucleo.train.precision import TINY
-from nucleo.train.trainer import count_parameters
 from tests.conftest import loaded_or_fail
 
 # one tiny model per family (the precision check's): d_model 32, a layer or two

@@ -23,7 +23,8 @@ from data_pipeline.readers import read_sequences
 from data_pipeline.tokenizers import CharTokenizer
 from nucleo.cli.main import main
 from nucleo.core.alphabet import reverse_complement_bytes
-from nucleo.downstream.finetune import fit_probe, metrics
+from nucleo.downstream.classifier import metrics
+from nucleo.downstream.finetune import fit_probe
 from nucleo.downstream.generate import compare_sets, filter_logits, sample
 from nucleo.downstream.tasks import (
     Split,
@@ -371,6 +372,28 @@ def test_finetune_learns_a_real_task_and_predict_reads_the_saved_classifier(tmp_
     experiment = client.get_experiment_by_name("nucleo-finetune")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.data.metrics["test/accuracy"] == pytest.approx(accuracy)
+
+
+def test_finetune_runs_through_the_engine_in_bf16_under_zero_2(tmp_path, capsys):
+    """Fine-tuning is pretraining's engine: DeepSpeed bf16 weights with fp32 masters, ZeRO-2;
+    the saved classifier holds the gathered fp32 weights and predicts."""
+    export, task = _export(tmp_path), _gc_task(tmp_path)
+    args = [
+        "finetune", str(task), "--export", str(export), "--epochs", "2", "--lr", "3e-3",
+        "--batch-size", "16", "--out", str(tmp_path / "ft"), "--precision", "bf16",
+        "--zero-stage", "2", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+    ]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert float(out.split("test accuracy ")[1].split()[0]) >= 0.7, out
+    (saved,) = (tmp_path / "ft").iterdir()
+    assert json.loads((saved / "classifier.json").read_text())["precision"] == "bf16"
+    from safetensors.torch import load_file
+
+    assert {v.dtype for v in load_file(str(saved / "head.safetensors")).values()} == {torch.float32}
+    fasta = tmp_path / "q.fa"
+    fasta.write_text(">a\nACGTACGTGGCCGGCCGCGC\n")
+    assert main(["predict", str(saved), str(fasta)]) == 0
 
 
 def test_compare_writes_the_table_and_resumes(tmp_path, capsys):

@@ -13,9 +13,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from architectures.layers import Block
 from data_pipeline.tokenizers import CharTokenizer
 from nucleo.train.components import build_model
-from nucleo.train.compute import COUNTED_BY_TORCH, ComputeCounter, forward_flops, module_flops
+from nucleo.train.compute import (
+    COUNTED_BY_TORCH,
+    ComputeCounter,
+    count_parameters,
+    forward_flops,
+    module_flops,
+)
 from nucleo.train.config import load_config
-from nucleo.train.trainer import count_parameters
 
 SMALL = ["model.d_model=32", "model.n_layers=2"]
 FAMILIES = [

@@ -10,10 +10,10 @@ from data_pipeline.tokenizers import CharTokenizer
 from nucleo.core.schema import ConfigError
 from nucleo.core.types import Batch
 from nucleo.train.components import ARCHITECTURES
+from nucleo.train.compute import count_parameters
 from nucleo.train.config import load_config
 from nucleo.train.export import export_model, load_exported
 from nucleo.train.objective import Objective
-from nucleo.train.trainer import count_parameters
 
 TINY = TransformerConfig(d_model=32, n_layers=2, n_heads=4)
 

@@ -1,13 +1,12 @@
 """Every family x {fp32, bf16 weights, bf16 autocast} x ZeRO 0-3, in one and two processes.
 
-The matrix runs in launch/precision_check.py (nucleo.train.precision: real DeepSpeed engines on real
-DNA: training, validation, checkpoint and resume, export from the fp32 masters, the offline
-``nucleo export`` path), once per process count, on the suite's device; each combination is a
-test here. One process: all 72 combinations, without a launcher, and train.compile on the family
-it speeds up (multires) and on one behind compiled CPU ops (mamba). Two processes (``deepspeed
---num_gpus 2``): bf16 weights under every stage, plus autocast under ZeRO-3 and fp32 under
-ZeRO-2.
-"""
+The matrix runs in launch/precision_check.py (nucleo.studies.precision: real DeepSpeed engines
+on real DNA: training, validation, checkpoint and resume, export from the fp32 masters, the
+offline ``nucleo export`` path, fine-tuning), once per process count, on the suite's device;
+each combination is a test here. One process: all 72 combinations, without a launcher, and
+train.compile on the family it speeds up (multires) and on one behind compiled CPU ops (mamba).
+Two processes (``deepspeed --num_gpus 2``): bf16 weights under every stage, plus autocast under
+ZeRO-3 and fp32 under ZeRO-2."""
 
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from nucleo.train.precision import combos, problems
+from nucleo.studies.precision import combos, problems
 from tests.conftest import DEVICE, ROOT, launch_env
 
 ONE = [*combos(), "mamba:2:bf16:compile", "multires:0:fp32:compile"]  # train.compile

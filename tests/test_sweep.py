@@ -138,10 +138,10 @@ def test_a_sweep_runs_each_point_as_a_child_run_skips_finished_ones_and_resumes(
 
 @pytest.mark.slow
 def test_one_smoke_point_of_every_family_runs_through_a_sweep(sample_shards, tmp_path, capfd):
-    """Every family (nucleo.train.precision's tiny settings, 2 steps, its default loss: ce, or mlm
+    """Every family (nucleo.studies.precision's tiny settings, 2 steps, its default loss: ce, or mlm
     for caduceus) as a point of one ``nucleo sweep run`` on the sample shards: each finishes as
     an MLflow child run with a finite loss."""
-    from nucleo.train.precision import TINY
+    from nucleo.studies.precision import TINY
 
     points = [
         {"arch": arch, **{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in sets)}}

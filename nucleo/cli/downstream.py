@@ -13,6 +13,7 @@ using trained models.
 from __future__ import annotations
 
 import argparse
+import atexit
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,7 +120,9 @@ def _exports(values: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from nucleo.downstream.finetune import FinetuneConfig, compare, run_seeds, summarize
+    from nucleo.downstream.finetune import FinetuneConfig, run_seeds, summarize
+    from nucleo.downstream.finetune_compare import compare
+    from nucleo.train.engine import shutdown_distributed
 
     exports = _exports(args.export)
     base = FinetuneConfig(
@@ -137,29 +140,33 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         probe_c=args.probe_c,
         max_tokens=args.max_tokens,
         device=args.device,
+        precision=args.precision,
+        zero_stage=args.zero_stage,
         out=args.out,
         experiment=args.experiment,
         tracking_uri=args.tracking_uri,
         label=exports[0][0],
     )
+    if not args.compare and (len(args.task) > 1 or len(exports) > 1):
+        raise ValueError("several tasks or exports need --compare")
+    # the process group is torn down at exit (not here: DeepSpeed keeps its groups for the
+    # next run of this process, and cannot start again on a destroyed one)
+    atexit.register(shutdown_distributed)
     if args.compare:
         compare(args.task, exports, base, args.table, scratch=not args.no_scratch)
         if args.table:
             print(f"wrote {args.table} (and {Path(args.table).with_suffix('.json')})")
         return 0
-    if len(args.task) > 1 or len(exports) > 1:
-        raise ValueError("several tasks or exports need --compare")
-    results = run_seeds(base)
-    summary = summarize(results)
+    summary = summarize(run_seeds(base))
     print(
-        f"{base.task}: {len(results)} seed(s): "
+        f"{base.task}: {len(base.seeds)} seed(s): "
         + " | ".join(f"{k} {m:.4f} ± {s:.4f}" for k, (m, s) in summary.items())
     )
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from nucleo.downstream.finetune import predict_file
+    from nucleo.downstream.classifier import predict_file
 
     rows = predict_file(args.classifier, args.fasta, args.batch_size, args.device)  # loads first
     out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115
@@ -452,6 +459,15 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-c", type=positive, default=1.0, help="probe: inverse L2 strength")
     p.add_argument("--max-tokens", type=at_least(2), default=1024, help="longer inputs are cut")
     add_device(p)
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="full: the engine's weights (bf16: DeepSpeed bf16, fp32 masters)",
+    )
+    p.add_argument(
+        "--zero-stage", type=int, choices=(0, 1, 2, 3), default=0, help="full: DeepSpeed ZeRO stage"
+    )
     add_out(p, "folder where classifiers are saved", default="runs/finetune")
     p.add_argument("--experiment", default="nucleo-finetune", help="MLflow experiment")
     add_store(p, tags=False)

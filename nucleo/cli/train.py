@@ -21,7 +21,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from nucleo.core.schema import from_dict, to_dict
     from nucleo.downstream.tasks import TASKS
     from nucleo.train.components import ARCHITECTURES, LOSSES, TOKENIZERS
-    from nucleo.train.trainer import count_parameters
+    from nucleo.train.compute import count_parameters
 
     tokenizer_vocab = 9
     print("architectures (--arch); parameters for the 9-token char vocabulary:")

@@ -7,7 +7,7 @@ time budget (``--budget``, 9.5 minutes by default) would not cover it:
                 isolation) within ``--kernel-budget`` seconds, then load each on the GPU
     tests       ``pytest -m gpu``: every CUDA kernel against its pure-PyTorch path, alone and
                 inside models; every family on CUDA against CPU
-    matrix      the precision check (nucleo.train.precision) on the GPU: every family with bf16
+    matrix      the precision check (nucleo.studies.precision) on the GPU: every family with bf16
                 weights under ZeRO-0 and ZeRO-3 and with bf16 autocast under ZeRO-2
     train-1     every family, a short bf16 run of ``deepspeed --num_gpus 1 launch/pretrain.py``
                 on the bundled genome sample: tokens/s, TFLOP/s and model FLOPs utilisation
@@ -230,7 +230,7 @@ def junit_rows(path: Path) -> list[dict[str, str]]:
 
 
 def step_matrix(check: Check, step: Step) -> None:
-    from nucleo.train.precision import problems
+    from nucleo.studies.precision import problems
 
     cmd = [sys.executable, "launch/precision_check.py", "--json", *MATRIX]
     log = check.logs / "matrix.log"

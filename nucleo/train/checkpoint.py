@@ -30,13 +30,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from data_pipeline.shards import sha256_file
 from nucleo.core.schema import check
-from nucleo.train.engine import on_main
+from nucleo.train.engine import DistInfo, on_main
+
+if TYPE_CHECKING:
+    from nucleo.train.config import RunConfig
 
 COMPLETE = "COMPLETE"
 _TAG = re.compile(r"^step_(\d{8})$")
@@ -235,3 +238,45 @@ def load_checkpoint(engine: Any, ckpt_dir: str | Path, tag: str) -> dict[str, An
     if path is None:
         raise FileNotFoundError(f"{Path(ckpt_dir) / tag}: DeepSpeed could not load this checkpoint")
     return client_state or {}
+
+
+def prepare_run_dir(
+    cfg: RunConfig, dist: DistInfo, resume: str | Path | None, say: Any = print
+) -> tuple[Path, str | None]:
+    """(run directory, checkpoint tag to resume from or None), the same on every rank.
+
+    Refuses to overwrite another run. Resuming takes the newest checkpoint whose files verify
+    (naming any damaged newer one); a run that never saved a checkpoint starts afresh in its
+    own directory.
+    """
+
+    def make() -> tuple[Path, str | None]:
+        tag = None
+        if resume:
+            run_dir = Path(resume)
+            if not (run_dir / "config.yaml").is_file():
+                raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
+            ckpt = run_dir / "checkpoints"
+            tag = latest_intact(ckpt, say)
+            if tag is None and complete_tags(ckpt):
+                raise FileNotFoundError(
+                    f"{ckpt}: every checkpoint is damaged (above); nothing to resume. Move "
+                    "the run directory away to start again"
+                )
+            if tag is None:
+                say(f"{run_dir} has no checkpoint yet: starting it afresh")
+        else:
+            name = cfg.run.name or "{}-{}-{}-{}".format(
+                cfg.arch, "+".join(cfg.losses), time.strftime("%Y%m%d-%H%M%S"),
+                os.urandom(2).hex(),  # runs started in the same second stay apart
+            )  # fmt: skip
+            run_dir = Path(cfg.run.root) / name
+            if (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists():
+                raise FileExistsError(
+                    f"{run_dir} already holds a run; resume it with --resume {run_dir}, "
+                    "or choose another --set run.name=..."
+                )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir, tag
+
+    return on_main(make, dist.is_main)

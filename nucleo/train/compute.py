@@ -10,6 +10,7 @@ computed once per batch), so it is not used.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from nucleo.core.cost import COUNTED_BY_TORCH, Flops, module_flops
@@ -56,3 +57,11 @@ class ComputeCounter:
     def per_token(self, seq_len: int, passes: int = 1) -> float:
         """Training FLOPs per token at ``seq_len`` (passes: backbone passes per step)."""
         return TRAIN_MULTIPLIER * passes * self.forward_per_window(seq_len) / seq_len
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    """Total parameters (tied weights once) and non-embedding parameters."""
+    unique = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in unique.values())
+    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    return {"total": total, "non_embedding": total - embedding}

@@ -147,12 +147,17 @@ def export_model(
 
 
 def load_exported(
-    path: str | Path, device: str | torch.device = "cpu", kernels: str = "auto"
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    kernels: str = "auto",
+    weights: bool = True,
 ) -> tuple[nn.Module, Any, dict]:
     """(model in eval mode, tokenizer, config.json contents) of an export directory.
 
-    device: as nucleo.device.resolve takes it. kernels: the model's ``kernels`` setting here
-    (a run's ``required`` belongs to the machine it trained on, not to its export).
+    device: as nucleo.core.device.resolve takes it. kernels: the model's ``kernels`` setting
+    here (a run's ``required`` belongs to the machine it trained on, not to its export).
+    weights: False gives the export's architecture freshly initialised (from torch's current
+    seed) instead of its trained weights: fine-tuning from scratch.
     """
     root = Path(path)
     config_path = root / "config.json"
@@ -177,15 +182,19 @@ def load_exported(
         raise ExportError(f"{config_path}: {err}") from None
     model = build_model(meta["arch"], config, tokenizer)
     dev = resolve_device(device)
-    weights = root / "model.safetensors"
+    if not weights:
+        return model.to(dev).eval(), tokenizer, meta
+    path_weights = root / "model.safetensors"
     try:
-        load_model(model, weights, device=str(dev))
+        load_model(model, path_weights, device=str(dev))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{weights}: not found; is {root} a whole nucleo export?") from None
+        raise FileNotFoundError(
+            f"{path_weights}: not found; is {root} a whole nucleo export?"
+        ) from None
     except (SafetensorError, RuntimeError, OSError) as err:  # truncated, or of another model
         detail = str(err).strip().splitlines()[0][:200]
         raise ExportError(
-            f"{weights}: cannot be read as this export's weights ({detail}); export it again "
+            f"{path_weights}: cannot be read as this export's weights ({detail}); export it again "
             "(nucleo export RUN_DIR)"
         ) from None
     return model.to(dev).eval(), tokenizer, meta

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -31,9 +30,9 @@ from data_pipeline.tokenizers import build_tokenizer
 from nucleo.core.progress import Progress, duration
 from nucleo.core.schema import flatten
 from nucleo.core.types import Batch
-from nucleo.train.checkpoint import complete_tags, latest_intact, load_checkpoint, save_checkpoint
+from nucleo.train.checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint
 from nucleo.train.components import build_model
-from nucleo.train.compute import ComputeCounter
+from nucleo.train.compute import ComputeCounter, count_parameters
 from nucleo.train.config import RunConfig, save_config
 from nucleo.train.engine import (
     DistInfo,
@@ -48,6 +47,7 @@ from nucleo.train.engine import (
 from nucleo.train.evaluation import Validator
 from nucleo.train.export import export_model, full_state_dict
 from nucleo.train.objective import Objective
+from nucleo.train.steps import Accumulated, optimizer_step
 from nucleo.train.tracking import Tracker, run_tags
 
 
@@ -57,61 +57,11 @@ class TrainState:
 
     step: int = 0
     tokens: int = 0
-    flops: float = 0.0  # training compute so far (nucleo.flops: analytic, backbone passes)
+    flops: float = 0.0  # training compute so far (nucleo.train.compute: analytic)
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
     loader: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the run config when saved
-
-
-def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    """Total parameters (tied weights once) and non-embedding parameters."""
-    unique = {id(p): p for p in model.parameters()}
-    total = sum(p.numel() for p in unique.values())
-    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
-    return {"total": total, "non_embedding": total - embedding}
-
-
-def prepare_run_dir(
-    cfg: RunConfig, dist: DistInfo, resume: str | Path | None, say: Any = print
-) -> tuple[Path, str | None]:
-    """(run directory, checkpoint tag to resume from or None), the same on every rank.
-
-    Refuses to overwrite another run. Resuming takes the newest checkpoint whose files verify
-    (naming any damaged newer one); a run that never saved a checkpoint starts afresh in its
-    own directory.
-    """
-
-    def make() -> tuple[Path, str | None]:
-        tag = None
-        if resume:
-            run_dir = Path(resume)
-            if not (run_dir / "config.yaml").is_file():
-                raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
-            ckpt = run_dir / "checkpoints"
-            tag = latest_intact(ckpt, say)
-            if tag is None and complete_tags(ckpt):
-                raise FileNotFoundError(
-                    f"{ckpt}: every checkpoint is damaged (above); nothing to resume. Move "
-                    "the run directory away to start again"
-                )
-            if tag is None:
-                say(f"{run_dir} has no checkpoint yet: starting it afresh")
-        else:
-            name = cfg.run.name or "{}-{}-{}-{}".format(
-                cfg.arch, "+".join(cfg.losses), time.strftime("%Y%m%d-%H%M%S"),
-                os.urandom(2).hex(),  # runs started in the same second stay apart
-            )  # fmt: skip
-            run_dir = Path(cfg.run.root) / name
-            if (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists():
-                raise FileExistsError(
-                    f"{run_dir} already holds a run; resume it with --resume {run_dir}, "
-                    "or choose another --set run.name=..."
-                )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir, tag
-
-    return on_main(make, dist.is_main)
 
 
 def _mean_across_ranks(
@@ -263,17 +213,16 @@ class Trainer:
         try:
             if state.step == 0:
                 self.validate()
-            batches = iter(self.loader)
-            sums: dict[str, torch.Tensor] = {}
-            counts: dict[str, int] = {}
+            batches = self._counting_skipped(iter(self.loader))
+            metrics = Accumulated()
             while state.step < cfg.train.max_steps:
                 logging = (state.step + 1) % cfg.train.log_every == 0 or (
                     state.step + 1 == cfg.train.max_steps
                 )
-                norm = self.step(batches, sums, counts, want_norm=logging)
+                norm = self.step(batches, metrics, want_norm=logging)
                 if logging:
-                    self.log(sums, counts, norm)
-                    sums, counts = {}, {}
+                    self.log(metrics, norm)
+                    metrics = Accumulated()
                 if cfg.eval.every and state.step % cfg.eval.every == 0:
                     self.validate()
                 if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
@@ -287,41 +236,22 @@ class Trainer:
             self.tracker.end(status)
         return self.summary()
 
-    def step(
-        self,
-        batches: Iterator[Batch],
-        sums: dict[str, torch.Tensor],
-        counts: dict[str, int],
-        want_norm: bool,
-    ) -> float | None:
-        """One optimizer step over ``grad_accum`` micro-batches; adds metrics into ``sums``
-        (and how many micro-batches gave each into ``counts``).
-
-        Returns the gradient norm when ``want_norm`` and DeepSpeed does not record it itself.
-        """
+    def step(self, batches: Iterator[Batch], metrics: Accumulated, want_norm: bool) -> float | None:
+        """One optimizer step over ``grad_accum`` micro-batches (nucleo.train.steps); adds
+        their metrics into ``metrics``. Returns the gradient norm when ``want_norm`` and
+        DeepSpeed does not record it itself."""
         cfg, dist, state = self.cfg, self.dist, self.state
-        norm = None
-        last = cfg.train.grad_accum - 1
-        step_loss = torch.zeros((), device=dist.device)
-        for micro in range(cfg.train.grad_accum):
-            batch = next(batches)
-            skipped = batch.aux.pop(SKIPPED_KEY, None)
-            if skipped is not None:  # per reader: the latest count is its total
-                self.skipped_shards[int(skipped[0])] = int(skipped[1])
-            batch = batch.to(dist.device)
-            # Dropout and other randomness: a function of (seed, step, rank), so resumes match.
-            torch.manual_seed(
-                (cfg.train.seed * 1_000_003 + state.step) * 4099 + dist.rank * 31 + micro
-            )
-            result = self.objective(self.engine, batch, self.model, step=state.step)
-            step_loss += result.loss.detach().float()
-            self.engine.backward(result.loss)
-            if want_norm and micro == last and needs_own_grad_norm(cfg.engine):
-                norm = grad_norm(self.model)  # gradients are all-reduced, not yet clipped
-            self.engine.step()
-            for key, value in result.metrics.items():
-                sums[key] = sums.get(key, torch.zeros((), device=dist.device)) + value
-                counts[key] = counts.get(key, 0) + 1
+        norms: list[float] = []
+
+        def before_step(micro: int) -> None:
+            if want_norm and micro == cfg.train.grad_accum - 1 and needs_own_grad_norm(cfg.engine):
+                norms.append(grad_norm(self.model))  # all-reduced, not yet clipped
+
+        step_loss = optimizer_step(
+            self.engine, self.objective, self.model, batches, grad_accum=cfg.train.grad_accum,
+            step=state.step, seed=cfg.train.seed, rank=dist.rank, device=dist.device,
+            metrics=metrics, before_step=before_step,
+        )  # fmt: skip
         self._stop_unless(torch.isfinite(step_loss), f"loss of step {state.step + 1}")
         state.tokens += self.step_tokens(state.step)
         state.flops += self.compute.step(
@@ -330,7 +260,15 @@ class Trainer:
             self.objective.passes_at(state.step),
         )
         state.step += 1
-        return norm
+        return norms[0] if norms else None
+
+    def _counting_skipped(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """``batches``, taking each reader's count of skipped shards off the way."""
+        for batch in batches:
+            skipped = batch.aux.pop(SKIPPED_KEY, None)
+            if skipped is not None:  # per reader: the latest count is its total
+                self.skipped_shards[int(skipped[0])] = int(skipped[1])
+            yield batch
 
     def _precision_note(self) -> str:
         """ " bf16 weights, ZeRO-1, kernels: mamba-ssm selective_scan" and the like."""
@@ -383,11 +321,9 @@ class Trainer:
         """Training FLOPs per token at full length with every loss due (nucleo.flops)."""
         return self.compute.per_token(self.cfg.data.seq_len, self.objective.passes_at(None))
 
-    def log(
-        self, sums: dict[str, torch.Tensor], counts: dict[str, int], norm: float | None
-    ) -> None:
+    def log(self, metrics: Accumulated, norm: float | None) -> None:
         """Progress line and ``train/*`` metrics: means over the micro-batches since last time."""
-        means = _mean_across_ranks(sums, counts, self.dist)
+        means = _mean_across_ranks(metrics.sums, metrics.counts, self.dist)
         lr = float(self.engine.get_lr()[0])
         loss = means.get("loss", math.nan)
         self.progress.update(self.state.step, loss, lr, tokens=self.state.tokens)

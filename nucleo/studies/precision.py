@@ -1,5 +1,5 @@
-"""The precision x ZeRO check: does every family train, resume and export in every precision,
-under every ZeRO stage, on this machine?
+"""The precision x ZeRO check: does every family train, resume, export and fine-tune in every
+precision, under every ZeRO stage, on this machine?
 
 For each combination ``arch:stage:precision`` (precision: fp32; bf16 = DeepSpeed bf16 weights
 with fp32 masters; autocast = fp32 weights under ``model.autocast=bf16``) it builds the family's
@@ -13,7 +13,11 @@ real yeast DNA (the bundled sample):
   same batches, ends with the same weights as the run that never stopped (exactly on CPU);
 - export: the fp32 weights from the masters (``full_state_dict``) equal those ``nucleo export``
   reads from the checkpoint files offline, and the exported fp32 model gives the engine's
-  outputs within bf16 rounding.
+  outputs within bf16 rounding;
+- fine-tuning: the exported backbone with a two-class head (GC-rich vs AT-rich windows) trained
+  for an epoch through the same engine settings (nucleo.downstream.finetune.train_full): finite
+  losses, the head in the precision's dtype, finite fp32 weights gathered, probabilities that
+  sum to one.
 
     python launch/precision_check.py                          # all 72, one process
     python launch/precision_check.py --families hyena mamba --precisions bf16
@@ -34,16 +38,20 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from data_pipeline.readers import read_sequences
 from data_pipeline.tokenizers import CharTokenizer
 from nucleo.core.types import Batch
+from nucleo.downstream.classifier import SequenceClassifier, hidden_size, predict_proba
+from nucleo.downstream.finetune import FinetuneConfig, train_full
 from nucleo.train.checkpoint import load_checkpoint, save_checkpoint, tag_for
 from nucleo.train.components import build_model
 from nucleo.train.config import load_config
-from nucleo.train.engine import build_engine, setup_distributed
+from nucleo.train.engine import DistInfo, build_engine, setup_distributed
 from nucleo.train.export import full_state_dict, state_from_checkpoint
 from nucleo.train.objective import Objective
 
@@ -165,6 +173,7 @@ def run_combo(combo: str, root: Path, dist_holder: list) -> dict:
         probe = windows(99)
         outputs = engine(probe.tokens)
         eval_loss = float(objective(engine, probe, model).loss)
+    tuned = finetune_check(arch, cfg, final, tokenizer, windows, dist, int(stage), precision)
 
     # resume from the step-3 checkpoint in a fresh engine
     model2, objective2, engine2 = fresh()
@@ -204,10 +213,42 @@ def run_combo(combo: str, root: Path, dist_holder: list) -> dict:
             resumed_optimizer_steps=optimizer_steps(engine2),
             export_logit_gap=gap,
             export_logit_scale=scale,
+            **tuned,
         )
     if dist.is_main:
         shutil.rmtree(ckpt, ignore_errors=True)
     return result
+
+
+def finetune_check(
+    arch: str, cfg: Any, weights: dict[str, torch.Tensor], tokenizer: Any, windows: Windows,
+    dist: DistInfo, stage: int, precision: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Fine-tune the trained backbone (its fp32 weights) with a two-class head, GC-rich vs
+    AT-rich windows, for one epoch of 4 steps through the same engine settings."""
+    torch.manual_seed(0)
+    backbone = build_model(arch, cfg.model, tokenizer).to(dist.device)
+    backbone.load_state_dict(weights)
+    width = hidden_size(backbone, tokenizer, dist.device)
+    classifier = SequenceClassifier(backbone, width, 2).to(dist.device)
+    tokens = torch.cat([windows(200 + i).tokens.cpu() for i in range(8)])  # [32, LENGTH]
+    gc = ((tokens == 1) | (tokens == 2)).float().mean(1)
+    labels = (gc > gc.median()).long().numpy()
+    ids = [row.numpy() for row in tokens]
+    ft = FinetuneConfig(
+        task="check", export="", epochs=1, batch_size=8, balance="none", device=cfg.engine.device,
+        precision="bf16" if precision == "bf16" else "fp32", zero_stage=stage,
+    )  # fmt: skip
+    engine, settings, losses = train_full(classifier, ids, labels, ft, 0, tokenizer.pad_id, dist)
+    head_dtype = str(classifier.head.weight.dtype)
+    gathered = full_state_dict(engine, settings)  # collective under ZeRO
+    probs = predict_proba(classifier, ids, 16, tokenizer.pad_id, dist.device, None, engine)
+    return {
+        "finetune_losses": losses,
+        "finetune_head_dtype": head_dtype,
+        "finetune_weights_finite": all(bool(torch.isfinite(v).all()) for v in gathered.values()),
+        "finetune_probs_ok": bool(np.isfinite(probs).all() and np.allclose(probs.sum(1), 1)),
+    }
 
 
 def problems(result: dict) -> list[str]:
@@ -237,6 +278,13 @@ def problems(result: dict) -> list[str]:
     gap, scale = result["export_logit_gap"], result["export_logit_scale"]
     if gap > 0.03 * scale + 0.02:
         out.append(f"the fp32 export's logits differ from the engine's by {gap:.3g}")
+    if not all(math.isfinite(x) for x in result["finetune_losses"]):
+        out.append(f"fine-tuning losses are not finite: {result['finetune_losses']}")
+    want = "torch.bfloat16" if result["combo"].split(":")[2] == "bf16" else "torch.float32"
+    if result["finetune_head_dtype"] != want:
+        out.append(f"the fine-tuned head is {result['finetune_head_dtype']}, not {want}")
+    if not (result["finetune_weights_finite"] and result["finetune_probs_ok"]):
+        out.append("the fine-tuned classifier's weights or probabilities are not finite")
     return out
 
 
@@ -351,22 +399,25 @@ def report(results: list[tuple[dict, list[str]]], world_size: int, argv: list[st
         f"DeepSpeed {deepspeed.__version__}, Python {platform.python_version()}",
         f"- passed: {sum(not w for _, w in results)} of {len(results)}", "",
         "Each row: a tiny model of the family, 6 AdamW steps on yeast DNA in a real DeepSpeed "
-        "engine, a checkpoint after step 3 resumed in a fresh engine, and the fp32 export. "
+        "engine, a checkpoint after step 3 resumed in a fresh engine, the fp32 export, and a "
+        "fine-tuning epoch of the export with a classifier head in the same engine settings. "
         "Loss: the first and last step's. Resume: the largest weight difference between the "
         "resumed and the uninterrupted run. Export gap: the largest logit difference between "
         "the fp32 export and the engine.", "",
-        "| family | ZeRO | precision | result | loss | resume diff | export gap | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| family | ZeRO | precision | result | loss | resume diff | export gap | fine-tune loss "
+        "| seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for result, wrong in results:
         arch, stage, precision, *compiled = result["combo"].split(":")
         precision += " compiled" if compiled else ""
         if "losses" in result:
             losses = result["losses"]
+            tuned = result["finetune_losses"]
             cells = [f"{losses[0]:.3f} -> {losses[-1]:.3f}", f"{result['resume_max_diff']:.3g}",
-                     f"{result['export_logit_gap']:.3g}"]  # fmt: skip
+                     f"{result['export_logit_gap']:.3g}", f"{tuned[0]:.3f}"]  # fmt: skip
         else:
-            cells = ["", "", ""]
+            cells = ["", "", "", ""]
         verdict = "ok" if not wrong else "FAILED: " + "; ".join(wrong).replace("|", "/")[:200]
         lines.append(
             f"| {arch} | {stage} | {precision} | {verdict} | " + " | ".join(cells)
