@@ -26,7 +26,8 @@ from nucleo.core.types import ModelOutput
 
 # The size ladder shared by every family: about 3.5x more parameters per rung, from ~0.5M to
 # ~1B, so a scaling sweep is one flag (``--set model.size=...``). Each family's PRESETS pick a
-# width and depth that land near these totals; tests/test_architectures.py holds them to it.
+# width and depth that land near these totals; tests/architectures/test_architectures.py holds
+# them to it.
 SIZES: dict[str, float] = {
     "tiny": 0.5e6,
     "mini": 1.75e6,

@@ -530,6 +530,15 @@ class TrainLoader:
         self.world_size = world_size
         self.consumed = 0  # micro-batches of this stream handed to the trainer
 
+    @property
+    def windows_per_step(self) -> int:
+        """Windows of one optimizer step over all ranks: micro-batch x grad_accum x ranks."""
+        return self.batch_size * self.grad_accum * self.world_size
+
+    def tokens_at(self, step: int) -> int:
+        """Tokens of optimizer step ``step`` over all ranks (fewer during seq-len warm-up)."""
+        return self.windows_per_step * self.cfg.seq_len_at(step)
+
     def layout(self) -> dict[str, Any]:
         """What must match for a saved position to mean the same stream."""
         return {

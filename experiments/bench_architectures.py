@@ -43,7 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nucleo.core.machine import describe  # noqa: E402
+from experiments.report import RESULTS, header, run_record, write  # noqa: E402
 
 FAMILIES = ["hyena", "transformer", "mamba", "caduceus", "multires", "hybrid"]
 SIZES = ["tiny", "mini"]
@@ -51,7 +51,7 @@ LENGTHS = [1024, 4096, 16384]
 PRECISIONS = ["fp32", "bf16"]
 TOKENS_PER_STEP = 8192
 ALLOCATOR = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
-OUT = ROOT / "experiments" / "results" / "architectures"
+OUT = RESULTS / "architectures"
 
 Config = dict[str, Any]
 
@@ -250,12 +250,9 @@ def _error(records: list[Config], k: str) -> str:
     return errors[0] if errors else ""
 
 
-def report(records: list[Config], meta: dict[str, Any]) -> str:
+def report(records: list[Config], meta: dict[str, Any]) -> list[str]:
     lines = [
-        "# Architectures: training speed and memory on CPU", "",
-        f"- command: `{meta['command']}`",
-        f"- date: {meta['date']}",
-        "- machine: " + ", ".join(f"{k}: {v}" for k, v in meta["machine"].items()),
+        "# Architectures: training speed and memory on CPU", "", *header(meta),
         f"- {meta['rounds']} rounds, interleaved; one configuration per process, one thread; "
         "the same loop for every model (forward, next-token cross-entropy, backward, AdamW); "
         f"glibc allocator settings {' '.join(f'{k}={v}' for k, v in ALLOCATOR.items())} for "
@@ -313,8 +310,7 @@ def report(records: list[Config], meta: dict[str, Any]) -> str:
             lines.append(f"| {family} | {_range(_values(records, eager))} | {fast} | "
                          f"{_range(ratios(records, k, eager), '{:.2f}')} | {comp_s} |")  # fmt: skip
         lines.append("")
-    lines += targets(records)
-    return "\n".join(lines) + "\n"
+    return lines + targets(records)
 
 
 def targets(records: list[Config]) -> list[str]:
@@ -379,22 +375,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.report_only:
         data = json.loads(OUT.with_suffix(".json").read_text())
-        OUT.with_suffix(".md").write_text(report(data["records"], data["meta"]))
+        write(OUT.with_suffix(".md"), report(data["records"], data["meta"]))
         return 0
     args.families = args.families.split(",")
     args.sizes = args.sizes.split(",")
     args.lengths = [int(x) for x in args.lengths.split(",")]
     args.precisions = args.precisions.split(",")
-    meta = {
-        "command": "python experiments/bench_architectures.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": describe(),
-        "rounds": args.rounds,
-    }
+    meta = {**run_record(), "rounds": args.rounds}
     records = measure(args)
-    OUT.with_suffix(".json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
-    OUT.with_suffix(".md").write_text(report(records, meta))
-    print(f"wrote {OUT.with_suffix('.md')}")
+    write(OUT.with_suffix(".md"), report(records, meta), {"meta": meta, "records": records})
     return 0
 
 

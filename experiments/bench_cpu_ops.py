@@ -24,10 +24,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments.report import RESULTS, header, run_record, write  # noqa: E402
+
 HARNESS = ROOT.parent / "shared" / "perfbench" / "side_by_side.py"
 
 SCAN = """
@@ -121,8 +124,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", default="scan,models")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--out", default=str(ROOT / "experiments/results/cpu_ops.md"))
+    p.add_argument("--out", default=str(RESULTS / "cpu_ops.md"))
     args = p.parse_args()
+    run = run_record()
     parts = args.parts.split(",")
     scans: dict[tuple[str, int], list[float]] = {}
     models: dict[tuple[str, str], list[float]] = {}
@@ -138,17 +142,10 @@ def main() -> int:
                 scans.setdefault((a, b), []).append(scan_point(a, b))
             else:
                 models.setdefault((a, b), []).append(model_point(a, b)["tok_per_cpu_s"])
-    sys.path.insert(0, str(ROOT))
-    from nucleo.core.machine import describe
-
-    machine = ", ".join(f"{k}: {v}" for k, v in describe().items())
-    command = " ".join(["python experiments/bench_cpu_ops.py", *sys.argv[1:]])
     lines = [
         "# Compiled CPU ops",
         "",
-        f"- command: `{command}`",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- machine: {machine}",
+        *header(run),
         f"- {args.rounds} rounds, interleaved, one configuration per process, one thread",
         "",
     ]
@@ -201,8 +198,7 @@ def main() -> int:
                 f"{min(on) / max(hyena):.2f}-{max(on) / min(hyena):.2f} |"
             )
         lines += [f"| hyena tiny (yardstick) | {span(hyena, '{:.0f}')} | | | 1 |", ""]
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    write(args.out, lines)
     return 0
 
 

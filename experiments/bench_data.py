@@ -16,7 +16,6 @@ numbers: run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from data_pipeline.loader import DataConfig, TrainLoader  # noqa: E402
 from data_pipeline.readers import read_sequences  # noqa: E402
 from data_pipeline.shards import ShardOptions, build_shards, read_sources_tsv  # noqa: E402
 from data_pipeline.tokenizers import build_tokenizer, train_bpe  # noqa: E402
-from nucleo.core.machine import describe  # noqa: E402
+from experiments.report import RESULTS, header, run_record, write  # noqa: E402
 from nucleo.train.components import build_model  # noqa: E402
 from nucleo.train.config import load_config  # noqa: E402
 
@@ -111,7 +110,7 @@ def shard_build(sources_tsv: Path, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--batches", type=int, default=200, help="loader batches timed")
-    ap.add_argument("--out", type=Path, default=ROOT / "experiments/results/data.md")
+    ap.add_argument("--out", type=Path, default=RESULTS / "data.md")
     ap.add_argument(
         "--bpe", type=Path, default=ROOT / "data/offline/bpe4096.json",
         help="a BPE (nucleo data bpe); when missing, one of 4096 tokens is learned on the sample",
@@ -121,11 +120,7 @@ def main() -> None:
         help="an offline corpus (nucleo data corpus) whose shard build is timed, when present",
     )  # fmt: skip
     args = ap.parse_args()
-    record: dict = {
-        "command": " ".join(["python experiments/bench_data.py", *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "machine": describe(),
-    }
+    record = run_record()
     (genome,) = read_sequences(SAMPLE / "bacteria" / "E_coli_536.fna.xz")
     seq = bytes(genome.seq)
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,22 +151,16 @@ def main() -> None:
         print("loader", record["loader_tokens_per_s"])
     record["training_tokens_per_s"] = training_speed(5)
     print("training", record["training_tokens_per_s"])
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
-    args.out.write_text(report(record))
-    print(f"wrote {args.out}")
+    write(args.out, report(record), record)
 
 
-def report(r: dict) -> str:
-    m = r["machine"]
+def report(r: dict) -> list[str]:
     train = r["training_tokens_per_s"]
     s = r["shards"]
     lines = [
         "# Data path benchmarks",
         "",
-        f"- command: `{r['command']}`",
-        f"- date: {r['date']}",
-        f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']}; {m['os']}; "
-        f"Python {m['python']}, torch {m['torch']}",
+        *header(r),
         "",
         "## Tokenization (one core, best of 3)",
         "",
@@ -239,7 +228,7 @@ def report(r: dict) -> str:
         "here is its speed with the cores to itself.",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":

@@ -33,14 +33,10 @@ from data_pipeline.loader import DataConfig, TrainLoader, validation_windows  # 
 from data_pipeline.readers import read_sequences  # noqa: E402
 from data_pipeline.shards import build_shards, read_sources_tsv  # noqa: E402
 from data_pipeline.tokenizers import CharTokenizer  # noqa: E402
-from nucleo.core.machine import describe  # noqa: E402
+from experiments.report import RESULTS, header, run_record, write  # noqa: E402
 
 SAMPLE = ROOT / "data_pipeline" / "sample"
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
-
-
-def machine() -> dict[str, str]:
-    return {**describe(), "deepspeed": deepspeed.__version__}
 
 
 def bench_reading() -> dict[str, float]:
@@ -125,15 +121,11 @@ def train(shards: Path, runs: Path, procs: int, steps: int, extra: list[str]) ->
     return summary
 
 
-def write_report(results: dict, path: Path) -> None:
-    m = results["machine"]
+def report(results: dict) -> list[str]:
     lines = [
         "# Foundation benchmarks",
         "",
-        f"- command: `{results['command']}`",
-        f"- date: {results['date']}",
-        f"- machine: {m['cpu']}, {m['cores']} cores; {m['os']}",
-        f"- software: Python {m['python']}, torch {m['torch']}, deepspeed {m['deepspeed']}",
+        *header(results),
         "",
         "## Data",
         "",
@@ -199,7 +191,7 @@ def write_report(results: dict, path: Path) -> None:
                     f"| {kingdom} | {d['first_per_kingdom'].get(kingdom, float('nan')):.3f} "
                     f"| {value:.3f} |"
                 )
-    path.write_text("\n".join(lines) + "\n")
+    return lines
 
 
 def first_validation(runs: Path, run_id: str) -> tuple[float, dict[str, float]]:
@@ -221,13 +213,10 @@ def main() -> None:
     ap.add_argument("--skip-demo", action="store_true")
     ap.add_argument("--demo-run", type=Path, help="report this finished demo run instead")
     ap.add_argument("--demo-wall", type=float, help="wall seconds of that demo's command")
-    ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "foundation.md")
+    ap.add_argument("--out", type=Path, default=RESULTS / "foundation.md")
     args = ap.parse_args()
-    results: dict = {
-        "command": " ".join(["python", *sys.argv]),
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "machine": machine(),
-    }
+    results = run_record()
+    results["machine"]["deepspeed"] = deepspeed.__version__
     work = Path(tempfile.mkdtemp(prefix="nucleo-bench-"))
     try:
         shards = work / "shards"
@@ -266,9 +255,7 @@ def main() -> None:
             results["demo"] = demo
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    write_report(results, args.out)
+    write(args.out, report(results), results)
     print(args.out.read_text())
 
 

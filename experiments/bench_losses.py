@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from data_pipeline.readers import read_sequences  # noqa: E402
 from data_pipeline.tokenizers import CharTokenizer  # noqa: E402
-from nucleo.core.machine import describe  # noqa: E402
+from experiments.report import RESULTS, header, run_record, write  # noqa: E402
 from nucleo.core.runtime import configure_allocator  # noqa: E402
 from nucleo.core.types import Batch  # noqa: E402
 from nucleo.train.components import build_model  # noqa: E402
@@ -94,13 +94,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="steps per round (ph's cadence)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--combinations", default=";".join(COMBINATIONS), help="';'-separated")
-    ap.add_argument("--out", type=Path, default=ROOT / "experiments/results/losses.md")
+    ap.add_argument("--out", type=Path, default=RESULTS / "losses.md")
     ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json")
     args = ap.parse_args()
     if args.report_only:
         record = json.loads(args.out.with_suffix(".json").read_text())
-        args.out.write_text(report(record, record["median"]["ce"]))
-        print(f"wrote {args.out}")
+        write(args.out, report(record, record["median"]["ce"]))
         return
     if args.set is None:
         args.set = ["model.size=tiny"] + (
@@ -121,9 +120,7 @@ def main() -> None:
     median = {name: statistics.median(v) for name, v in times.items()}
     base = median["ce"]
     record = {
-        "command": " ".join(["python experiments/bench_losses.py", *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "machine": describe(),
+        **run_record(),
         "settings": {
             "arch": args.arch,
             "set": args.set,
@@ -135,22 +132,17 @@ def main() -> None:
         "seconds_per_step": times,
         "median": median,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
-    args.out.write_text(report(record, base))
-    print(f"wrote {args.out}")
+    write(args.out, report(record, base), record)
 
 
-def report(record: dict, base: float) -> str:
-    m, s, median = record["machine"], record["settings"], record["median"]
+def report(record: dict, base: float) -> list[str]:
+    s, median = record["settings"], record["median"]
     double = median["ce @ 2x batch"] / base
     lines = [
         "# Loss benchmarks",
         "",
-        f"- command: `{record['command']}`",
-        f"- date: {record['date']}",
-        f"- machine: {m['cpu']}, {m['cores']} cores; {m['os']}; Python {m['python']}, "
-        f"torch {m['torch']}; one thread, glibc allocator cache on (as the trainer)",
+        *header(record),
+        "- one thread, glibc allocator cache on (as the trainer)",
         f"- model: `{s['arch']}` {' '.join(s['set'])}; batch {s['batch']} x {s['length']} "
         f"tokens of yeast chromosome I; AdamW",
         f"- each number: the median over {s['rounds']} interleaved rounds of the mean CPU "
@@ -183,7 +175,7 @@ def report(record: dict, base: float) -> str:
         "percent of their target are ties, not verdicts.",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nucleo.core.machine import describe  # noqa: E402
+from experiments.report import header, run_record, write  # noqa: E402
 from nucleo.train.checkpoint import complete_tags  # noqa: E402
 from nucleo.train.export import load_exported  # noqa: E402
 
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--root", default="runs/corpus_resume", help="run root (replaced)")
     parser.add_argument("--out", default="experiments/results/corpus_run.md")
     args = parser.parse_args()
+    run = run_record()
     root = ROOT / args.root
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -79,14 +80,13 @@ def main() -> None:
     identical = all((full_model[k] == resumed_model[k]).all() for k in full_model)
     full = json.loads((root / "full" / "summary.json").read_text())
     resumed = json.loads((root / "killed" / "summary.json").read_text())
-    machine = ", ".join(f"{k} {v}" for k, v in describe().items())
     val = full["final_validation"]
     kingdoms = {k.split("/")[-1]: v for k, v in val.items() if k.startswith("val/bits_per_base/")}
     lines = [
         "# Done-when run: offline corpus, BPE, temperature mixture, RC, kill and resume",
         "",
-        f"- command: `python experiments/corpus_resume.py` (config `{CONFIG}`)",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {machine}",
+        *header(run),
+        f"- config: `{CONFIG}`",
         "",
         f"- uninterrupted: {full['step']} steps, {full['tokens']:,} tokens, "
         f"{full['tokens_per_second']:,} tokens/s training, {full_seconds:.0f} s wall "
@@ -105,8 +105,7 @@ def main() -> None:
         "| " + " | ".join(f"{v:.3f}" for v in kingdoms.values()) + " |",
         "",
     ]
-    out = ROOT / args.out
-    out.write_text("\n".join(lines))
+    write(ROOT / args.out, lines)
     print("\n".join(lines))
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nucleo.core.machine import describe  # noqa: E402
+from experiments.report import header, run_record, write  # noqa: E402
 from nucleo.downstream.finetune_compare import format_table  # noqa: E402
 
 MODELS = {"ce": "pre-ce", "ce+rc+cgr": "pre-ce+rc+cgr"}
@@ -110,14 +109,11 @@ def main() -> int:
     results = out.parent
     table_json = results / "downstream_table.json"
     record = json.loads(table_json.read_text()) if table_json.is_file() else {"rows": []}
-    machine = describe()
     lines = [
         "# Does pretraining help? Downstream tasks, pretrained vs scratch",
         "",
-        f"- machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']}; "
-        f"{machine['os']}; Python {machine['python']}, torch {machine['torch']}",
-        f"- report assembled {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by "
-        "`python experiments/downstream_report.py`; everything reproduces with "
+        *header(run_record()),
+        "- the report is assembled from the runs; everything reproduces with "
         "`experiments/downstream.sh`",
         f"- fine-tuning command: `{record.get('command', '(none yet)')}`",
         f"- fine-tuning settings: `{json.dumps(record.get('settings', {}))}`",
@@ -153,8 +149,7 @@ def main() -> int:
     notes = ROOT / "experiments" / "downstream_notes.md"
     if notes.is_file():
         lines += ["", notes.read_text().rstrip(), ""]
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    write(out, lines)
     return 0
 
 

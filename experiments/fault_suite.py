@@ -43,6 +43,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from experiments.report import header, run_record, write  # noqa: E402
+
 TINY = [
     "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.seq_len=128",
     "train.micro_batch_size=8", "train.max_steps=60", "train.lr=3e-3", "train.warmup_steps=5",
@@ -369,19 +371,11 @@ def tracking_outage(shards: Path, work: Path, reference: dict) -> Row:
             server.wait(timeout=60)
 
 
-def report(rows: list[Row], command: str, seconds: float, data_lost: list[str]) -> str:
-    import platform
-
-    import torch
-
+def report(rows: list[Row], run: dict, seconds: float, data_lost: list[str]) -> list[str]:
     counted = [r for r in rows if r.recovered is not None]
     exact = sum(r.recovered for r in counted)
     lines = [
-        "# Reliability: the fault suite", "",
-        f"- command: `{command}`",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; took {seconds / 60:.1f} min",
-        f"- machine: {platform.machine()}, {len(os.sched_getaffinity(0))} cores, "
-        f"torch {torch.__version__}, Python {platform.python_version()}",
+        "# Reliability: the fault suite", "", *header(run), f"- took {seconds / 60:.1f} min",
         f"- faults injected: {len(counted)}; recovered exactly (or, for the shard, detected and "
         f"named): {exact}; data lost: {len(data_lost)}"
         + (f" ({'; '.join(data_lost)})" if data_lost else " (the shards verify against their "
@@ -395,7 +389,7 @@ def report(rows: list[Row], command: str, seconds: float, data_lost: list[str]) 
         lines.append(f"| {r.fault} | {r.detail} | {result} | {r.note} |")
     lines += ["", "A run is *recovered exactly* when its final weights are bit-identical to "
               "the uninterrupted run's (same seed, same data order).", ""]  # fmt: skip
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> int:
@@ -407,6 +401,7 @@ def main() -> int:
     p.add_argument("--skip", nargs="*", default=[], choices=["disk", "shard", "tracking"])
     args = p.parse_args()
     started = time.time()
+    run = run_record()
     import tempfile
 
     work = Path(args.work or tempfile.mkdtemp(prefix="nucleo-faults-"))
@@ -433,11 +428,7 @@ def main() -> int:
             cwd=ROOT, capture_output=True, text=True,
         )  # fmt: skip
         data_lost = [] if verify.returncode == 0 else [f"shards: {verify.stdout[-300:]}"]
-        command = "python experiments/fault_suite.py " + " ".join(sys.argv[1:])
-        text = report(rows, command.strip(), time.time() - started, data_lost)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
+        write(args.out, report(rows, run, time.time() - started, data_lost))
         bad = [r for r in rows if r.recovered is False] or data_lost
         return 1 if bad else 0
     finally:

@@ -1,5 +1,6 @@
-"""The house: nucleo's layers hold (import contract), modules stay small, the CLI is quick to
-start and speaks one vocabulary, with help and a default shown on every flag."""
+"""The house: nucleo's layers hold (import contract), the lower layers type-check, modules stay
+small, the CLI is quick to start and speaks one vocabulary, with help and a default shown on
+every flag."""
 
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ def test_imports_only_go_down_the_layers():
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "0 broken" in result.stdout
+
+
+def test_the_ground_floor_and_the_training_layer_type_check():
+    """mypy over nucleo/core and nucleo/train (pyproject.toml's [tool.mypy])."""
+    mypy = Path(sys.executable).with_name("mypy")
+    result = subprocess.run([str(mypy)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 
 def test_no_module_of_nucleo_is_over_500_lines():

@@ -13,7 +13,6 @@ using trained models.
 from __future__ import annotations
 
 import argparse
-import atexit
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -149,20 +148,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     )
     if not args.compare and (len(args.task) > 1 or len(exports) > 1):
         raise ValueError("several tasks or exports need --compare")
-    # the process group is torn down at exit (not here: DeepSpeed keeps its groups for the
-    # next run of this process, and cannot start again on a destroyed one)
-    atexit.register(shutdown_distributed)
-    if args.compare:
-        compare(args.task, exports, base, args.table, scratch=not args.no_scratch)
-        if args.table:
-            print(f"wrote {args.table} (and {Path(args.table).with_suffix('.json')})")
+    try:
+        if args.compare:
+            compare(args.task, exports, base, args.table, scratch=not args.no_scratch)
+            if args.table:
+                print(f"wrote {args.table} (and {Path(args.table).with_suffix('.json')})")
+            return 0
+        summary = summarize(run_seeds(base))
+        print(
+            f"{base.task}: {len(base.seeds)} seed(s): "
+            + " | ".join(f"{k} {m:.4f} ± {s:.4f}" for k, (m, s) in summary.items())
+        )
         return 0
-    summary = summarize(run_seeds(base))
-    print(
-        f"{base.task}: {len(base.seeds)} seed(s): "
-        + " | ".join(f"{k} {m:.4f} ± {s:.4f}" for k, (m, s) in summary.items())
-    )
-    return 0
+    finally:
+        shutdown_distributed()
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

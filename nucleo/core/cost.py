@@ -18,20 +18,39 @@ for a run. The kinds:
 
 Elementwise work (norms, activations, gates, rotary) is not counted. ``matmul``, ``attention``,
 ``conv`` and ``readout`` are what ``torch.utils.flop_counter`` sees in the pure-PyTorch paths;
-tests/test_flops.py holds every family's formula to it.
+tests/architectures/test_flops.py holds every family's formula to it.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections import Counter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from torch import nn
 
-Flops = Counter  # kind -> forward FLOPs (float)
+
+class Flops(dict[str, float]):
+    """Forward FLOPs by kind (``Flops(matmul=..., fft=...)``); adds kind by kind, and a kind
+    not present counts 0 (``flops["matmul"] -= shared``)."""
+
+    def __init__(self, **kinds: float) -> None:
+        super().__init__(kinds)
+
+    def __missing__(self, kind: str) -> float:
+        return 0.0
+
+    def __add__(self, other: dict[str, float]) -> Flops:  # type: ignore[override]
+        out = Flops(**self)
+        out += other
+        return out
+
+    def __iadd__(self, other: dict[str, float]) -> Flops:  # type: ignore[override,misc]
+        for kind, value in other.items():
+            self[kind] = self[kind] + value
+        return self
+
 
 #: Kinds that torch.utils.flop_counter also counts (matrix products and convolutions).
 COUNTED_BY_TORCH = ("matmul", "attention", "conv", "readout")

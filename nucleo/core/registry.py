@@ -32,12 +32,12 @@ class UnknownNameError(KeyError):
 
 @dataclass(frozen=True)
 class Entry(Generic[T]):
-    """A registered component: its name, the class that builds it, its typed config (None for
-    components configured by keyword arguments, such as tasks) and a one-line summary."""
+    """A registered component: its name, the class that builds it, its typed config (``dict``
+    for components configured by keyword arguments, such as tasks) and a one-line summary."""
 
     name: str
     cls: type[T]
-    config: type | None
+    config: type
     summary: str
 
 
@@ -51,7 +51,7 @@ class Registry(Generic[T]):
         self._entries: dict[str, Entry[T]] = {}
         self._plugins_loaded = group is None
 
-    def register(self, name: str, *, config: type | None = None) -> Callable[[type[T]], type[T]]:
+    def register(self, name: str, *, config: type = dict) -> Callable[[type[T]], type[T]]:
         """Class decorator: ``@ARCHITECTURES.register("transformer", config=TransformerConfig)``."""
 
         def decorate(cls: type[T]) -> type[T]:
@@ -94,10 +94,10 @@ class Registry(Generic[T]):
     def build(self, name: str, config: Any, **kwargs: Any) -> T:
         """Instantiate ``name`` from its config object (an instance of ``get(name).config``)."""
         entry = self.get(name)
-        if entry.config is None or not isinstance(config, entry.config):
-            wanted = entry.config.__name__ if entry.config else "no config object"
-            raise TypeError(f"{self.kind} {name!r} takes {wanted}")
-        return entry.cls(config, **kwargs)
+        if not isinstance(config, entry.config):
+            raise TypeError(f"{self.kind} {name!r} takes {entry.config.__name__}")
+        builder: Any = entry.cls
+        return builder(config, **kwargs)
 
     def names(self) -> list[str]:
         self.load_plugins()

@@ -84,7 +84,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(key, f"expected {_describe(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if isinstance(value, tp):
             return value
         return from_dict(tp, value, key)

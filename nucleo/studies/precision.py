@@ -24,7 +24,8 @@ real yeast DNA (the bundled sample):
     deepspeed --num_gpus 2 launch/precision_check.py --stages 1 3
 
 Rank 0 prints a line per combination (``--json``: ``RESULT {...}`` lines) and exits 1 if any
-failed. tests/test_precision.py runs it in one and two processes; launch/gpu_check.sh on GPUs.
+failed. tests/studies/test_precision.py runs it in one and two processes; launch/gpu_check.sh on
+GPUs.
 """
 
 from __future__ import annotations

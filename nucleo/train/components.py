@@ -11,12 +11,13 @@ from torch import nn
 import architectures  # noqa: F401  (registers architectures)
 import data_pipeline  # noqa: F401  (registers tokenizers)
 import losses  # noqa: F401  (registers losses)
+from nucleo.core.protocols import Tokenizer
 from nucleo.core.registry import ARCHITECTURES, LOSSES, TOKENIZERS
 
 __all__ = ["ARCHITECTURES", "LOSSES", "TOKENIZERS", "build_model"]
 
 
-def build_model(arch: str, model_config: Any, tokenizer: Any) -> nn.Module:
+def build_model(arch: str, model_config: Any, tokenizer: Tokenizer) -> nn.Module:
     """The architecture ``arch`` sized for ``tokenizer``'s vocabulary, with its complement map
     (which the RC-equivariant families need)."""
     return ARCHITECTURES.build(

@@ -104,7 +104,7 @@ def resolve(raw: dict[str, Any]) -> RunConfig:
         arch_entry = ARCHITECTURES.get(arch)
     except UnknownNameError as err:
         raise ConfigError("arch", str(err)) from None
-    model = from_dict(arch_entry.config, raw.get("model"), "model")
+    model: Any = from_dict(arch_entry.config, raw.get("model"), "model")
     # default: next-token CE for causal models, masked-LM for bidirectional ones
     default_losses = ["ce"] if getattr(model, "causal", True) else ["mlm"]
     loss_names = _names(raw.get("losses", default_losses), "losses")
@@ -118,10 +118,12 @@ def resolve(raw: dict[str, Any]) -> RunConfig:
         except UnknownNameError as err:
             key = "losses" if name in loss_names else f"loss.{name}"
             raise ConfigError(key, str(err)) from None
-        parsed = from_dict(entry.config, loss_sections.get(name), f"loss.{name}")
+        parsed: Any = from_dict(entry.config, loss_sections.get(name), f"loss.{name}")
         if name in loss_names:  # sections of unselected losses are checked, then dropped
             loss_configs[name] = parsed
-    sections = {name: from_dict(cls, raw.get(name), name) for name, cls in _SECTIONS.items()}
+    sections: dict[str, Any] = {
+        name: from_dict(cls, raw.get(name), name) for name, cls in _SECTIONS.items()
+    }
     data = sections["data"]
     if data.tokenizer not in TOKENIZERS:
         known = ", ".join(TOKENIZERS.names())

@@ -193,14 +193,28 @@ def stale_jit_locks(max_age_s: float = 600.0) -> list[str]:
     return sorted(found)
 
 
+_SOLO = "NUCLEO_SOLO_WORLD"  # "<pid>:<port>" of the world of one this process made up
+
+
+def _inherited_solo_world() -> bool:
+    """Whether RANK & co. were made up by a parent process for its own world of one (and
+    inherited: a sweep point, a subprocess of a script that trained), not set by a launcher:
+    the parent may still hold that port."""
+    pid, _, port = os.environ.get(_SOLO, "").partition(":")
+    return bool(pid) and pid != str(os.getpid()) and port == os.environ.get("MASTER_PORT")
+
+
 def setup_distributed(cfg: EngineConfig) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (idempotent) on ``cfg.device``."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = resolve_for_training(cfg.device, local_rank)  # sets DS_ACCELERATOR
-    if "RANK" not in os.environ:  # a plain `python` start: a world of one
+    if "RANK" not in os.environ or _inherited_solo_world():  # a plain start: a world of one
+        inherited = "RANK" in os.environ
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if inherited or "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ[_SOLO] = f"{os.getpid()}:{os.environ['MASTER_PORT']}"
     cuda = device.type == "cuda"
     if cfg.backend == "nccl" and not cuda:
         raise ConfigError("engine.backend", "nccl needs CUDA; this run is on cpu (use auto)")
@@ -238,6 +252,22 @@ def shutdown_distributed() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         with contextlib.suppress(Exception):  # a peer may already be gone
             torch.distributed.destroy_process_group()
+        _forget_deepspeed_groups()
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches its process groups (and its communication backend) in module globals;
+    once the process group is destroyed they are stale, and the next engine of this process
+    (a fine-tuning after a pretraining, the next test) would fail with "Group ... is not
+    registered". Forget them, so the next setup_distributed starts clean."""
+    import deepspeed.comm.comm as comm
+    import deepspeed.utils.groups as groups
+
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and name.endswith("_GROUP"):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
+    groups.mesh_device = None
+    comm.cdb = None
 
 
 def _agree_accelerator(device: torch.device) -> None:
@@ -320,7 +350,9 @@ def lr_lambda(train: TrainConfig):
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices of linear layers; not norms, biases or embeddings."""
-    decay, no_decay, seen = [], [], set()
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:

@@ -18,6 +18,7 @@ import torch
 
 from data_pipeline.loader import DataConfig, validation_windows
 from losses.ce import next_token_nll
+from nucleo.core.protocols import Tokenizer
 from nucleo.core.schema import check
 from nucleo.core.types import Batch
 from nucleo.train.engine import DistInfo
@@ -47,7 +48,7 @@ class Validator:
         self,
         cfg: EvalConfig,
         data: DataConfig,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         objective: Objective,
         dist: DistInfo,
         seed: int,

@@ -23,6 +23,7 @@ from torch import nn
 from data_pipeline.tokenizers import build_tokenizer, load_tokenizer
 from nucleo import __version__
 from nucleo.core.device import resolve as resolve_device
+from nucleo.core.protocols import Tokenizer
 from nucleo.core.schema import from_dict, to_dict
 from nucleo.train.checkpoint import weights_only
 from nucleo.train.components import ARCHITECTURES, build_model
@@ -120,7 +121,7 @@ def state_from_checkpoint(ckpt_dir: str | Path, tag: str, cfg: Any) -> dict[str,
 def export_model(
     state: dict[str, torch.Tensor],
     run_config: Any,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     out_dir: str | Path,
     trained: dict[str, Any] | None = None,
 ) -> Path:
@@ -177,7 +178,7 @@ def load_exported(
     try:
         entry = ARCHITECTURES.get(meta["arch"])
         settings = {**meta["model"], "kernels": kernels}
-        config = from_dict(entry.config, settings, "model")
+        config: Any = from_dict(entry.config, settings, "model")
     except (ValueError, KeyError) as err:  # an unknown architecture, or settings of another one
         raise ExportError(f"{config_path}: {err}") from None
     model = build_model(meta["arch"], config, tokenizer)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from nucleo.core.alphabet import reverse_complement
+from nucleo.core.protocols import Loss, Tokenizer
 from nucleo.core.registry import LOSSES
 from nucleo.core.schema import ConfigError
 from nucleo.core.types import Batch, LossOutput, ModelOutput
@@ -31,7 +32,7 @@ class Term:
     """One selected loss with its settings (weight, schedule, cadence: a LossConfig)."""
 
     name: str
-    loss: Any
+    loss: Loss
     config: Any
 
     def weight_at(self, step: int | None) -> float:
@@ -88,7 +89,7 @@ class Objective:
 
     @classmethod
     def build(
-        cls, names: list[str], configs: Mapping[str, Any], model: nn.Module, tokenizer: Any
+        cls, names: list[str], configs: Mapping[str, Any], model: nn.Module, tokenizer: Tokenizer
     ) -> Objective:
         terms = [
             Term(name, LOSSES.build(name, configs[name], tokenizer=tokenizer), configs[name])

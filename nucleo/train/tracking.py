@@ -107,7 +107,8 @@ class Tracker:
         for i in range(0, len(params), 100):
             chunk = params[i : i + 100]
             self._queue(
-                "params", lambda chunk=chunk: self._client.log_batch(self.run_id, params=chunk)
+                "params",
+                lambda chunk=chunk: self._client.log_batch(self.run_id, params=chunk),  # type: ignore[misc]
             )
 
     def set_tags(self, tags: dict[str, str]) -> None:

@@ -118,9 +118,7 @@ class Trainer:
             cfg.eval, cfg.data, self.tokenizer, self.objective, dist, cfg.train.seed
         )
         self.engine = build_engine(self.model, cfg.train, cfg.engine, dist)
-        self.tokens_per_step = (
-            cfg.train.micro_batch_size * cfg.train.grad_accum * dist.world_size * cfg.data.seq_len
-        )
+        self.tokens_per_step = self.loader.windows_per_step * cfg.data.seq_len  # at full length
         self.state = TrainState()
         if resume_tag:
             self._restore(resume_tag)
@@ -183,7 +181,7 @@ class Trainer:
                 "parameters": self.params["total"],
                 "non_embedding_parameters": self.params["non_embedding"],
                 "world_size": dist.world_size,
-                "global_batch_windows": self.tokens_per_step // cfg.data.seq_len,
+                "global_batch_windows": self.loader.windows_per_step,
                 "tokens_per_step": self.tokens_per_step,
                 "flops_per_token": self.flops_per_token(),
                 "forward_flops_per_token": (
@@ -253,9 +251,9 @@ class Trainer:
             metrics=metrics, before_step=before_step,
         )  # fmt: skip
         self._stop_unless(torch.isfinite(step_loss), f"loss of step {state.step + 1}")
-        state.tokens += self.step_tokens(state.step)
+        state.tokens += self.loader.tokens_at(state.step)
         state.flops += self.compute.step(
-            self.tokens_per_step // cfg.data.seq_len,
+            self.loader.windows_per_step,
             cfg.data.seq_len_at(state.step),
             self.objective.passes_at(state.step),
         )
@@ -313,17 +311,13 @@ class Trainer:
             f"{data.seq_len_warmup_steps})"
         )
 
-    def step_tokens(self, step: int) -> int:
-        """Tokens of optimizer step ``step`` over all ranks (fewer during seq-len warm-up)."""
-        return self.tokens_per_step // self.cfg.data.seq_len * self.cfg.data.seq_len_at(step)
-
     def flops_per_token(self) -> float:
         """Training FLOPs per token at full length with every loss due (nucleo.flops)."""
         return self.compute.per_token(self.cfg.data.seq_len, self.objective.passes_at(None))
 
-    def log(self, metrics: Accumulated, norm: float | None) -> None:
+    def log(self, since: Accumulated, norm: float | None) -> None:
         """Progress line and ``train/*`` metrics: means over the micro-batches since last time."""
-        means = _mean_across_ranks(metrics.sums, metrics.counts, self.dist)
+        means = _mean_across_ranks(since.sums, since.counts, self.dist)
         lr = float(self.engine.get_lr()[0])
         loss = means.get("loss", math.nan)
         self.progress.update(self.state.step, loss, lr, tokens=self.state.tokens)

@@ -302,3 +302,19 @@ def test_stale_jit_build_locks_are_found(tmp_path, monkeypatch):
     an_hour_ago = time.time() - 3600
     os.utime(old, (an_hour_ago, an_hour_ago))
     assert stale_jit_locks() == [str(old)]
+
+
+def test_a_world_of_one_made_up_by_a_parent_is_not_inherited(monkeypatch):
+    """RANK & co. that a parent made up for its own world of one (a sweep's parent, a script
+    that trained, the test process) are replaced in a child; a launcher's are kept."""
+    from nucleo.train.engine import _SOLO, _inherited_solo_world
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_PORT", "29517")
+    monkeypatch.setenv(_SOLO, "1:29517")  # pid 1 made it: not this process
+    assert _inherited_solo_world()
+    monkeypatch.setenv(_SOLO, f"{os.getpid()}:29517")  # this process made it
+    assert not _inherited_solo_world()
+    monkeypatch.setenv(_SOLO, "1:29517")
+    monkeypatch.setenv("MASTER_PORT", "29600")  # a launcher set its own rendezvous
+    assert not _inherited_solo_world()

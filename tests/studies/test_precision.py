@@ -69,6 +69,7 @@ def _check(result: dict | None, combo: str) -> None:
     assert not problems(result), f"{combo}: {problems(result)}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("combo", ONE)
 def test_one_process(one_process, combo):
     _check(one_process.get(combo), combo)

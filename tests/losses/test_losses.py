@@ -17,7 +17,7 @@ from nucleo.core.types import Batch, ModelOutput
 from nucleo.train.components import build_model
 from nucleo.train.config import load_config
 from nucleo.train.objective import Objective
-from tests.test_architectures import VARIANTS
+from tests.architectures.test_architectures import VARIANTS
 
 TOKENIZER = CharTokenizer()
 

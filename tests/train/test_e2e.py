@@ -260,7 +260,8 @@ FAMILY_MODELS = {
     "hybrid": ["model.d_model=32", "model.n_layers=3", "model.hyena.max_len=128",
                "model.attention.n_heads=2"],
 }  # fmt: skip
-FAMILY_PRECISION = {  # each launch covers another precision path (all: tests/test_precision.py)
+# each launch covers another precision path (all: tests/studies/test_precision.py)
+FAMILY_PRECISION = {
     "mamba": ["engine.precision=bf16", "engine.zero_stage=2"],
     "multires": ["engine.precision=bf16", "engine.zero_stage=1"],
     "hybrid": ["model.autocast=bf16"],
@@ -286,7 +287,7 @@ def test_every_causal_family_trains_through_deepspeed(sample_shards, tmp_path, a
 
 @pytest.mark.parametrize(
     "arch,losses,procs", [("hyena", "ce,rc,cgr", 2), ("transformer", "ce,ph", 1)]
-)  # (ce,rc in one process: tests/test_sweep.py)
+)  # (ce,rc in one process: tests/studies/test_sweep.py)
 def test_combined_losses_train_through_deepspeed(sample_shards, tmp_path, arch, losses, procs):
     """``deepspeed launch/pretrain.py --arch hyena --losses ce,rc,cgr`` (and ce,ph): each
     component's curve reaches MLflow, with its time per call; ph at its cadence."""
