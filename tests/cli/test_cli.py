@@ -95,3 +95,13 @@ def test_data_bpe_and_build_from_folders_and_tables(tmp_path, capsys, sample_sha
     code = main(["data", "build", "--table", str(tmp_path / "t.parquet"), "--sequence-column",
                  "seq", "--out", str(tmp_path / "bad")])  # fmt: skip
     assert code == 2 and "seq" in capsys.readouterr().err
+
+
+def test_embed_names_the_formats_it_writes_before_reading_anything(tmp_path, capsys):
+    """``embed --out x.csv`` used to write ``x.csv.npy``; now it stops, in one line."""
+    code = main(["embed", str(tmp_path / "no-export"), str(tmp_path / "no.fa"),
+                 "--out", str(tmp_path / "x.csv")])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "x.csv: name a .npy or a .parquet file" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())

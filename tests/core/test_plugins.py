@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # pip-builds and installs a distribution; trains it
+
 PLUGIN = ROOT / "tests" / "fixtures" / "plugin"
 SAMPLE = ROOT / "data_pipeline" / "sample"
 
@@ -50,7 +52,6 @@ def test_nucleo_list_shows_the_plugins_components(plugin_site):
         assert f"  {name} " in result.stdout, name
 
 
-@pytest.mark.slow
 def test_a_plugin_family_loss_and_tokenizer_train_and_export(plugin_site, sample_shards, tmp_path):
     result = _nucleo(
         plugin_site, "pretrain", "--arch", "tinyconv", "--losses", "tiny_ce",

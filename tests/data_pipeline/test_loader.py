@@ -357,6 +357,7 @@ if __name__ == "__main__":
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl")
+@pytest.mark.slow
 def test_a_data_worker_dies_with_its_trainer(tmp_path):
     """SIGKILL the parent: a worker busy inside a batch is ended by the kernel."""
     script = tmp_path / "parent.py"

@@ -372,6 +372,9 @@ def test_finetune_learns_a_real_task_and_predict_reads_the_saved_classifier(tmp_
     experiment = client.get_experiment_by_name("nucleo-finetune")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.data.metrics["test/accuracy"] == pytest.approx(accuracy)
+    tags = run.data.tags  # MLflow's own source tags, from the one tracking seam
+    assert tags["mlflow.user"] and tags["mlflow.source.git.commit"] and tags["nucleo.version"]
+    assert tags["mlflow.source.name"]
 
 
 def test_finetune_runs_through_the_engine_in_bf16_under_zero_2(tmp_path, capsys):

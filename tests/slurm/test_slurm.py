@@ -28,7 +28,7 @@ from tests.conftest import ROOT
 
 BIN = ROOT / "tests" / "fixtures" / "slurm" / "bin"
 PRETRAIN_SBATCH = ROOT / "launch" / "slurm" / "pretrain.sbatch"
-SWEEP_SBATCH = ROOT / "launch" / "slurm" / "sweep.sbatch"
+SWEEP_SBATCH = ROOT / "nucleo" / "slurm" / "sweep.sbatch"  # package data (launch/slurm links it)
 HOSTS = ["localhost", "127.0.0.1"]
 TINY = {
     "arch": "transformer",

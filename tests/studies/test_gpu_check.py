@@ -12,6 +12,7 @@ from nucleo.studies import gpu_check
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow
 def test_the_dry_run_plans_every_step_and_writes_nothing(tmp_path):
     out = tmp_path / "gpu.md"
     result = subprocess.run(

@@ -105,6 +105,7 @@ def _store(tmp_path):
     return uri
 
 
+@pytest.mark.slow
 def test_scaling_fit_and_compare_read_the_store(tmp_path, capsys):
     uri = _store(tmp_path)
     rows = collect(uri, ["scal"], parse_tags(["nucleo.arch=hyena"]))

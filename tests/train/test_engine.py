@@ -100,6 +100,7 @@ def test_a_broken_store_warns_once_and_lets_training_go_on(tmp_path, capsys):
     assert "did not take the run's last" in err
 
 
+@pytest.mark.slow
 def test_an_unreachable_server_costs_start_up_seconds_not_minutes(tmp_path, capsys):
     """A closed port: MLflow's own retries took ~255 s before; now start gives up within
     tracking.timeout and keeps retrying in the background."""
@@ -146,6 +147,7 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert resolve_uri("sqlite:///x.db", tmp_path) == "sqlite:///x.db"
 
 
+@pytest.mark.slow
 def test_a_store_failing_mid_run_keeps_the_metrics_and_sends_them_when_it_is_back(tmp_path, capsys):
     tracker = Tracker(TrackingConfig(timeout=15), tmp_path, enabled=True)
     run_id = tracker.start("r", None, {})

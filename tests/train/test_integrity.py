@@ -21,6 +21,8 @@ from nucleo.train.checkpoint import COMPLETE, complete_tags, damage, file_digest
 from nucleo.train.export import load_exported
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # each test runs DeepSpeed training end to end
+
 TINY = [
     "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.seq_len=64",
     "train.micro_batch_size=4", "train.warmup_steps=0", "train.log_every=100",
