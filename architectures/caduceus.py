@@ -81,7 +81,7 @@ class RCPS(nn.Module):
     """``layer`` ([B, L, D/2] -> [B, L, D/2], each sequence on its own) shared by both strands.
     It takes and gives strand-batched states [2B, L, D/2] (the module docstring): one call,
     no copies. A module of its own so that parameter names (``...mixer.layer...``) and
-    nucleo.flops' count per strand stay as they were."""
+    nucleo.train.compute' count per strand stay as they were."""
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()

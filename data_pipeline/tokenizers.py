@@ -29,7 +29,7 @@ class CharTokenizerConfig:
 
 @TOKENIZERS.register("char", config=CharTokenizerConfig)
 class CharTokenizer:
-    """One token per base: A C G T N plus <pad> <mask> <bos> <eos> (ids in nucleo.alphabet)."""
+    """One token per base: A C G T N plus <pad> <mask> <bos> <eos> (ids in nucleo.core.alphabet)."""
 
     name = "char"
     vocab: tuple[str, ...] = alphabet.VOCAB

@@ -43,7 +43,7 @@ build coding_vs_intergenic 1000 300
     --table experiments/results/downstream_table.md
 mkdir -p data/generation
 [ -f data/generation/prompts.fa ] || "$PY" - <<'PYEOF'
-from nucleo.generate import real_windows
+from nucleo.downstream.generate import real_windows
 seqs = real_windows("data/offline/shards", "bacteria", 100, 64, seed=1)
 with open("data/generation/prompts.fa", "w") as fh:
     fh.writelines(f">prompt{i}\n{s.decode()}\n" for i, s in enumerate(seqs))

@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 launch/setup.sh
 source "${NUCLEO_VENV:-.venv}/bin/activate"
-export DS_ACCELERATOR="${DS_ACCELERATOR:-$(python -c 'from nucleo.device import resolve; print(resolve("auto").type)')}"  # the launcher's device, as nucleo decides it
+export DS_ACCELERATOR="${DS_ACCELERATOR:-$(python -c 'from nucleo.core.device import resolve; print(resolve("auto").type)')}"  # the launcher's device, as nucleo decides it
 
 shards=data/shards/sample
 if [ ! -f "$shards/manifest.json" ] || [ data_pipeline/sample/sources.tsv -nt "$shards/manifest.json" ]; then

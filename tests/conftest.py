@@ -1,5 +1,5 @@
 """Shared fixtures: the bundled real genome sample and shards built from it; the suite's
-device (one decision, as in nucleo.device) and the ``gpu`` marker."""
+device (one decision, as in nucleo.core.device) and the ``gpu`` marker."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ KINGDOM_PREFIX = "val/bits_per_base/"
 @dataclass
 class RunRow:
     """One finished training run. params: total; non_embedding: N of the scaling laws;
-    tokens: D, training tokens seen; flops: C, training compute (nucleo.flops);
+    tokens: D, training tokens seen; flops: C, training compute (nucleo.train.compute);
     bits: final validation bits per base; kingdoms: the same per kingdom."""
 
     run_id: str

@@ -11,7 +11,7 @@ time budget (``--budget``, 9.5 minutes by default) would not cover it:
                 weights under ZeRO-0 and ZeRO-3 and with bf16 autocast under ZeRO-2
     train-1     every family, a short bf16 run of ``deepspeed --num_gpus 1 launch/pretrain.py``
                 on the bundled genome sample: tokens/s, TFLOP/s and model FLOPs utilisation
-                (nucleo.flops' count over the GPU's dense bf16 peak)
+                (nucleo.train.compute' count over the GPU's dense bf16 peak)
     train-all   the same on all GPUs of the host (NCCL), when it has more than one
 
 It writes ``experiments/results/gpu.md`` (and ``gpu.json``) with the command, machine and date,

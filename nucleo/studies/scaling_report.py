@@ -75,7 +75,7 @@ def plot(rows: Sequence[RunRow], fits: Sequence[GroupFit], out_dir: Path, stem: 
     front = frontier(rows)
     axes[0].step([r.flops for r in front], [r.bits for r in front], where="post", color="k",
                  lw=1, alpha=0.5, label="compute frontier (best so far)")  # fmt: skip
-    for ax, xlabel in ((axes[0], "training compute C (FLOPs, nucleo.flops)"),
+    for ax, xlabel in ((axes[0], "training compute C (FLOPs, nucleo.train.compute)"),
                        (axes[1], "non-embedding parameters N")):  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
@@ -216,7 +216,7 @@ def report(
             lines.append(f"\n{fit.group}: {error}")
     lines += ["", "## Compute", ""]
     lines += [
-        "Training FLOPs come from nucleo.flops (analytic per layer type, 3 x forward, one "
+        "Training FLOPs come from nucleo.train.compute (analytic per layer type, 3 x forward, one "
         "backbone pass per view: `rc` doubles it). C ~ c N^p across each group's sizes, and "
         "the FLOPs per token per non-embedding parameter (6 for a plain C = 6ND):",
         "",

@@ -5,7 +5,7 @@ Layout of a run directory::
     runs/<name>/config.yaml                       the resolved config
     runs/<name>/checkpoints/step_00000200/        DeepSpeed's files for that step
     runs/<name>/checkpoints/step_00000200/COMPLETE   written last, by rank 0
-    runs/<name>/export/                           portable model (see nucleo.export)
+    runs/<name>/export/                           portable model (see nucleo.train.export)
 
 A checkpoint without COMPLETE (a crash or preemption during the save) is never resumed from;
 older checkpoints are pruned only after a newer one is complete. COMPLETE records the size and

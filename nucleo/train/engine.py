@@ -2,7 +2,7 @@
 
 ``setup_distributed`` makes a plain ``python`` start look like a one-process ``deepspeed``
 launch (DeepSpeed otherwise asks for mpi4py) and makes the one device decision
-(``engine.device``, nucleo.device) that DeepSpeed's accelerator, the model and the batches
+(``engine.device``, nucleo.core.device) that DeepSpeed's accelerator, the model and the batches
 share. ``build_engine`` turns the optimizer, schedule and batch settings into a DeepSpeed
 config and wraps the model; ZeRO stage and precision come from ``EngineConfig``.
 """
@@ -90,7 +90,7 @@ class EngineConfig:
     backend: torch.distributed backend; auto picks nccl on GPU and gloo on CPU.
     cpu_allocator: on CPU, "cached" makes glibc keep freed memory for reuse instead of
         mapping and page-faulting every large activation anew (1.7-2x faster at 16k tokens,
-        ~1.4x peak memory); "system" leaves glibc's defaults (nucleo.runtime).
+        ~1.4x peak memory); "system" leaves glibc's defaults (nucleo.core.runtime).
     """
 
     device: str = "auto"

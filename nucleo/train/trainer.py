@@ -312,7 +312,7 @@ class Trainer:
         )
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token at full length with every loss due (nucleo.flops)."""
+        """Training FLOPs per token at full length with every loss due (nucleo.train.compute)."""
         return self.compute.per_token(self.cfg.data.seq_len, self.objective.passes_at(None))
 
     def log(self, since: Accumulated, norm: float | None) -> None:
@@ -376,7 +376,7 @@ class Trainer:
             "step": self.state.step,
             "tokens": self.state.tokens,
             "flops": self.state.flops,
-            # the store may have answered only after start-up (nucleo.tracking)
+            # the store may have answered only after start-up (nucleo.train.tracking)
             "mlflow_run_id": self.tracker.run_id or self.state.mlflow_run_id,
             "tracking_uri": self.state.tracking_uri,
             "loader": self.loader.state_dict(),
