@@ -21,6 +21,8 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+from nucleo.core.device import CHOICES
+
 EXIT_USAGE = 2
 
 
@@ -127,7 +129,7 @@ def add_batch_size(p: argparse.ArgumentParser, unit: str, default: int) -> None:
 def add_device(p: argparse.ArgumentParser) -> None:
     """``--device``: auto (CUDA when a GPU is visible), cpu, cuda, cuda:N."""
     p.add_argument("--device", default="auto",
-                   help="auto (CUDA when a GPU is visible), cpu, cuda or cuda:N")  # fmt: skip
+                   help=f"{CHOICES} (auto: CUDA when a GPU is visible)")  # fmt: skip
 
 
 def add_store(p: argparse.ArgumentParser, *, tags: bool = True) -> None:

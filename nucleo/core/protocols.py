@@ -1,5 +1,5 @@
-"""The seams as types: what the trainer, the objective and the exports expect of a tokenizer, a
-loss and a model, whichever family, package or plugin provides them.
+"""The seams as types: what the trainer, the objective and the exports expect of a tokenizer
+and a loss, whichever family, package or plugin provides them.
 
 Structural (``typing.Protocol``): a component satisfies a seam by having these members, not by
 inheriting from anything here. The type checker holds the train layer to them.
@@ -9,17 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
     from torch import nn
 
     from nucleo.core.types import Batch, LossOutput, ModelOutput
 
 
-@runtime_checkable
 class Tokenizer(Protocol):
     """Bases <-> token ids. Ids 0-8 are the character alphabet's (A C G T N and the specials,
     ``nucleo.core.alphabet``) in every tokenizer, so base ids stay 0..3."""
@@ -47,19 +45,6 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
 
     def save(self, directory: str | Path) -> Path: ...
-
-
-class Model(Protocol):
-    """An architecture: ``tokens [B, L] -> ModelOutput(hidden [B, L, D], logits [B, L, V])``,
-    with ``causal`` and ``rc_equivariant`` declared and its forward FLOPs by kind
-    (``nucleo.core.cost``)."""
-
-    causal: bool
-    rc_equivariant: bool
-
-    def __call__(self, tokens: torch.Tensor) -> ModelOutput: ...
-
-    def flops(self, batch: int, length: int) -> Mapping[str, float]: ...
 
 
 class Loss(Protocol):

@@ -75,18 +75,24 @@ def encode_all(tokenizer: Any, sequences: Sequence[bytes], max_tokens: int) -> l
     return [np.asarray(tokenizer.encode(s), np.int64)[:max_tokens] for s in sequences]
 
 
+def pad(ids: list[np.ndarray], rows: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens [b, L] and mask [b, L] of ``ids[rows]``, right-padded to the longest (CPU)."""
+    width = max(len(ids[r]) for r in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, : len(ids[r])] = torch.from_numpy(ids[r])
+        mask[i, : len(ids[r])] = True
+    return tokens, mask
+
+
 def batches(
     ids: list[np.ndarray], order: np.ndarray, batch: int, pad_id: int, device: torch.device
 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     """(row indices, tokens [b, L], mask [b, L]) right-padded, ``batch`` rows at a time."""
     for start in range(0, len(order), batch):
         rows = order[start : start + batch]
-        width = max(len(ids[r]) for r in rows)
-        tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            tokens[i, : len(ids[r])] = torch.from_numpy(ids[r])
-            mask[i, : len(ids[r])] = True
+        tokens, mask = pad(ids, rows, pad_id)
         yield rows, tokens.to(device), mask.to(device)
 
 

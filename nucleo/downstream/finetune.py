@@ -52,6 +52,7 @@ from nucleo.downstream.classifier import (
     encode_all,
     hidden_size,
     metrics,
+    pad,
     predict_proba,
     save_classifier,
 )
@@ -161,12 +162,7 @@ def _rank_batches(
         rows = order[start : start + batch][dist.rank :: dist.world_size]
         if len(rows) == 0:
             rows = order[start : start + 1]
-        width = max(len(ids[r]) for r in rows)
-        tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            tokens[i, : len(ids[r])] = torch.from_numpy(ids[r])
-            mask[i, : len(ids[r])] = True
+        tokens, mask = pad(ids, rows, pad_id)
         yield ClassBatch(tokens, mask, torch.from_numpy(labels[rows]))
 
 
