@@ -32,7 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from architectures.layers import Block, LanguageModel, autocast_context, presets
+from architectures.layers import (
+    Block,
+    LanguageModel,
+    Padding,
+    autocast_context,
+    presets,
+    reverse,
+)
 from architectures.mamba import BiMamba, MambaConfig
 from nucleo.core import cost
 from nucleo.core.alphabet import COMPLEMENT_IDS
@@ -72,9 +79,10 @@ class CaduceusConfig(MambaConfig):
         check(not (self.rcps and self.conjoin), "conjoin", "only for rcps: false")
 
 
-def rc_hidden(h: torch.Tensor) -> torch.Tensor:
-    """Reverse complement of hidden states [B, L, D] under RCPS: flip length and channels."""
-    return h.flip(-2, -1)
+def rc_hidden(h: torch.Tensor, padding: Padding | None = None) -> torch.Tensor:
+    """Reverse complement of hidden states [B, L, D] under RCPS: flip length (within each
+    sequence's length when padded) and channels."""
+    return reverse(h, padding).flip(-1)
 
 
 class RCPS(nn.Module):
@@ -83,12 +91,14 @@ class RCPS(nn.Module):
     no copies. A module of its own so that parameter names (``...mixer.layer...``) and
     nucleo.train.compute' count per strand stay as they were."""
 
+    takes_padding = True
+
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         self.layer = layer
 
-    def forward(self, s: torch.Tensor) -> torch.Tensor:
-        return self.layer(s)
+    def forward(self, s: torch.Tensor, padding: Padding | None = None) -> torch.Tensor:
+        return self.layer(s) if padding is None else self.layer(s, padding=padding)
 
     def flops(self, batch: int, length: int) -> cost.Flops:
         """The same layer on each strand."""
@@ -104,8 +114,9 @@ class RCPSBlock(nn.Module):
         self.norm = RCPS(nn.RMSNorm(width))
         self.mixer = RCPS(BiMamba(cfg, width))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.mixer(self.norm(h))
+    def forward(self, h: torch.Tensor, padding: Padding | None = None) -> torch.Tensor:
+        """h: strand-batched [2B, L, D/2]; ``padding`` of those 2B rows."""
+        return h + self.mixer(self.norm(h), padding)
 
     def residual_projections(self) -> list[nn.Linear]:
         return [self.mixer.layer.out_proj]
@@ -115,24 +126,31 @@ class RCPSBlock(nn.Module):
         return self.mixer.flops(batch, length)
 
 
-def rc_logits(logits: torch.Tensor, complement: torch.Tensor) -> torch.Tensor:
+def rc_logits(
+    logits: torch.Tensor, complement: torch.Tensor, padding: Padding | None = None
+) -> torch.Tensor:
     """Map per-position logits [B, L, V] of rc(x) back onto x's positions and strand."""
-    return logits.flip(-2)[..., complement]
+    return reverse(logits, padding)[..., complement]
 
 
 def conjoin(
-    forward: Callable[[torch.Tensor], ModelOutput], tokens: torch.Tensor, complement: torch.Tensor
+    forward: Callable[[torch.Tensor, torch.Tensor | None], ModelOutput],
+    tokens: torch.Tensor,
+    complement: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    padding: Padding | None = None,
 ) -> ModelOutput:
     """Post-hoc conjoining: the mean of forward(x) and forward(rc(x)) mapped back to x.
 
     The logits of the result satisfy logits(rc x) = rc_logits(logits(x)) for any model.
-    Hidden states are averaged position-wise (the rc pass flipped along L).
+    Hidden states are averaged position-wise (the rc pass reversed along L, within each
+    sequence's length when padded: rc(x) keeps its pads on the right).
     """
-    out = forward(tokens)
-    rc_out = forward(complement[tokens].flip(-1))
+    out = forward(tokens, attention_mask)
+    rc_out = forward(reverse(complement[tokens], padding, -1), attention_mask)
     return ModelOutput(
-        hidden=(out.hidden + rc_out.hidden.flip(-2)) / 2,
-        logits=(out.logits + rc_logits(rc_out.logits, complement)) / 2,
+        hidden=(out.hidden + reverse(rc_out.hidden, padding)) / 2,
+        logits=(out.logits + rc_logits(rc_out.logits, complement, padding)) / 2,
     )
 
 
@@ -173,17 +191,25 @@ class Caduceus(LanguageModel):
             self.norm = RCPS(nn.RMSNorm(width))
             del self.head
 
-    def forward(self, tokens: torch.Tensor) -> ModelOutput:
-        """tokens: [B, L] int64 -> hidden [B, L, D], logits [B, L, V], both float32."""
+    def forward(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> ModelOutput:
+        """tokens [B, L] int64, attention_mask [B, L] (1 real, 0 right padding) -> hidden
+        [B, L, D], logits [B, L, V], both float32. The reverse strand of a padded sequence is
+        its reverse complement within its own length, pads kept on the right."""
+        padding = self.padding(tokens, attention_mask)
         if not self.cfg.rcps:
             if self.cfg.conjoin and not self.training:
-                return conjoin(super().forward, tokens, self.complement)
-            return super().forward(tokens)
+                return conjoin(super().forward, tokens, self.complement, attention_mask, padding)
+            return super().forward(tokens, attention_mask)
         with autocast_context(self.cfg.autocast, tokens.device):
-            both = torch.cat([tokens, self.complement[tokens].flip(-1)])  # [x; rc(x)]
-            s = self.norm(self.run_blocks(self.embed(both)))  # strand-batched [2B, L, D/2]
-            forward, reverse = s.chunk(2, dim=0)
+            rc = reverse(self.complement[tokens], padding, -1)
+            both = torch.cat([tokens, rc])  # [x; rc(x)]
+            strands = padding.repeat(2) if padding is not None else None
+            s = self.norm(self.run_blocks(self.embed(both), strands))  # [2B, L, D/2]
+            forward, backward = s.chunk(2, dim=0)
             w = self.embed.weight
-            logits = F.linear(forward, w) + F.linear(reverse, w[self.complement]).flip(-2)
-            hidden = torch.cat([forward, rc_hidden(reverse)], dim=-1)
+            rc_part = reverse(F.linear(backward, w[self.complement]), padding)
+            logits = F.linear(forward, w) + rc_part
+            hidden = torch.cat([forward, rc_hidden(backward, padding)], dim=-1)
         return ModelOutput(hidden=hidden.float(), logits=logits.float())

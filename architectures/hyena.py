@@ -29,6 +29,7 @@ from architectures.layers import (
     Block,
     LanguageModel,
     ModelConfig,
+    Padding,
     float32_region,
     like_weights,
     presets,
@@ -250,6 +251,8 @@ class ImplicitFilter(nn.Module):
 class HyenaOperator(nn.Module):
     """The Hyena operator of order N, [B, L, D] -> [B, L, D]."""
 
+    takes_padding = True
+
     def __init__(self, cfg: HyenaConfig) -> None:
         super().__init__()
         d = cfg.d_model
@@ -277,10 +280,18 @@ class HyenaOperator(nn.Module):
         zero = forward.new_zeros(*forward.shape[:-1], 1)
         return torch.cat([forward, zero, backward[..., 1:].flip(-1)], dim=-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding: Padding | None = None) -> torch.Tensor:
+        """x [B, L, D]. Two-sided with ``padding``: the projections are zeroed at pads before
+        and after the short conv, so every long-conv input (v times a gate) is zero there and
+        pads reach no real position (causal: right pads never do)."""
         length = x.shape[1]
         u = self.in_proj(x).transpose(1, 2)  # [B, (N+1) D, L]
+        two_sided = padding is not None and not self.causal
+        if two_sided:
+            u = padding.zero(u, dim=2)
         u = self.short_conv(F.pad(u, self.short_pad))
+        if two_sided:
+            u = padding.zero(u, dim=2)
         *gates, v = u.split(self.d_model, dim=1)
         with float32_region(x.device):
             k = self.kernels(length, x.device)

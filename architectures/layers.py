@@ -4,7 +4,14 @@ autocast, the precision contract of float32 regions, and the causal depthwise co
 
 A family supplies a *mixer* (the sequence-mixing layer, [B, L, D] -> [B, L, D]) and its config;
 ``LanguageModel`` does the rest, so every family has the same interface:
-tokens [B, L] int64 -> ``ModelOutput(hidden [B, L, D] float32, logits [B, L, V] float32)``.
+tokens [B, L] int64 (and an optional attention_mask [B, L], 1 on real tokens, 0 on right
+padding) -> ``ModelOutput(hidden [B, L, D] float32, logits [B, L, V] float32)``.
+
+Padding: a batch is right-padded. A causal model needs nothing more (position t never sees a
+later one). A bidirectional model hands its blocks a ``Padding``, and each bidirectional mixer
+(``takes_padding = True``) keeps pads from reaching real positions: attention masks them as
+keys, convolutions zero them, and reversed passes reverse each sequence within its own length
+(``Padding.reverse``). A sequence's outputs are then those it has alone.
 """
 
 from __future__ import annotations
@@ -82,6 +89,66 @@ def presets(rows: Iterable[tuple[str, int, int, dict[str, Any]]]) -> dict[str, d
     return out
 
 
+class Padding:
+    """Right padding of a batch: ``mask`` [B, L] bool (true on real tokens), ``lengths`` [B].
+
+    Built by ``Padding.of`` from an attention mask; mixers use ``zero`` (pads set to 0) and
+    ``reverse`` (each sequence reversed within its length, pads left in place).
+    """
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        self.lengths = mask.sum(-1)
+
+    @staticmethod
+    def of(attention_mask: torch.Tensor | None, tokens: torch.Tensor) -> Padding | None:
+        """The padding of ``attention_mask`` [B, L] (None, or no zeros: None).
+
+        Raises ValueError unless it is right padding (ones, then zeros) of tokens' shape with at
+        least one real token per row: the mixers' exactness rests on that.
+        """
+        if attention_mask is None:
+            return None
+        if attention_mask.shape != tokens.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; the tokens have "
+                f"{tuple(tokens.shape)}"
+            )
+        mask = attention_mask.to(tokens.device) != 0
+        lengths = mask.sum(-1, keepdim=True)
+        prefix = torch.arange(mask.shape[-1], device=mask.device) < lengths
+        if not torch.equal(mask, prefix):
+            raise ValueError("attention_mask must be right padding: ones, then zeros, per row")
+        if bool((lengths == 0).any()):
+            raise ValueError("attention_mask has a row without real tokens")
+        return None if bool(mask.all()) else Padding(mask)
+
+    def repeat(self, times: int) -> Padding:
+        """The padding of ``times`` copies of the batch stacked along B (strand batches)."""
+        return Padding(self.mask.repeat(times, 1))
+
+    def zero(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """x with its pad positions along ``dim`` (the length axis) set to zero."""
+        shape = [1] * x.dim()
+        shape[0], shape[dim] = self.mask.shape
+        return x * self.mask.view(shape).to(x.dtype)
+
+    def reverse(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """x with each sequence reversed within its length along ``dim`` (pads stay put)."""
+        length = self.mask.shape[-1]
+        t = torch.arange(length, device=x.device)
+        lengths = self.lengths.to(x.device)[:, None]
+        index = torch.where(t < lengths, lengths - 1 - t, t)  # [B, L]
+        shape = [1] * x.dim()
+        shape[0], shape[dim] = index.shape
+        return x.gather(dim, index.view(shape).expand_as(x))
+
+
+def reverse(x: torch.Tensor, padding: Padding | None, dim: int = 1) -> torch.Tensor:
+    """x reversed along ``dim``: per sequence within its length when padded, else a flip."""
+    return x.flip(dim) if padding is None else padding.reverse(x, dim)
+
+
 class MLP(nn.Module):
     """Position-wise feed-forward: Linear(D, r*D) -> GELU -> Linear(r*D, D)."""
 
@@ -125,8 +192,9 @@ class Block(nn.Module):
         self.mlp = MLP(d_model, mlp_ratio) if mlp_ratio > 0 else None
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.mixer(self.norm1(x)))
+    def forward(self, x: torch.Tensor, padding: Padding | None = None) -> torch.Tensor:
+        """x [B, L, D]; ``padding`` reaches the mixer (bidirectional models pass one)."""
+        x = x + self.drop(mix(self.mixer, self.norm1(x), padding))
         if self.mlp is None:
             return x
         chunk = self.positionwise_chunk
@@ -150,6 +218,19 @@ class Block(nn.Module):
         if self.mlp is not None:
             out += self.mlp.flops(batch, length)
         return out
+
+
+def mix(mixer: nn.Module, x: torch.Tensor, padding: Padding | None) -> torch.Tensor:
+    """mixer(x), with ``padding`` when there is one; a mixer that cannot take it refuses."""
+    if padding is None:
+        return mixer(x)
+    if not getattr(mixer, "takes_padding", False):
+        raise ValueError(
+            f"{type(mixer).__name__} takes no padding mask (no takes_padding = True), so a "
+            "bidirectional model built on it cannot run a padded batch exactly; pass "
+            "sequences of one length, or give the mixer a ``padding`` argument"
+        )
+    return mixer(x, padding=padding)
 
 
 def autocast_context(mode: str, device: torch.device):
@@ -212,19 +293,31 @@ class LanguageModel(nn.Module):
             for proj in getattr(block, "residual_projections", list)():
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
 
-    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+    def run_blocks(self, x: torch.Tensor, padding: Padding | None = None) -> torch.Tensor:
         """The blocks, each recomputed in backward when ``checkpointing`` is on."""
         for block in self.blocks:
             if self.cfg.checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, padding, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x) if padding is None else block(x, padding)
         return x
 
-    def forward(self, tokens: torch.Tensor) -> ModelOutput:
-        """tokens: [B, L] int64 -> hidden [B, L, D], logits [B, L, V], both float32."""
+    def padding(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> Padding | None:
+        """What the blocks need of ``attention_mask``: nothing for a causal model (right pads
+        come after every real position), a ``Padding`` for a bidirectional one. Either way the
+        mask is checked (left padding would be silently wrong)."""
+        padding = Padding.of(attention_mask, tokens)
+        return None if self.causal else padding
+
+    def forward(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> ModelOutput:
+        """tokens [B, L] int64, attention_mask [B, L] (1 real, 0 right padding; None: no
+        padding) -> hidden [B, L, D], logits [B, L, V], both float32. Real positions come out
+        as they would alone; pad positions carry values nobody should read."""
+        padding = self.padding(tokens, attention_mask)
         with autocast_context(self.cfg.autocast, tokens.device):
-            hidden = self.norm(self.run_blocks(self.embed(tokens)))
+            hidden = self.norm(self.run_blocks(self.embed(tokens), padding))
             logits = self.head(hidden)
         return ModelOutput(hidden=hidden.float(), logits=logits.float())
 

@@ -32,6 +32,7 @@ from architectures.layers import (
     Block,
     LanguageModel,
     ModelConfig,
+    Padding,
     causal_depthwise_conv,
     float32_region,
     like_weights,
@@ -229,7 +230,13 @@ class MambaMixer(nn.Module):
 
 class BiMamba(nn.Module):
     """Forward mixer + a mixer over the reversed sequence, in_proj and out_proj shared
-    (Caduceus's BiMamba with weight tying); outputs add. [B, L, D] -> [B, L, D]."""
+    (Caduceus's BiMamba with weight tying); outputs add. [B, L, D] -> [B, L, D].
+
+    With padding the reverse mixer reads each sequence reversed within its own length, so
+    right pads stay last in both directions and never reach a real position.
+    """
+
+    takes_padding = True
 
     def __init__(self, cfg: MambaConfig, d_model: int) -> None:
         super().__init__()
@@ -239,11 +246,15 @@ class BiMamba(nn.Module):
         self.reverse_mixer.out_proj = self.forward_mixer.out_proj
         self.out_proj = self.forward_mixer.out_proj  # for the residual-projection init
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding: Padding | None = None) -> torch.Tensor:
         # the shared projections act per position, so each runs once for both directions:
         # in_proj(flip x) = flip in_proj(x); out_proj(a) + flip out_proj(b) = out_proj(a + flip b)
         xz = self.forward_mixer.in_proj(x)
-        y = self.forward_mixer(xz, True) + self.reverse_mixer(xz, True, reverse=True)
+        if padding is None:
+            backward = self.reverse_mixer(xz, True, reverse=True)
+        else:
+            backward = padding.reverse(self.reverse_mixer(padding.reverse(xz), True))
+        y = self.forward_mixer(xz, True) + backward
         return self.out_proj(like_weights(y, self.out_proj))
 
     def flops(self, batch: int, length: int) -> cost.Flops:

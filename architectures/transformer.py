@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from architectures.kernels import FLASH_ATTN, require_suitable, use
-from architectures.layers import Block, LanguageModel, ModelConfig, presets
+from architectures.layers import Block, LanguageModel, ModelConfig, Padding, presets
 from nucleo.core import cost
 from nucleo.core.registry import ARCHITECTURES
 from nucleo.core.schema import check
@@ -114,13 +114,25 @@ def attention(
     causal: bool,
     dropout: float = 0.0,
     kernels: str = "auto",
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Multi-head attention on q, k, v [B, L, H, Dh] -> [B, L, H, Dh].
 
     flash-attn on CUDA under ``kernels`` (architectures.kernels) when the heads and dtype suit
     it, else PyTorch SDPA. fp32 activations take SDPA quietly under ``auto`` (flash-attn has
-    no fp32 kernel; nothing is missing).
+    no fp32 kernel; nothing is missing). ``keys`` [B, L] bool: the positions that may be
+    attended to (padding masked out; SDPA then, as flash-attn's padded path needs unpadding).
     """
+    if keys is not None:
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=keys[:, None, None, :],
+            dropout_p=dropout,
+            is_causal=False,
+        )
+        return y.transpose(1, 2)
     if q.device.type == "cuda" and kernels != "off":
         why = flash_unsuitable(q.shape[-1], q.dtype)
         quiet_fp32 = kernels == "auto" and q.dtype == torch.float32 and why is not None
@@ -137,6 +149,7 @@ class Attention(nn.Module):
     """Rotary multi-head self-attention, [B, L, D] -> [B, L, D]."""
 
     uses_kernels = (FLASH_ATTN,)
+    takes_padding = True
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -148,12 +161,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding: Padding | None = None) -> torch.Tensor:
+        """x [B, L, D]; ``padding``: pads are never attended to (bidirectional; a causal
+        layer needs no mask for right padding)."""
         batch, length, width = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, -1).unbind(2)
         rotation = rotary_tables(length, q.shape[-1], self.rope_base, x.device)
         q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
-        y = attention(q, k, v, self.causal, self.dropout if self.training else 0.0, self.kernels)
+        keys = padding.mask if padding is not None and not self.causal else None
+        dropout = self.dropout if self.training else 0.0
+        y = attention(q, k, v, self.causal, dropout, self.kernels, keys)
         return self.out_proj(y.reshape(batch, length, width))
 
     def flops(self, batch: int, length: int) -> cost.Flops:
