@@ -34,7 +34,9 @@ class SequenceClassifier(nn.Module):
         self.head = nn.Linear(d_model, n_classes)
 
     def embed(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(tokens).hidden.float()
+        """tokens, mask [B, L] (right padding) -> [B, D] mean of the real tokens' states; the
+        backbone sees the mask too, so a bidirectional one keeps pads out of real states."""
+        hidden = self.backbone(tokens, attention_mask=mask).hidden.float()
         weights = mask[..., None].to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 

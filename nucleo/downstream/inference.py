@@ -29,6 +29,7 @@ from torch import nn
 from data_pipeline.readers import read_sequences
 from nucleo.core.alphabet import reverse_complement_bytes
 from nucleo.core.device import resolve as resolve_device
+from nucleo.downstream.classifier import pad
 
 
 @dataclass
@@ -61,14 +62,7 @@ def _batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(tokens [b, L], mask [b, L]) of ``batch`` windows at a time, right-padded."""
     for start in range(0, len(pieces), batch):
-        chunk = pieces[start : start + batch]
-        width = max(len(p) for p in chunk)
-        tokens = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.bool)
-        for row, piece in enumerate(chunk):
-            tokens[row, : len(piece)] = torch.from_numpy(piece.astype(np.int64))
-            mask[row, : len(piece)] = True
-        yield tokens, mask
+        yield pad(pieces, np.arange(start, min(start + batch, len(pieces))), pad_id)
 
 
 @torch.no_grad()
@@ -81,7 +75,7 @@ def log_likelihood(
     total, scored, bases = 0.0, 0, 0
     for tokens, mask in _batches(_windows(ids, window), batch, tokenizer.pad_id):
         tokens, mask = tokens.to(device), mask.to(device)
-        logits = model(tokens).logits[:, :-1].float()
+        logits = model(tokens, attention_mask=mask).logits[:, :-1].float()
         targets, valid = tokens[:, 1:], mask[:, 1:]
         logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
         total += float(logp[valid].sum())
@@ -159,7 +153,7 @@ def embed_sequence(
     last: torch.Tensor | None = None
     for tokens, mask in _batches(_windows(ids, window), batch, tokenizer.pad_id):
         tokens, mask = tokens.to(device), mask.to(device)
-        hidden = model(tokens).hidden.float()
+        hidden = model(tokens, attention_mask=mask).hidden.float()
         if pooling == "mean":
             summed = (hidden * mask[..., None]).sum((0, 1))
         elif pooling == "max":

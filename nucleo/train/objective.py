@@ -77,6 +77,9 @@ class Objective:
                 f"loss.{terms[0].name}.every", "at least one loss must run every step (every: 1)"
             )
         self.terms = terms
+        # a bidirectional backbone is told where each view's right padding is (a causal one
+        # needs no mask: pads come after every real position)
+        self.masks = not causal
         wanted = [v for t in terms for v in t.loss.views]
         self.views = tuple(dict.fromkeys([v for v in VIEWS if v in wanted] + wanted))
         made = {v for t in terms if hasattr(t.loss, "prepare") for v in t.loss.views}
@@ -108,7 +111,7 @@ class Objective:
 
     def forward_views(
         self,
-        forward: Callable[[torch.Tensor], ModelOutput],
+        forward: Callable[..., ModelOutput],
         batch: Batch,
         generator: torch.Generator | None = None,
         step: int | None = None,
@@ -130,7 +133,12 @@ class Objective:
             prepare = getattr(term.loss, "prepare", None)
             if prepare is not None:
                 prepare(batch, generator)
-        return {view: forward(batch.views[view]) for view in self.views if view in needed}
+        outputs = {}
+        for view in (v for v in self.views if v in needed):
+            tokens = batch.views[view]
+            mask = tokens != batch.pad_id if self.masks else None
+            outputs[view] = forward(tokens) if mask is None else forward(tokens, mask)
+        return outputs
 
     def losses(
         self,
@@ -166,7 +174,7 @@ class Objective:
 
     def __call__(
         self,
-        forward: Callable[[torch.Tensor], ModelOutput],
+        forward: Callable[..., ModelOutput],
         batch: Batch,
         model: nn.Module,
         step: int | None = None,

@@ -108,9 +108,9 @@ def test_mlm_objective_runs_one_masked_forward_and_reaches_every_parameter(arch,
     assert objective.views == ("masked",)  # no unmasked forward pass is paid for
     calls = []
 
-    def forward(tokens: torch.Tensor) -> ModelOutput:
+    def forward(tokens: torch.Tensor, mask: torch.Tensor | None = None) -> ModelOutput:
         calls.append(tokens)
-        return model(tokens)
+        return model(tokens, mask)
 
     tokens = torch.randint(0, 4, (4, 64), generator=torch.Generator().manual_seed(0))
     batch = _batch(tokens)
@@ -359,9 +359,9 @@ def test_views_are_computed_once_per_step_and_cadences_skip_losses():
     objective = Objective.build(cfg.losses, cfg.loss, model, TOKENIZER)
     calls = []
 
-    def forward(tokens: torch.Tensor) -> ModelOutput:
+    def forward(tokens: torch.Tensor, mask: torch.Tensor | None = None) -> ModelOutput:
         calls.append(tokens)
-        return model(tokens)
+        return model(tokens, mask)
 
     tokens = torch.randint(0, 4, (2, 64), generator=torch.Generator().manual_seed(0))
     result = objective(forward, _batch(tokens), model, step=0)
