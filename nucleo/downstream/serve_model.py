@@ -2,8 +2,8 @@
 
 MODEL is an export folder, a classifier folder (``nucleo finetune`` output, with
 classifier.json), or an MLflow model (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``,
-``runs:/RUN_ID/model``), downloaded and loaded from its ``artifacts/export`` folder (the folder
-contract of ``nucleo.downstream.pyfunc``).
+``models:/m-<id>``, ``runs:/RUN_ID/model``), downloaded, then loaded from the folder its MLmodel
+names as the ``export`` artifact (``nucleo.downstream.pyfunc``; else ``artifacts/export``).
 
 Request handlers (on the server's event loop) encode and check their sequences, then hand a
 ``Job`` to the ``Batcher`` and await its asyncio future. The worker thread takes the first
@@ -85,8 +85,8 @@ class Served:
 
 
 def resolve_model(source: str, tracking_uri: str | None = None, runs_root: str = "runs") -> Path:
-    """The local folder of ``source``: itself, or an MLflow model downloaded (its
-    ``artifacts/export``) from the store ``nucleo.train.store.resolve_uri`` names."""
+    """The local folder of ``source``: itself, or the export folder of an MLflow model
+    downloaded from the store ``nucleo.train.store.resolve_uri`` names."""
     if not source.startswith(MLFLOW_SCHEMES):
         path = Path(source)
         if not path.is_dir():
@@ -96,52 +96,80 @@ def resolve_model(source: str, tracking_uri: str | None = None, runs_root: str =
                 "models:/NAME@ALIAS, runs:/RUN_ID/model)"
             )
         return path
+    import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    from nucleo.train.store import resolve_uri
+    from nucleo.train.store import client, resolve_uri
 
     uri = resolve_uri(tracking_uri, runs_root)
     try:
-        local = _download(source, uri, tempfile.mkdtemp(prefix="nucleo-serve-"))
+        location = _location(source, client(uri))
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=location, dst_path=tempfile.mkdtemp(prefix="nucleo-serve-"),
+                tracking_uri=uri,
+            )
+        )  # fmt: skip
     except (MlflowException, OSError) as err:
         detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise FileNotFoundError(
             f"{source}: cannot be fetched from the MLflow store {uri} ({detail}); check the name "
             "and version (or --tracking-uri)"
         ) from None
-    export = Path(local) / "artifacts" / "export"
-    if not (export / "config.json").is_file():
+    export = _export_folder(local)
+    if export is None:
         raise FileNotFoundError(
-            f"{source}: downloaded to {local}, but it holds no artifacts/export/config.json; "
-            "serve models logged by nucleo"
+            f"{source}: downloaded to {local}, but it holds no export (an MLmodel whose "
+            "'export' artifact has a config.json, or artifacts/export/); serve models logged "
+            "by nucleo"
         )
     return export
 
 
-def _download(source: str, uri: str, target: str) -> str:
-    """Download ``source`` (models:/ or runs:/) from the store at ``uri`` into ``target``.
-
-    A models:/ URI is resolved to its version's artifact location here, with a client of
-    ``uri``: MLflow's own resolution reads the process-wide registry URI instead.
-    """
-    import mlflow.artifacts
+def _location(source: str, mlflow_client: Any, depth: int = 0) -> str:
+    """The artifact location (file://, s3://, ...) of a models:/ or runs:/ URI, found with
+    ``mlflow_client``: MLflow's own resolution of these URIs reads the process-wide registry
+    URI, not the store given to it."""
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
 
     if source.startswith("models:/"):
-        from mlflow import MlflowClient
-        from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
-        from mlflow.store.artifact.utils.models import get_model_name_and_version
-
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         base, inner = ModelsArtifactRepository.split_models_uri(source)
-        found = get_model_name_and_version(client, base)
+        found = get_model_name_and_version(mlflow_client, base)
         if len(found) == 1:  # models:/m-<id>: an MLflow 3 logged model
-            location = client.get_logged_model(found[0]).artifact_location
+            root = mlflow_client.get_logged_model(found[0]).artifact_location
         else:
-            location = client.get_model_version_download_uri(*found)
-        source = location.rstrip("/") + (f"/{inner}" if inner else "")
-    return mlflow.artifacts.download_artifacts(
-        artifact_uri=source, dst_path=target, tracking_uri=uri
-    )
+            root = mlflow_client.get_model_version_download_uri(*found)
+    else:  # runs:/RUN_ID/PATH: a model the run logged under that name, else the run's artifacts
+        run_id, inner = RunsArtifactRepository.parse_runs_uri(source)
+        name, _, rest = inner.partition("/")
+        run = mlflow_client.get_run(run_id)
+        logged = mlflow_client.search_logged_models(
+            experiment_ids=[run.info.experiment_id], filter_string=f"name = '{name}'"
+        )
+        model = next((m for m in logged if m.source_run_id == run_id), None)
+        root, inner = (model.artifact_location, rest) if model else (run.info.artifact_uri, inner)
+    location = root.rstrip("/") + (f"/{inner}" if inner else "")
+    if location.startswith(MLFLOW_SCHEMES) and depth < 3:  # a version registered from a URI
+        return _location(location, mlflow_client, depth + 1)
+    return location
+
+
+def _export_folder(local: Path) -> Path | None:
+    """The export inside a downloaded MLflow model: the path its MLmodel gives the pyfunc's
+    ``export`` artifact (``nucleo.downstream.pyfunc``), else ``artifacts/export``."""
+    import yaml
+
+    candidates = [local / "artifacts" / "export"]
+    mlmodel = local / "MLmodel"
+    if mlmodel.is_file():
+        spec = yaml.safe_load(mlmodel.read_text()) or {}
+        flavor = spec.get("flavors", {}).get("python_function", {})
+        entry = (flavor.get("artifacts") or {}).get("export") or {}
+        if isinstance(entry, dict) and entry.get("path"):
+            candidates.insert(0, local / entry["path"])
+    return next((c for c in candidates if (c / "config.json").is_file()), None)
 
 
 def load_served(

@@ -304,3 +304,22 @@ def test_an_mlflow_model_uri_serves_its_export(models, tmp_path):
     assert load_served("models:/dna-lm@live", "cpu", uri).meta["arch"] == "transformer"
     with pytest.raises(FileNotFoundError, match="models:/dna-lm/9: cannot be fetched"):
         resolve_model("models:/dna-lm/9", uri)
+
+
+@pytest.mark.slow
+def test_a_model_logged_by_nucleo_serves_from_its_mlflow_uris(models, tmp_path):
+    """What nucleo's own MLflow logging writes (an MLflow 3 logged model, its MLmodel naming
+    the export artifact), by every URI: the logged model's, the registered version's, the run's."""
+    try:
+        from nucleo.downstream.pyfunc import log_pyfunc
+    except ImportError as err:
+        pytest.skip(f"nucleo.downstream.pyfunc.log_pyfunc is not here ({err})")
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("serve", (tmp_path / "art").as_uri()))
+    logged, version = log_pyfunc(client, run.info.run_id, models["classifier"], "dna-clf")
+    for name in (logged, f"models:/dna-clf/{version}", f"runs:/{run.info.run_id}/model"):
+        served = load_served(name, "cpu", uri)
+        assert served.kind == "classifier" and served.info["classes"][0] == "phage", name
