@@ -66,6 +66,25 @@ def _batches(
 
 
 @torch.no_grad()
+def window_scores(
+    model: nn.Module, tokenizer: Any, tokens: torch.Tensor, mask: torch.Tensor
+) -> list[tuple[float, int, int]]:
+    """Per row of a right-padded batch (tokens, mask [b, L] on the model's device): (sum of
+    log p(token | earlier tokens of its row) in nats, tokens scored, bases they cover). The
+    first token of a row is context, not scored; bases are counted from the decoded tokens for
+    k-mer and BPE tokenizers."""
+    logits = model(tokens, attention_mask=mask).logits[:, :-1].float()
+    targets, valid = tokens[:, 1:], mask[:, 1:]
+    logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    nats = (logp * valid).sum(1).tolist()
+    scored = valid.sum(1).tolist()
+    if getattr(tokenizer, "name", "") == "char":
+        bases = scored
+    else:
+        bases = [len(tokenizer.decode(t[v].tolist())) for t, v in zip(targets, valid, strict=True)]
+    return list(zip(nats, scored, bases, strict=True))
+
+
 def log_likelihood(
     model: nn.Module, tokenizer: Any, seq: bytes, window: int, batch: int, device: torch.device
 ) -> tuple[float, int, int]:
@@ -74,18 +93,8 @@ def log_likelihood(
     ids = tokenizer.encode(seq)
     total, scored, bases = 0.0, 0, 0
     for tokens, mask in _batches(_windows(ids, window), batch, tokenizer.pad_id):
-        tokens, mask = tokens.to(device), mask.to(device)
-        logits = model(tokens, attention_mask=mask).logits[:, :-1].float()
-        targets, valid = tokens[:, 1:], mask[:, 1:]
-        logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
-        total += float(logp[valid].sum())
-        scored += int(valid.sum())
-        if getattr(tokenizer, "name", "") == "char":
-            bases += int(valid.sum())
-        else:
-            for row in range(tokens.shape[0]):
-                kept = targets[row][valid[row]].tolist()
-                bases += len(tokenizer.decode(kept))
+        for nats, n, b in window_scores(model, tokenizer, tokens.to(device), mask.to(device)):
+            total, scored, bases = total + nats, scored + n, bases + b
     return total, scored, bases
 
 

@@ -40,6 +40,7 @@ from torch import nn
 
 from nucleo.core.device import resolve as resolve_device
 from nucleo.downstream.classifier import pad, predict_proba
+from nucleo.downstream.inference import window_scores
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 DEFAULT_MAX_LENGTH = 1024  # tokens: nucleo score's and embed's default window
@@ -230,22 +231,13 @@ def score_rows(
     """Per sequence (one window each): the sum of log p(token | earlier tokens) in nats, tokens
     and bases scored, bits per base (None when nothing was scored: a one-token sequence)."""
     tokens, mask = pad(list(rows), np.arange(len(rows)), tokenizer.pad_id)
-    tokens, mask = tokens.to(device), mask.to(device)
-    logits = model(tokens, attention_mask=mask).logits[:, :-1].float()
-    targets, valid = tokens[:, 1:], mask[:, 1:]
-    logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    scores = window_scores(model, tokenizer, tokens.to(device), mask.to(device))
     out = []
-    for row in range(len(rows)):
-        nats = float(logp[row][valid[row]].sum())
-        scored = int(valid[row].sum())
-        if getattr(tokenizer, "name", "") == "char":
-            bases = scored
-        else:  # the bases the scored tokens cover (k-mers, BPE tokens)
-            bases = len(tokenizer.decode(targets[row][valid[row]].tolist()))
+    for row, (nats, scored, bases) in zip(rows, scores, strict=True):
         bits = -nats / math.log(2) / bases if bases else None
         out.append(
             {
-                "tokens": len(rows[row]),
+                "tokens": len(row),
                 "tokens_scored": scored,
                 "bases_scored": bases,
                 "log_likelihood_nats": nats,
