@@ -1,9 +1,10 @@
 """Tokenizers: normalised DNA bytes <-> token ids.
 
 Shards store bases, not token ids, so the tokenizer can change without re-sharding. Each
-tokenizer is registered by name (``data.tokenizer``), saved as ``tokenizer.json`` beside every
-export, and reports how many bases each token stands for so that losses convert to bits per
-base whatever the tokenization.
+tokenizer is registered by name (``data.tokenizer``), saved beside every export and run as
+``nucleo_tokenizer.json`` plus a Hugging Face twin (``tokenizer.json``, ``tokenizer_config.json``:
+``data_pipeline.hf_tokenizer``), and reports how many bases each token stands for so that losses
+convert to bits per base whatever the tokenization.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline import hf_tokenizer
 from nucleo.core import alphabet
 from nucleo.core.registry import TOKENIZERS
 from nucleo.core.schema import check, from_dict
@@ -95,9 +97,9 @@ class CharTokenizer:
         return {"type": self.name, "vocab": list(self.vocab)}
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / "tokenizer.json"
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        return path
+        """Write nucleo_tokenizer.json and the Hugging Face files; the first one's path."""
+        hf = hf_tokenizer.word_level(self.vocab)
+        return hf_tokenizer.save(directory, self.to_json(), hf, indent=2)
 
 
 @dataclass
@@ -196,9 +198,9 @@ class KmerTokenizer:
         return {"type": self.name, "options": {"k": self.k}, "vocab": list(self.vocab)}
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / "tokenizer.json"
-        path.write_text(json.dumps(self.to_json()) + "\n")
-        return path
+        """Write nucleo_tokenizer.json and the Hugging Face files; the first one's path."""
+        hf = hf_tokenizer.word_level(self.vocab, self.k)
+        return hf_tokenizer.save(directory, self.to_json(), hf)
 
 
 def _products(alphabet_: str, k: int) -> list[tuple[str, ...]]:
@@ -209,8 +211,9 @@ def _products(alphabet_: str, k: int) -> list[tuple[str, ...]]:
 
 @dataclass
 class BpeTokenizerConfig:
-    """path: a BPE trained by ``nucleo data bpe`` (its ``tokenizer.json``, or the folder that
-    holds it). The vocabulary size is chosen when training (``--vocab-size``)."""
+    """path: a BPE trained by ``nucleo data bpe`` (its JSON file, or the folder that holds it
+    as ``nucleo_tokenizer.json`` or ``tokenizer.json``). The vocabulary size is chosen when
+    training (``--vocab-size``)."""
 
     path: str = ""
 
@@ -240,7 +243,7 @@ class BpeTokenizer:
 
         path = Path((config or BpeTokenizerConfig("?")).path)
         if path.is_dir():
-            path = path / "tokenizer.json"
+            path = _spec_path(path)
         if not path.is_file():
             raise FileNotFoundError(
                 f"data.tokenizer_options.path: {path}: no trained BPE tokenizer there; "
@@ -302,9 +305,9 @@ class BpeTokenizer:
         return {**self.spec, "vocab": list(self.vocab)}
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / "tokenizer.json"
-        path.write_text(json.dumps(self.to_json()) + "\n")
-        return path
+        """Write nucleo_tokenizer.json and the Hugging Face files; the first one's path."""
+        hf = hf_tokenizer.bpe(self.spec["hf"], self.vocab)
+        return hf_tokenizer.save(directory, self.to_json(), hf)
 
 
 _ID_TO_BASE = bytes.maketrans(bytes(range(5)), b"ACGTN")
@@ -355,7 +358,7 @@ def train_bpe(
     log: Any = print,
 ) -> BpeTokenizer:
     """Learn a BPE vocabulary on the training split of ``shard_dir``; write it to ``out`` (a
-    self-contained ``tokenizer.json``) and return it.
+    self-contained JSON file; a folder gets ``nucleo_tokenizer.json``) and return it.
 
     The text is split at N (N stays a single token) and into pieces of ``piece_len`` bases, so
     no token spans a gap or a window boundary it never sees in training. ``vocab_size`` counts
@@ -395,7 +398,7 @@ def train_bpe(
     }
     out = Path(out)
     if out.suffix != ".json":
-        out = out / "tokenizer.json"
+        out = out / hf_tokenizer.NUCLEO_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(spec) + "\n")
@@ -416,17 +419,33 @@ def build_tokenizer(name: str, options: dict[str, Any] | None = None) -> Any:
     return entry.cls(from_dict(entry.config, options or {}, "data.tokenizer_options"))
 
 
+def _spec_path(directory: Path) -> Path:
+    """Where a folder keeps nucleo's tokenizer description: ``nucleo_tokenizer.json``, or in
+    folders written before the Hugging Face twin existed, ``tokenizer.json``."""
+    path = directory / hf_tokenizer.NUCLEO_FILE
+    return path if path.is_file() else directory / hf_tokenizer.HF_FILE
+
+
 def load_tokenizer(directory: str | Path) -> Any:
-    """Load ``tokenizer.json`` from an export directory and check its vocabulary."""
-    path = Path(directory) / "tokenizer.json"
+    """Load the tokenizer of an export, run or classifier folder (``nucleo_tokenizer.json``;
+    an older folder's nucleo-format ``tokenizer.json``) and check its vocabulary."""
+    path = _spec_path(Path(directory))
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; every export and run folder has one")
+        raise FileNotFoundError(
+            f"{path.with_name(hf_tokenizer.NUCLEO_FILE)}: not found; every export and run folder "
+            "has one"
+        )
     try:
         spec = json.loads(path.read_text())
     except ValueError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if hf_tokenizer.is_hf_spec(spec):
+        raise ValueError(
+            f"{path}: a Hugging Face tokenizer, and no {hf_tokenizer.NUCLEO_FILE} beside it; "
+            "nucleo needs the nucleo_tokenizer.json its exports are written with"
+        )
     if not isinstance(spec, dict) or "type" not in spec:
-        raise ValueError(f"{path}: no tokenizer 'type'; is it a nucleo tokenizer.json?")
+        raise ValueError(f"{path}: no tokenizer 'type'; is it a nucleo tokenizer file?")
     options = {"path": str(path)} if spec.get("type") == "bpe" else spec.get("options")
     try:
         tokenizer = build_tokenizer(spec["type"], options)

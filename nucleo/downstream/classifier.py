@@ -10,7 +10,6 @@ Saved, it is a portable export (config.json, model.safetensors, tokenizer.json) 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -157,12 +156,15 @@ def metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
 def save_classifier(
     model: SequenceClassifier, export: str | Path, info: dict[str, Any], out: Path
 ) -> Path:
-    """The classifier as a portable export (``export``'s config.json and tokenizer.json, the
+    """The classifier as a portable export (``export``'s config.json and tokenizer, the
     backbone's model.safetensors) plus head.safetensors and classifier.json (``info``: classes,
-    pooling and the settings it was trained with). ``model``: full fp32 weights on the CPU."""
+    pooling and the settings it was trained with), loadable by transformers'
+    AutoModelForSequenceClassification too. ``model``: full fp32 weights on the CPU."""
+    from nucleo.downstream.hf_export import classifier_config
+
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "tokenizer.json"):
-        shutil.copyfile(Path(export) / name, out / name)
+    meta = classifier_config(export, out, info.get("classes", []), model.head.in_features)
+    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     save_model(model.backbone, str(out / "model.safetensors"))
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()},

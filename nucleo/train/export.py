@@ -1,17 +1,26 @@
 """Portable exports: a directory that loads without DeepSpeed, for inference and fine-tuning.
 
-    export/config.json         architecture name, its config, tokenizer, training summary,
-                               and the full run config it came from
-    export/model.safetensors   fp32 weights (the fp32 master copies of bf16 runs; tied weights
-                               stored once)
-    export/tokenizer.json
+    export/config.json             architecture name, its config, tokenizer, training summary,
+                                   the full run config it came from, and the keys transformers
+                                   reads (model_type "nucleo", auto_map, complement_ids)
+    export/model.safetensors       fp32 weights (the fp32 master copies of bf16 runs; tied
+                                   weights stored once)
+    export/nucleo_tokenizer.json   nucleo's tokenizer
+    export/tokenizer.json          the same tokenizer for Hugging Face (with
+    export/tokenizer_config.json   tokenizer_config.json: AutoTokenizer loads it)
+    export/modeling_nucleo.py      the transformers classes (a copy of nucleo.train.hf_modeling)
 
-``load_exported(path)`` rebuilds the model from these three files alone.
+``load_exported(path)`` rebuilds the model from config.json, model.safetensors and the
+tokenizer (older exports, whose tokenizer.json is nucleo's and whose config.json has no
+transformers keys, still load). ``transformers.AutoModelForCausalLM.from_pretrained(path,
+trust_remote_code=True)`` (AutoModelForMaskedLM for bidirectional models) loads the same model
+with the installed nucleo package.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +39,7 @@ from nucleo.train.components import ARCHITECTURES, build_model
 from nucleo.train.engine import parameter_groups
 
 FORMAT = "nucleo-export/1"
+HF_MODULE = "modeling_nucleo.py"  # the export's copy of nucleo/train/hf_modeling.py
 
 
 class ExportError(ValueError):
@@ -118,6 +128,39 @@ def state_from_checkpoint(ckpt_dir: str | Path, tag: str, cfg: Any) -> dict[str,
     return _complete(module, saved["module"], masters)
 
 
+def add_hf_files(out: Path, meta: dict[str, Any], tokenizer: Tokenizer) -> dict[str, Any]:
+    """Copy the transformers classes into ``out``; ``meta`` (config.json's contents) with the
+    keys transformers reads added: the classes for the export's kind of model (causal:
+    AutoModelForCausalLM, else AutoModelForMaskedLM), and what the model is built from."""
+    shutil.copyfile(Path(__file__).with_name("hf_modeling.py"), out / HF_MODULE)
+    module = HF_MODULE.removesuffix(".py")
+    causal = bool(meta.get("causal", True))
+    head, auto = (
+        ("NucleoForCausalLM", "AutoModelForCausalLM")
+        if causal
+        else ("NucleoForMaskedLM", "AutoModelForMaskedLM")
+    )
+    complement = getattr(tokenizer, "complement_ids", None)
+    return {
+        **meta,
+        "model_type": "nucleo",
+        "architectures": [head],
+        "auto_map": {
+            "AutoConfig": f"{module}.NucleoConfig",
+            "AutoModel": f"{module}.NucleoModel",
+            auto: f"{module}.{head}",
+        },
+        "vocab_size": tokenizer.vocab_size,
+        "complement_ids": None if complement is None else [int(i) for i in complement],
+        "pad_token_id": tokenizer.pad_id,
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "mask_token_id": tokenizer.mask_id,
+        "tie_word_embeddings": True,
+        "dtype": "float32",
+    }
+
+
 def export_model(
     state: dict[str, torch.Tensor],
     run_config: Any,
@@ -142,7 +185,8 @@ def export_model(
         "run_config": run_config.to_dict(),
     }
     save_model(model, str(out / "model.safetensors"))
-    tokenizer.save(out)
+    tokenizer.save(out)  # nucleo_tokenizer.json, and the Hugging Face files where it has them
+    meta = add_hf_files(out, meta, tokenizer)
     (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
 

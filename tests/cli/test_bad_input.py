@@ -82,10 +82,11 @@ CASES = {
             c, lambda m: m.pop("arch")))), str(LAMBDA), "--out", str(t / "e.npy")],
         "noarch/config.json: no 'arch' entry",
     ),
-    "broken tokenizer.json": (
+    "broken nucleo_tokenizer.json": (
         lambda t, e: ["score", str(_variant(e, "badtok", lambda c: (
-            c / "tokenizer.json").write_text("[1, 2]"))), str(LAMBDA), "--out", str(t / "s.tsv")],
-        "badtok/tokenizer.json: no tokenizer 'type'",
+            c / "nucleo_tokenizer.json").write_text("[1, 2]"))), str(LAMBDA), "--out",
+            str(t / "s.tsv")],
+        "badtok/nucleo_tokenizer.json: no tokenizer 'type'",
     ),
     "window 0": (
         lambda t, e: ["score", str(e), str(LAMBDA), "--window", "0", "--out", str(t / "s.tsv")],

@@ -69,7 +69,7 @@ def test_a_plugin_family_loss_and_tokenizer_train_and_export(plugin_site, sample
     assert "has no formula" not in result.stderr
     export = json.loads((run / "export" / "config.json").read_text())
     assert export["arch"] == "tinyconv" and export["model"]["kernel"] == 3
-    assert json.loads((run / "export" / "tokenizer.json").read_text())["type"] == "char2"
+    assert json.loads((run / "export" / "nucleo_tokenizer.json").read_text())["type"] == "char2"
 
 
 def test_a_plugin_task_builds(plugin_site, tmp_path):

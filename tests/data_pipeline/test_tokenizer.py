@@ -200,7 +200,7 @@ def test_bpe_errors_name_the_problem(tmp_path, sample_shards):
         build_tokenizer("bpe", {"path": str(tmp_path / "nope.json")})
     bad = tmp_path / "char.json"
     CharTokenizer().save(tmp_path)
-    (tmp_path / "tokenizer.json").rename(bad)
+    (tmp_path / "nucleo_tokenizer.json").rename(bad)
     with pytest.raises(ValueError, match="not a nucleo BPE"):
         build_tokenizer("bpe", {"path": str(bad)})
     with pytest.raises(ValueError, match="vocab-size"):
