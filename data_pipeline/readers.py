@@ -22,7 +22,8 @@ from typing import IO, Literal
 Format = Literal["fasta", "genbank"]
 
 _INVALID = ord("!")  # sentinel written by the normalising table for invalid bytes
-_VALID_HELP = "A C G T N (any case), IUPAC codes R Y K M S W B D H V, U"
+#: what a sequence may hold, for error messages
+VALID_BASES = "A C G T N (any case), IUPAC codes R Y K M S W B D H V (read as N), U (as T)"
 
 
 def _normalising_table() -> bytes:
@@ -38,6 +39,15 @@ def _normalising_table() -> bytes:
 
 
 NORMALISE = _normalising_table()
+
+
+def normalise_bases(text: str) -> tuple[bytes, int]:
+    """(upper-case ACGTN bytes of ``text`` as the readers read it, position of its first
+    character that is not a base or -1). One byte per character, so positions match."""
+    clean = text.encode("ascii", errors="replace").translate(NORMALISE)
+    return clean, clean.find(bytes([_INVALID]))
+
+
 _WHITESPACE = b" \t\r\n\x0b\x0c"
 _GENBANK_DELETE = _WHITESPACE + b"0123456789"
 
@@ -141,7 +151,7 @@ def _bad_character(
         path,
         number,
         f"invalid character {char.decode('latin-1')!r} (0x{char[0]:02x}) in the sequence of "
-        f"record {record!r}; valid: {_VALID_HELP}",
+        f"record {record!r}; valid: {VALID_BASES}",
     )
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.readers import NORMALISE, SequenceFormatError
+from data_pipeline.readers import NORMALISE, VALID_BASES, SequenceFormatError
 from data_pipeline.shards import REFSEQ_KINGDOMS, SourceFile
 
 Log = Callable[[str], None]
@@ -52,7 +52,6 @@ _BATCH_ROWS = 64  # table rows per batch: bounds memory when rows are whole chro
 _LINE_BASES = 80
 _WHITESPACE = b" \t\r\n\x0b\x0c"
 _INVALID = ord("!")
-_VALID_HELP = "A C G T N (any case), IUPAC codes R Y K M S W B D H V, U"
 
 
 # --------------------------------------------------------------------------- local folders
@@ -791,7 +790,7 @@ def import_table(
                                 part.label,
                                 None,
                                 f"{where}, id {ident!r}: invalid character {char} at position "
-                                f"{pos} of column {sequence_column!r}; valid: {_VALID_HELP}",
+                                f"{pos} of column {sequence_column!r}; valid: {VALID_BASES}",
                             )
                         if seq:
                             writers.write(name, ident, seq)

@@ -31,7 +31,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from data_pipeline.readers import NORMALISE
+from data_pipeline.readers import VALID_BASES, normalise_bases
 from nucleo.core.alphabet import reverse_complement_bytes
 from nucleo.downstream.serve_model import (
     DEFAULT_MAX_LENGTH,
@@ -49,7 +49,6 @@ EXAMPLES = {
     "classify": '{"sequences": ["ACGTACGT"]}',
     "generate": '{"prompt": "ACGT", "length": 100, "num": 1, "temperature": 1.0, "seed": 0}',
 }
-VALID = "A C G T N (any case), IUPAC codes R Y K M S W B D H V (read as N), U (as T)"
 
 
 @dataclass
@@ -148,14 +147,13 @@ async def parse(request: Request, schema: type[BaseModel], limits: Limits, examp
 
 
 def check_dna(text: str, where: str, empty_ok: bool = False) -> bytes:
-    """``text`` normalised as the genome readers do (``NORMALISE``: upper case, IUPAC codes to
+    """``text`` normalised as the genome readers do (``normalise_bases``: upper case, IUPAC codes to
     N, U to T), or a 400 naming the first character that is not a base."""
     if not text and not empty_ok:
         raise _bad(f"{where}: empty sequence; give at least one base")
-    clean = text.encode("ascii", errors="replace").translate(NORMALISE)  # one byte per char
-    bad = clean.find(b"!")  # the table's mark of an invalid byte
+    clean, bad = normalise_bases(text)
     if bad >= 0:
-        raise _bad(f"{where}[{bad}]: {text[bad]!r} is not a base; valid: {VALID}")
+        raise _bad(f"{where}[{bad}]: {text[bad]!r} is not a base; valid: {VALID_BASES}")
     return clean
 
 
