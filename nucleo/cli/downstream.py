@@ -145,6 +145,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         experiment=args.experiment,
         tracking_uri=args.tracking_uri,
         label=exports[0][0],
+        register_as=args.register_as,
     )
     if not args.compare and (len(args.task) > 1 or len(exports) > 1):
         raise ValueError("several tasks or exports need --compare")
@@ -470,6 +471,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     add_out(p, "folder where classifiers are saved", default="runs/finetune")
     p.add_argument("--experiment", default="nucleo-finetune", help="MLflow experiment")
     add_store(p, tags=False)
+    p.add_argument("--register-as", metavar="NAME", help="register each saved classifier as a "
+                   "new version of this MLflow model (default: none, logged only)")  # fmt: skip
     p.add_argument("--compare", action="store_true", help="pretrained (full, probe) vs scratch "
                    "for every task and export")  # fmt: skip
     p.add_argument("--table", help="with --compare: markdown table to write (+ .json); rows "

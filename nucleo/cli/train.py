@@ -71,10 +71,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     try:
-        fit(cfg, resume=args.resume)
+        fit(cfg, resume=args.resume, model_writer=_write_pyfunc)
     finally:
         shutdown_distributed()
     return 0
+
+
+def _write_pyfunc(export: Path, path: Path, mlflow_model: Any) -> Path:
+    """The run's MLflow model: a pyfunc of its export (imported only when one is logged)."""
+    from nucleo.downstream.pyfunc import save_pyfunc
+
+    return save_pyfunc(export, path, mlflow_model)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -61,7 +61,7 @@ from nucleo.downstream.tasks import Task, load_task
 from nucleo.train.engine import DistInfo, EngineConfig, TrainConfig, build_engine, setup_distributed
 from nucleo.train.export import full_state_dict, load_exported
 from nucleo.train.steps import Accumulated, optimizer_step
-from nucleo.train.store import resolve_uri, tracked_run
+from nucleo.train.store import model_name_problem, resolve_uri, tracked_run
 
 
 @dataclass
@@ -90,6 +90,7 @@ class FinetuneConfig:
     experiment: str = "nucleo-finetune"
     tracking_uri: str | None = None
     label: str = ""
+    register_as: str | None = None  # registered model: each saved classifier a new version
 
     def __post_init__(self) -> None:
         for name, value, valid in (
@@ -106,6 +107,8 @@ class FinetuneConfig:
             raise ValueError("--epochs and --batch-size must be >= 1 and --lr > 0")
         if not self.seeds:
             raise ValueError("--seeds: give at least one seed, e.g. 0,1,2")
+        if self.register_as is not None and (problem := model_name_problem(self.register_as)):
+            raise ValueError(f"--register-as: {problem}")
 
     def engine(self) -> EngineConfig:
         """The training engine's settings: device (auto, cpu, or cuda: each rank its own
@@ -393,7 +396,24 @@ def finetune_once(
             client.log_metric(rid, "train/seconds", seconds)
             save_classifier(model, cfg.export, info, out)
             client.log_artifact(rid, str(out / "classifier.json"))
+            _log_model(client, rid, out, cfg.register_as, say)
         return RunResult(seed, result, seconds, str(out), rid)
+
+
+def _log_model(client: Any, rid: str, folder: Path, register_as: str | None, say: Any) -> None:
+    """The saved classifier as the run's MLflow model (a pyfunc, ``runs:/<run>/model``), and a
+    new version of ``register_as`` when given. The classifier is already on disk: a store
+    that fails here costs the model's MLflow copy (a warning), not the fine-tuning."""
+    from nucleo.downstream.pyfunc import log_pyfunc
+
+    try:
+        _uri, version = log_pyfunc(client, rid, folder, register_as)
+    except Exception as err:  # any failure of the store; the saved classifier stays
+        brief = (str(err).strip().splitlines() or [""])[0][:200]
+        say(f"  warning: MLflow did not take the classifier as a model ({brief}); see {folder}")
+        return
+    registered = f", registered as models:/{register_as}/{version}" if version else ""
+    say(f"  MLflow model runs:/{rid}/model{registered}")
 
 
 # ----------------------------------------------------------------------------- seeds

@@ -6,6 +6,15 @@ so every run under ``runs/`` is in one store that ``mlflow ui`` can compare;
 Metrics are buffered and sent with ``log_batch`` (one call per ~1000 metrics instead of one
 each) by a background thread; if the store is unreachable, a warning is printed once, records
 are kept and sent when it answers again, and training never waits on it.
+
+Besides metrics, params and artifacts, a run gets: its shard set as the dataset input
+(``log_dataset``, context ``training``, digest from the manifest's checksums); ``system/*``
+metrics (CPU, memory, disk, network, GPU) sampled every ``tracking.system_metrics`` seconds by
+MLflow's own monitors but sent through this tracker's buffer (MLflow's monitor thread talks to
+the store itself and stops for good at its first failure); and, at the end, its export as the
+run's MLflow model (``log_model``), registered as ``tracking.register_as``. The model's flavour
+comes from the caller: ``log_model`` takes a writer (``nucleo.downstream.pyfunc.save_pyfunc``,
+handed down by the command line), because this layer may not import the downstream one.
 """
 
 from __future__ import annotations
@@ -22,24 +31,47 @@ from typing import Any
 
 from nucleo.core.schema import check, flatten
 from nucleo.train import store
+from nucleo.train.sysmetrics import SystemMetrics
 
 _MAX_PARAM_CHARS = 6000
+
+
+#: ``write(export folder, new model folder, mlflow.models.Model)``: writes an MLflow model
+ModelWriter = Callable[[Path, Path, Any], Any]
 
 
 @dataclass
 class TrackingConfig:
     """enabled: log to MLflow. uri: tracking URI (null: $MLFLOW_TRACKING_URI, else a SQLite
     store in run.root). experiment: MLflow experiment name. tags: extra run tags.
-    timeout: seconds the run's start and end may wait for the store (then it goes on)."""
+    timeout: seconds the run's start and end may wait for the store (then it goes on).
+    log_model: log the final export as the run's MLflow model (``runs:/<run id>/model``, a
+    pyfunc: nucleo.downstream.pyfunc); needs checkpoint.export. register_as: also register
+    it as a new version of this registered model (e.g. ``dna-transformer``; needs a store with
+    a model registry: SQLite or a server). model_timeout: seconds the end of the run may wait,
+    beyond ``timeout``, for its model to be written, uploaded and registered while the store
+    answers. system_metrics: seconds between samples of CPU, memory, disk, network and GPU use
+    (``system/*`` metrics, at the training step of the sample); 0 turns them off."""
 
     enabled: bool = True
     uri: str | None = None
     experiment: str = "nucleo"
     tags: dict[str, str] = field(default_factory=dict)
     timeout: float = 20.0
+    log_model: bool = True
+    register_as: str | None = None
+    model_timeout: float = 600.0
+    system_metrics: float = 10.0
 
     def __post_init__(self) -> None:
         check(self.timeout > 0, "timeout", f"must be > 0 seconds, got {self.timeout}")
+        check(self.model_timeout >= 0, "model_timeout", f"must be >= 0, got {self.model_timeout}")
+        check(self.system_metrics >= 0, "system_metrics", f"must be >= 0 s (0: off), got "
+              f"{self.system_metrics}")  # fmt: skip
+        if self.register_as is not None:
+            problem = store.model_name_problem(self.register_as)
+            check(problem is None, "register_as", f"{problem}")
+            check(self.log_model, "register_as", "needs tracking.log_model=true")
 
 
 class Tracker:
@@ -80,6 +112,8 @@ class Tracker:
         self._closing = False
         self._ending = False  # end() is waiting for the queue
         self._thread: threading.Thread | None = None
+        self._step = 0  # the latest training step logged (system metrics are logged at it)
+        self._system: SystemMetrics | None = None
 
     # ------------------------------------------------------------------ public, all non-blocking
 
@@ -95,6 +129,9 @@ class Tracker:
         self._thread = threading.Thread(target=self._work, name="nucleo-mlflow", daemon=True)
         self._thread.start()
         self._queue("start", lambda: self._start(run_name, run_id, tags))
+        if self.cfg.system_metrics > 0:
+            self._system = SystemMetrics(self._record, self.cfg.system_metrics)
+            self._system.start()
         self.wait(self.cfg.timeout)
         return self.run_id
 
@@ -119,9 +156,16 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Buffer metrics; the thread sends them in batches (``flush`` asks it to now)."""
+        self._step = max(self._step, step)
+        self._record(metrics, step)
+
+    def _record(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Buffer ``metrics`` at ``step`` (None: the latest training step logged)."""
         if not self.active:
             return
         from mlflow.entities import Metric
+
+        step = self._step if step is None else step
 
         now = int(time.time() * 1000)
         with self._cond:
@@ -137,6 +181,52 @@ class Tracker:
         path = str(path)
         self._queue("artifact", lambda: self._client.log_artifact(self.run_id, path, artifact_path))
 
+    def log_dataset(self, shard_dir: str | Path) -> None:
+        """The shard set as the run's dataset input (``store.dataset_input``: context
+        ``training``, digest from the manifest's checksums); a manifest that cannot be read
+        is a warning, not an error (the loader has read it already)."""
+        if not self.active:
+            return
+        try:
+            entry = store.dataset_input(shard_dir, "training")
+        except (OSError, ValueError, KeyError) as err:
+            self._say(f"warning: {shard_dir}: not logged as the run's dataset ({_brief(err)})")
+            return
+        self._queue("dataset", lambda: self._client.log_inputs(self.run_id, datasets=[entry]))
+
+    def log_model(self, folder: str | Path, write: ModelWriter | None) -> None:
+        """Log export ``folder`` as the run's MLflow model ``model``, written by ``write`` (a
+        flavour from a higher layer: ``nucleo.downstream.pyfunc.save_pyfunc``), and register
+        it as ``tracking.register_as`` when set; queued like everything else (``end`` waits
+        for it up to ``tracking.model_timeout`` more while the store answers). A model that
+        cannot be written is reported and skipped; the export in the run folder stays."""
+        if not (self.active and self.cfg.log_model):
+            return
+        if write is None:
+            if self.cfg.register_as:
+                self._say(
+                    f"note: tracking.register_as={self.cfg.register_as}: nothing registered: "
+                    "this fit() was given no model writer (the nucleo command line gives one)"
+                )
+            return
+        source = Path(folder)
+        job = store.ModelLog(
+            lambda path, spec: write(source, path, spec),
+            register_as=self.cfg.register_as,
+            tags={"nucleo.source": str(source)},
+        )
+
+        def action() -> None:
+            run_id = self.run_id
+            assert run_id is not None  # queued operations run after the run's start
+            job(self._client, run_id)
+            where = f"{job.uri} (runs:/{run_id}/model)"
+            if job.version is not None:
+                where += f", registered as models:/{job.register_as}/{job.version}"
+            self._say(f"MLflow model {where}")
+
+        self._queue("model", action)
+
     def flush(self, timeout: float = 3.0) -> None:
         """Wait up to ``timeout`` s for the thread to send what is queued; not at all while the
         store is known to be down (it stays queued and is sent when the store answers)."""
@@ -149,6 +239,8 @@ class Tracker:
         then is reported, not waited for."""
         if not self.active or self._thread is None:
             return
+        if self._system is not None:
+            self._system.stop()  # its last sample is queued before the run ends
         self._ending = True
         self._queue("end", lambda: self._client.set_terminated(self.run_id, status=status))
         # a run that failed while the store is down does not wait long for it
@@ -156,6 +248,15 @@ class Tracker:
         if status != "FINISHED" and self._down:
             patience = min(patience, 2.0)
         done = self.wait(patience)
+        with self._cond:
+            model_pending = any(kind == "model" for kind, _ in self._ops)
+        if not done and model_pending and self._down is None and self.cfg.model_timeout > 0:
+            self._say(
+                f"waiting up to {self.cfg.model_timeout:.0f} s more for the MLflow model "
+                "(tracking.model_timeout)"
+            )
+            done = self.wait(self.cfg.model_timeout)
+            patience += self.cfg.model_timeout
         with self._cond:
             self._closing = True
             left = len(self._ops) + len(self._metrics)
@@ -219,7 +320,8 @@ class Tracker:
                 action()
             except Exception as err:  # the store may fail in any way; training must not
                 if _permanent(err):  # a bad value: retrying would never help
-                    self._say(f"warning: MLflow refused {kind} ({_brief(err)}); skipped")
+                    what = "MLflow refused" if kind != "model" else "could not log the"
+                    self._say(f"warning: {what} {kind} ({_brief(err)}); skipped")
                     self._done(kind)
                     if kind == "start":  # no run to log into: tracking is off
                         with self._cond:
@@ -282,7 +384,10 @@ def bound_http_waits() -> None:
 
 
 def _permanent(err: Exception) -> bool:
-    """An error that retrying cannot fix (a value the store rejects), not an outage."""
+    """An error that retrying cannot fix (a value the store rejects, a model that cannot be
+    written here), not an outage."""
+    if isinstance(err, store.ModelWriteError):
+        return True
     code = str(getattr(err, "error_code", ""))
     return any(c in code for c in ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS"))
 

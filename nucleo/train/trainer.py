@@ -48,7 +48,7 @@ from nucleo.train.evaluation import Validator
 from nucleo.train.export import export_model, full_state_dict
 from nucleo.train.objective import Objective
 from nucleo.train.steps import Accumulated, optimizer_step
-from nucleo.train.tracking import Tracker, run_tags
+from nucleo.train.tracking import ModelWriter, Tracker, run_tags
 
 
 @dataclass
@@ -87,11 +87,22 @@ def _terminated(signum: int, frame: Any) -> None:
 
 
 class Trainer:
-    """One training run, built from its config (and, to resume, its run directory)."""
+    """One training run, built from its config (and, to resume, its run directory).
 
-    def __init__(self, cfg: RunConfig, resume: str | Path | None = None, out: TextIO = sys.stdout):
+    model_writer: writes the final export as an MLflow model (the flavour lives above this
+    layer: the command line passes ``nucleo.downstream.pyfunc.save_pyfunc``); None: no model.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        resume: str | Path | None = None,
+        out: TextIO = sys.stdout,
+        model_writer: ModelWriter | None = None,
+    ):
         self.started = time.perf_counter()
         self.cfg = cfg
+        self.model_writer = model_writer
         self.dist = dist = setup_distributed(cfg.engine)
         self.out = out if dist.is_main else None
         # Everything that can reject the data or the losses comes before the run directory.
@@ -164,6 +175,7 @@ class Trainer:
         # If the store is down, keep the id we had: a later resume can still continue it.
         self.state.mlflow_run_id = run_id or previous
         self.state.tracking_uri = tracker.uri
+        tracker.log_dataset(cfg.data.shards)
         if resumed:
             before, now = flatten(self.state.config), flatten(cfg.to_dict())
             changes = [
@@ -402,6 +414,8 @@ class Trainer:
         if not (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0):
             self.checkpoint()
         if not cfg.checkpoint.export:
+            if cfg.tracking.register_as:
+                self.say("note: tracking.register_as needs checkpoint.export: nothing registered")
             return
         weights = full_state_dict(self.engine, cfg)  # collective under ZeRO
         if self.dist.is_main:
@@ -410,6 +424,7 @@ class Trainer:
                 weights, cfg, self.tokenizer, self.run_dir / "export", trained
             )
             self.tracker.log_artifact(export_dir / "config.json", "export")
+            self.tracker.log_model(export_dir, self.model_writer)  # the run's MLflow model
             self.say(f"export {export_dir}")
 
     def summary(self) -> dict[str, Any]:
@@ -444,11 +459,15 @@ class Trainer:
 
 
 def fit(
-    cfg: RunConfig, resume: str | Path | None = None, out: TextIO = sys.stdout
+    cfg: RunConfig,
+    resume: str | Path | None = None,
+    out: TextIO = sys.stdout,
+    model_writer: ModelWriter | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg``; with ``resume`` (a run directory) continue its latest complete checkpoint.
+    ``model_writer``: how the final export becomes the run's MLflow model (``Trainer``).
 
     Returns a summary (final step, tokens, validation metrics, wall time, tokens/s), which is
     also written to ``<run dir>/summary.json``.
     """
-    return Trainer(cfg, resume, out).fit()
+    return Trainer(cfg, resume, out, model_writer).fit()
