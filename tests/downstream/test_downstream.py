@@ -341,7 +341,7 @@ def test_finetune_learns_a_real_task_and_predict_reads_the_saved_classifier(tmp_
     args = [
         "finetune", str(task), "--export", str(export), "--epochs", "4", "--lr", "3e-3",
         "--batch-size", "16", "--seeds", "0", "--out", str(tmp_path / "ft"),
-        "--tracking-uri", store, "--rc-conjoin",
+        "--tracking-uri", store, "--rc-conjoin", "--register-as", "gc",
     ]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -375,6 +375,12 @@ def test_finetune_learns_a_real_task_and_predict_reads_the_saved_classifier(tmp_
     tags = run.data.tags  # MLflow's own source tags, from the one tracking seam
     assert tags["mlflow.user"] and tags["mlflow.source.git.commit"] and tags["nucleo.version"]
     assert tags["mlflow.source.name"]
+    # the classifier is the run's MLflow model (tests/downstream/test_pyfunc.py loads one)
+    (output,) = run.outputs.model_outputs
+    version = client.get_model_version("gc", "1")
+    assert version.run_id == run.info.run_id
+    assert version.source == client.get_logged_model(output.model_id).artifact_location
+    assert f"MLflow model runs:/{run.info.run_id}/model, registered as models:/gc/1" in out
 
 
 def test_finetune_runs_through_the_engine_in_bf16_under_zero_2(tmp_path, capsys):

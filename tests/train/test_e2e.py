@@ -116,7 +116,8 @@ def _cut_and_resume(shards: Path, root: Path, name: str, *args: str, procs: int,
 
 
 def test_one_process_trains_tracks_checkpoints_and_exports(sample_shards, tmp_path):
-    output = pretrain(sample_shards, tmp_path, extra=["run.name=one"])
+    output = pretrain(sample_shards, tmp_path, extra=["run.name=one", "tracking.register_as=tiny",
+                                                      "tracking.system_metrics=2"])  # fmt: skip
     run_dir = tmp_path / "one"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 40 and summary["tokens"] == 40 * 8 * 128
@@ -136,6 +137,7 @@ def test_one_process_trains_tracks_checkpoints_and_exports(sample_shards, tmp_pa
     for key in ("train/lr", "train/grad_norm", "train/tokens_per_second", "train/ce"):
         assert _history(client, run.info.run_id, key), key
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "export"}
+    _model_data_and_machine_are_tracked(client, run.info.run_id, sample_shards, run_dir, tmp_path)
 
     ckpt = run_dir / "checkpoints"
     assert complete_tags(ckpt) == ["step_00000020", "step_00000040"]
@@ -144,6 +146,38 @@ def test_one_process_trains_tracks_checkpoints_and_exports(sample_shards, tmp_pa
     reference = state_from_checkpoint(ckpt, "step_00000040", load_config(run_dir / "config.yaml"))
     exported = model.state_dict()
     assert all(torch.equal(exported[k], reference[k]) for k in reference)
+
+
+def _model_data_and_machine_are_tracked(client, run_id, shards, run_dir, tmp_path) -> None:
+    """The run's MLflow model (the export, registered as ``tracking.register_as``), its shard
+    set as the training dataset, and system metrics sampled while it trained."""
+    import hashlib
+
+    from mlflow.artifacts import download_artifacts
+
+    run = client.get_run(run_id)
+    (output,) = run.outputs.model_outputs
+    version = client.get_model_version("tiny", "1")
+    assert version.run_id == run_id and client.get_logged_model(output.model_id).status == "READY"
+    folder = Path(download_artifacts(artifact_uri=version.source, dst_path=str(tmp_path / "dl")))
+    assert (folder / "MLmodel").is_file() and "python_function" in (folder / "MLmodel").read_text()
+    copied = folder / "artifacts" / "export" / "config.json"  # the serving contract
+    assert copied.read_text() == (run_dir / "export" / "config.json").read_text()
+
+    (entry,) = run.inputs.dataset_inputs
+    manifest = json.loads((shards / "manifest.json").read_text())
+    listed = sorted((s["path"], s["sha256"]) for k in manifest["kingdoms"].values()
+                    for split in k.values() for s in split["shards"])  # fmt: skip
+    digest = hashlib.sha256("".join(f"{p}\t{h}\n" for p, h in listed).encode()).hexdigest()
+    assert entry.dataset.name == "sample" and entry.dataset.digest == digest[:16]
+    assert json.loads(entry.dataset.source)["uri"] == shards.resolve().as_uri()
+    assert {(t.key, t.value) for t in entry.tags} == {("mlflow.data.context", "training")}
+
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        samples = _history(client, run_id, key)
+        assert samples and all(v >= 0 for _, v in samples), key
+        assert {s for s, _ in samples} <= set(range(41)), samples  # at training steps
+    assert _history(client, run_id, "system/system_memory_usage_megabytes")[-1][1] > 0
 
 
 @pytest.mark.parametrize("procs", [2])  # 1 process: the BPE kill-and-resume test below

@@ -64,15 +64,34 @@ def test_progress_line_has_step_loss_throughput_and_eta():
     assert duration(125) == "2m05s" and duration(3725) == "1h02m" and rate(14123) == "14.1k"
 
 
-def test_tracker_logs_params_metrics_and_artifacts(tmp_path):
-    tracker = Tracker(TrackingConfig(experiment="t"), tmp_path, enabled=True)
+def _bare_model(folder, path, spec):
+    """A model writer without a flavour: the Tracker's part is MLflow's logged model."""
+    path.mkdir()
+    (path / "MLmodel").write_text(f"model_id: {spec.model_id}\nsource: {folder}\n")
+
+
+def _unwritable_model(folder, path, spec):
+    raise OSError("no space left on device")
+
+
+def test_tracker_logs_params_metrics_artifacts_models_and_the_machine(tmp_path, capsys):
+    """Besides params, metrics and artifacts: the model (registered as ``register_as``; a
+    writer that fails is skipped at once, it is not the store) and system metrics, sampled at
+    the latest training step."""
+    cfg = TrackingConfig(experiment="t", register_as="m", system_metrics=0.1)
+    tracker = Tracker(cfg, tmp_path, enabled=True)
     run_id = tracker.start("run-a", None, {"nucleo.arch": "transformer"})
     tracker.log_params({"train": {"lr": 0.001, "betas": [0.9, 0.95]}})
     for step in range(3):
         tracker.log_metrics({"train/loss": 2.0 - step, "val/bits_per_base/viral": 1.9}, step)
     (tmp_path / "config.yaml").write_text("arch: transformer\n")
     tracker.log_artifact(tmp_path / "config.yaml")
+    time.sleep(0.3)  # a few samples of the machine
+    tracker.log_model(tmp_path / "export", _bare_model)
+    tracker.log_model(tmp_path / "export", _unwritable_model)
+    started = time.monotonic()
     tracker.end()
+    assert time.monotonic() - started < 5
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.data.params["train.lr"] == "0.001" and run.data.params["train.betas"] == "0.9,0.95"
@@ -80,6 +99,15 @@ def test_tracker_logs_params_metrics_and_artifacts(tmp_path):
     history = client.get_metric_history(run_id, "train/loss")
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == [2.0, 1.0, 0.0]
     assert [a.path for a in client.list_artifacts(run_id)] == ["config.yaml"]
+    models = [client.get_logged_model(o.model_id) for o in run.outputs.model_outputs]
+    assert sorted(m.status for m in models) == ["FAILED", "READY"]
+    (version,) = client.search_model_versions("name='m'")
+    assert version.run_id == run_id and int(version.version) == 1
+    cpu = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    assert 2 in {m.step for m in cpu} <= {0, 2}  # before training: step 0
+    err = capsys.readouterr().err
+    assert "registered as models:/m/1" in err and "no space left on device" in err
+    assert "skipped" in err and "unreachable" not in err
 
 
 def test_a_broken_store_warns_once_and_lets_training_go_on(tmp_path, capsys):
@@ -93,6 +121,7 @@ def test_a_broken_store_warns_once_and_lets_training_go_on(tmp_path, capsys):
         assert tracker.start("r", None, {}) is None
     for step in range(100):
         tracker.log_metrics({"a": 1.0}, step)  # never waits
+    tracker.log_model(tmp_path, lambda *_: None)  # queued; a store that is down is not waited for
     tracker.end()
     assert time.monotonic() - started < 10
     err = capsys.readouterr().err
