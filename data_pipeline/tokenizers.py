@@ -243,7 +243,7 @@ class BpeTokenizer:
 
         path = Path((config or BpeTokenizerConfig("?")).path)
         if path.is_dir():
-            path = _spec_path(path)
+            path = tokenizer_file(path)
         if not path.is_file():
             raise FileNotFoundError(
                 f"data.tokenizer_options.path: {path}: no trained BPE tokenizer there; "
@@ -419,7 +419,7 @@ def build_tokenizer(name: str, options: dict[str, Any] | None = None) -> Any:
     return entry.cls(from_dict(entry.config, options or {}, "data.tokenizer_options"))
 
 
-def _spec_path(directory: Path) -> Path:
+def tokenizer_file(directory: Path) -> Path:
     """Where a folder keeps nucleo's tokenizer description: ``nucleo_tokenizer.json``, or in
     folders written before the Hugging Face twin existed, ``tokenizer.json``."""
     path = directory / hf_tokenizer.NUCLEO_FILE
@@ -429,7 +429,7 @@ def _spec_path(directory: Path) -> Path:
 def load_tokenizer(directory: str | Path) -> Any:
     """Load the tokenizer of an export, run or classifier folder (``nucleo_tokenizer.json``;
     an older folder's nucleo-format ``tokenizer.json``) and check its vocabulary."""
-    path = _spec_path(Path(directory))
+    path = tokenizer_file(Path(directory))
     if not path.is_file():
         raise FileNotFoundError(
             f"{path.with_name(hf_tokenizer.NUCLEO_FILE)}: not found; every export and run folder "

@@ -85,7 +85,7 @@ def _write_pyfunc(export: Path, path: Path, mlflow_model: Any) -> Path:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from data_pipeline.tokenizers import build_tokenizer, load_tokenizer
+    from data_pipeline.tokenizers import build_tokenizer, load_tokenizer, tokenizer_file
     from nucleo.train.checkpoint import complete_tags, damage, latest_intact
     from nucleo.train.config import load_config
     from nucleo.train.export import export_model, state_from_checkpoint
@@ -104,7 +104,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = load_config(ckpt_dir / tag / "config.yaml")
     state = state_from_checkpoint(ckpt_dir, tag, cfg)
     out = Path(args.out) if args.out else run_dir / "export"
-    if (run_dir / "tokenizer.json").is_file():  # the run's own copy (a BPE file may have moved)
+    if tokenizer_file(run_dir).is_file():  # the run's own copy (a BPE file may have moved)
         tokenizer = load_tokenizer(run_dir)
     else:
         tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_options)

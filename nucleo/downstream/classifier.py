@@ -3,8 +3,8 @@ mean-pooled, and one linear head; its batches, predictions, metrics, and its sav
 
 A classifier is the backbone's final hidden states, mean-pooled over the sequence's tokens
 (padding excluded), then one linear layer: [B, L] tokens -> [B, L, D] -> [B, D] -> [B, C].
-Saved, it is a portable export (config.json, model.safetensors, tokenizer.json) plus
-``head.safetensors`` and ``classifier.json``.
+Saved, it is a portable export (nucleo.train.export's files) plus ``head.safetensors`` and
+``classifier.json`` (and the Hugging Face files of ``hf_export``).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -48,7 +48,6 @@ from nucleo.slurm import SCRIPTS
 from nucleo.train import store
 from nucleo.train.checkpoint import latest_tag
 from nucleo.train.config import RunConfig, read_yaml, resolve
-from nucleo.train.tracking import TrackingConfig
 
 SPEC_KEYS = (
     "name", "experiment", "base", "config", "set", "points", "grid", "extra", "seeds", "launcher",
@@ -292,8 +291,9 @@ class Sweep:
             "nucleo.point": point.name,
             **{f"sweep.{k}": str(v) for k, v in point.overrides.items()},
         }
-        cfg.tracking = TrackingConfig(
-            enabled=cfg.tracking.enabled, uri=self.uri, experiment=self.spec.experiment, tags=tags
+        # the sweep's store and experiment; the point keeps its other tracking settings
+        cfg.tracking = replace(
+            cfg.tracking, uri=self.uri, experiment=self.spec.experiment, tags=tags
         )
         path = self.dir / "configs" / f"{point.name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,8 @@ _TAG = re.compile(r"^step_(\d{8})$")
 class CheckpointConfig:
     """every: optimizer steps between checkpoints (0: only at the end).
     keep: complete checkpoints kept (older ones are deleted). export: write the portable
-    export (config.json, model.safetensors, tokenizer.json) at the end of training."""
+    export (config.json, model.safetensors, the tokenizer files: nucleo.train.export) at the end
+    of training."""
 
     every: int = 500
     keep: int = 2

@@ -124,7 +124,7 @@ class Trainer:
         self.config_yaml = self.run_dir / "config.yaml"
         if dist.is_main:
             save_config(cfg, self.config_yaml)
-            self.tokenizer.save(self.run_dir)  # tokenizer.json: the run's exact vocabulary
+            self.tokenizer.save(self.run_dir)  # the run's exact vocabulary (and its HF twin)
         self.validator = Validator(
             cfg.eval, cfg.data, self.tokenizer, self.objective, dist, cfg.train.seed
         )
@@ -205,7 +205,9 @@ class Trainer:
             ds = deepspeed_config(cfg.train, cfg.engine, dist.world_size)
             tracker.log_params({**cfg.to_dict(), "derived": derived, "deepspeed": ds})
             tracker.log_artifact(self.config_yaml)
-            tracker.log_artifact(self.run_dir / "tokenizer.json")
+            for name in ("nucleo_tokenizer.json", "tokenizer.json", "tokenizer_config.json"):
+                if (self.run_dir / name).is_file():  # the HF twin: where the tokenizer has one
+                    tracker.log_artifact(self.run_dir / name)
         self.say(
             f"run {self.run_dir} | {cfg.arch} {self.params['total']:,} parameters "
             f"({self.params['non_embedding']:,} non-embedding) | losses {','.join(cfg.losses)} | "
