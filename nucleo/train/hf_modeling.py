@@ -7,8 +7,8 @@ classes in config.json (``model_type: nucleo``, ``auto_map``), so that::
         .from_pretrained(export_dir, trust_remote_code=True)
 
 work. The classes do not re-implement the architectures: they build the model with the
-installed ``nucleo`` package (``pip install nucleo`` is needed beside ``transformers``) from
-config.json's ``arch``, ``model``, ``vocab_size`` and ``complement_ids``, and call its forward,
+installed ``nucleo`` package (``pip install -e .`` in its repository, beside ``transformers``)
+from config.json's ``arch``, ``model``, ``vocab_size`` and ``complement_ids``, and call its forward,
 so logits are nucleo's own. Weights load from the export's model.safetensors under the prefix
 ``nucleo.``; the weights nucleo shares between modules (the tied embedding and head, BiMamba's
 shared projections), stored once, are re-tied through ``_tied_weights_keys``.
