@@ -191,6 +191,38 @@ class Caduceus(LanguageModel):
             self.norm = RCPS(nn.RMSNorm(width))
             del self.head
 
+    def stem(
+        self, tokens: torch.Tensor, padding: Padding | None
+    ) -> tuple[torch.Tensor, Padding | None]:
+        """With RCPS, the embedding of [x; rc(x)] (strand-batched [2B, L, D/2]) and the padding
+        of those 2B rows; rc(x) is x reverse-complemented within its own length."""
+        if not self.cfg.rcps:
+            return super().stem(tokens, padding)
+        both = torch.cat([tokens, reverse(self.complement[tokens], padding, -1)])
+        return self.embed(both), padding.repeat(2) if padding is not None else None
+
+    def merge_strands(self, x: torch.Tensor, padding: Padding | None) -> torch.Tensor:
+        """[2B, L, D/2] strands -> [B, L, D]: x's states beside rc(x)'s mapped back onto x."""
+        if not self.cfg.rcps:
+            return x
+        forward, backward = x.chunk(2, dim=0)
+        return torch.cat([forward, rc_hidden(backward, padding)], dim=-1)
+
+    def hidden_states(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, layer: int = -1
+    ) -> torch.Tensor:
+        """As LanguageModel's; Caduceus-PH (``conjoin``) averages x's states with rc(x)'s
+        mapped back, as its forward does."""
+        states = super().hidden_states
+        if self.cfg.rcps or not self.cfg.conjoin or self.training:
+            return states(tokens, attention_mask, layer)
+        padding = self.padding(tokens, attention_mask)
+        rc = reverse(self.complement[tokens], padding, -1)
+        return (
+            states(tokens, attention_mask, layer)
+            + reverse(states(rc, attention_mask, layer), padding)
+        ) / 2
+
     def forward(
         self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> ModelOutput:
@@ -203,13 +235,11 @@ class Caduceus(LanguageModel):
                 return conjoin(super().forward, tokens, self.complement, attention_mask, padding)
             return super().forward(tokens, attention_mask)
         with autocast_context(self.cfg.autocast, tokens.device):
-            rc = reverse(self.complement[tokens], padding, -1)
-            both = torch.cat([tokens, rc])  # [x; rc(x)]
-            strands = padding.repeat(2) if padding is not None else None
-            s = self.norm(self.run_blocks(self.embed(both), strands))  # [2B, L, D/2]
+            both, strands = self.stem(tokens, padding)  # [x; rc(x)]
+            s = self.norm(self.run_blocks(both, strands))  # [2B, L, D/2]
             forward, backward = s.chunk(2, dim=0)
             w = self.embed.weight
             rc_part = reverse(F.linear(backward, w[self.complement]), padding)
             logits = F.linear(forward, w) + rc_part
-            hidden = torch.cat([forward, rc_hidden(backward, padding)], dim=-1)
+            hidden = self.merge_strands(s, padding)
         return ModelOutput(hidden=hidden.float(), logits=logits.float())

@@ -321,6 +321,39 @@ class LanguageModel(nn.Module):
             logits = self.head(hidden)
         return ModelOutput(hidden=hidden.float(), logits=logits.float())
 
+    def hidden_states(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, layer: int = -1
+    ) -> torch.Tensor:
+        """[B, L, D] float32 states after ``layer`` of the n blocks: 0 is the embedding, i the
+        residual stream after block i, n (or -1) the final normed states (``forward``'s
+        ``hidden``); negative counts from the end (-2: after block n - 1). Runs only the blocks
+        it needs."""
+        n = len(self.blocks)
+        if not -(n + 1) <= layer <= n:
+            raise ValueError(
+                f"layer {layer}: this model has layers 0..{n} (0: the embedding, {n} or -1: "
+                f"the final states) or -{n + 1}..-1 from the end"
+            )
+        index = layer % (n + 1)
+        padding = self.padding(tokens, attention_mask)
+        with autocast_context(self.cfg.autocast, tokens.device):
+            x, inner = self.stem(tokens, padding)
+            for block in self.blocks[:index]:
+                x = block(x) if inner is None else block(x, inner)
+            if index == n:
+                x = self.norm(x)
+            return self.merge_strands(x, padding).float()
+
+    def stem(
+        self, tokens: torch.Tensor, padding: Padding | None
+    ) -> tuple[torch.Tensor, Padding | None]:
+        """The blocks' input for ``tokens`` and the padding they take (Caduceus: both strands)."""
+        return self.embed(tokens), padding
+
+    def merge_strands(self, x: torch.Tensor, padding: Padding | None) -> torch.Tensor:
+        """Block states as [B, L, D] (Caduceus: its two strands side by side)."""
+        return x
+
     #: LM heads applied per position (Caduceus with RC parameter sharing: one per strand).
     heads_per_position = 1
 
