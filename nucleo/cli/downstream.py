@@ -1,11 +1,8 @@
-"""``nucleo tasks | finetune | predict | score | embed | generate | evaluate-generation``:
-using trained models.
+"""``nucleo tasks | finetune | generate | evaluate-generation``: tasks, fine-tuning and sampling
+(``predict``, ``score`` and ``embed``: nucleo.cli.inference).
 
     nucleo tasks build NAME --out DIR             a classification task from real genomes
     nucleo finetune TASK --export DIR [--mode full|probe] [--compare]   fine-tune or probe
-    nucleo predict CLASSIFIER FASTA [--out labels.tsv]                   labels for records
-    nucleo score EXPORT FASTA [--out scores.tsv]  per-record log-likelihood, bits per base
-    nucleo embed EXPORT FASTA --out emb.npy       per-record pooled embeddings
     nucleo generate EXPORT --out gen.fasta        sample sequences (causal models)
     nucleo evaluate-generation GEN.fasta --real REAL.fasta --out DIR    generated vs real
 """
@@ -13,14 +10,12 @@ using trained models.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from nucleo.cli.common import (
     Parser,
-    UserError,
     add_batch_size,
     add_device,
     add_out,
@@ -30,7 +25,6 @@ from nucleo.cli.common import (
     number,
     positive,
     run,
-    warn,
 )
 from nucleo.downstream.options import BALANCES, INITS, LAYOUTS, MODES
 
@@ -165,91 +159,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         shutdown_distributed()
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from nucleo.downstream.classifier import predict_file
-
-    rows = predict_file(args.classifier, args.fasta, args.batch_size, args.device)  # loads first
-    out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115
-    count = 0
-    try:
-        header_done = False
-        for rid, label, probs in rows:
-            if not header_done:
-                import json
-
-                classes = json.loads((Path(args.classifier) / "classifier.json").read_text())[
-                    "classes"
-                ]
-                out.write("record\tprediction\t" + "\t".join(f"p_{c}" for c in classes) + "\n")
-                header_done = True
-            out.write(f"{rid}\t{label}\t" + "\t".join(f"{p:.6f}" for p in probs) + "\n")
-            count += 1
-    finally:
-        if args.out:
-            out.close()
-    if args.out:
-        print(f"wrote {count} predictions to {args.out}")
-    return 0
-
-
-# ----------------------------------------------------------------------------- inference
-
-
-def cmd_score(args: argparse.Namespace) -> int:
-    from nucleo.downstream.inference import MOSTLY_N, score_file
-
-    scores = score_file(  # loads and checks before anything is written
-        args.export, args.fasta, args.window, args.batch_size, args.both_strands, args.device
-    )
-    out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115 (stdout or a file)
-    count = 0
-    try:
-        out.write("record\tbases\ttokens_scored\tlog_likelihood_nats\tbits_per_base\n")
-        for s in scores:
-            bits = "NA" if s.tokens_scored == 0 else f"{s.bits_per_base:.6f}"
-            out.write(f"{s.record}\t{s.bases}\t{s.tokens_scored}\t{s.log_likelihood:.4f}\t{bits}\n")
-            out.flush()
-            count += 1
-            if s.tokens_scored == 0:
-                warn(f"{s.record}: nothing scored ({s.bases} base(s); a causal model scores "
-                     "from each window's second token): NA")  # fmt: skip
-            elif s.n_fraction > MOSTLY_N:
-                warn(f"{s.record}: {100 * s.n_fraction:.0f}% N: its score says little")
-    finally:
-        if args.out:
-            out.close()
-    if args.out:
-        print(f"wrote {count} scores to {args.out}")
-    return 0
-
-
-def cmd_embed(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from nucleo.downstream.inference import embed_file
-
-    out = Path(args.out)
-    if out.suffix not in (".npy", ".parquet"):
-        raise UserError(f"--out {out}: name a .npy or a .parquet file")
-    ids, vectors = embed_file(
-        args.export, args.fasta, args.window, args.batch_size, args.device, args.pooling
-    )
-    width = vectors.shape[1] if vectors.size else 0
-    if out.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), width)
-        pq.write_table(pa.table({"id": ids, "embedding": column}), out)
-        print(f"wrote {vectors.shape[0]} x {width} to {out} (columns id, embedding)")
-        return 0
-    np.save(out, vectors)
-    ids_path = out.with_suffix(".ids.txt")
-    ids_path.write_text("".join(f"{i}\n" for i in ids))
-    print(f"wrote {vectors.shape[0]} x {width} to {out}, ids in {ids_path}")
-    return 0
-
-
 # ----------------------------------------------------------------------------- generation
 
 
@@ -324,15 +233,6 @@ def _cut(seqs: list[bytes], length: int, count: int) -> list[bytes]:
 # ----------------------------------------------------------------------------- parser
 
 
-def _add_inference_arguments(p: argparse.ArgumentParser, batch: int) -> None:
-    p.add_argument("export", help="a model export folder (RUN_DIR/export or nucleo export)")
-    p.add_argument("fasta", help="FASTA or GenBank file (.gz/.xz/.bz2 too), streamed by record")
-    p.add_argument("--window", type=at_least(2), default=1024, metavar="TOKENS",
-                   help="tokens per window of long records")  # fmt: skip
-    add_batch_size(p, "windows", batch)
-    add_device(p)
-
-
 def add_commands(sub: Any) -> None:
     """Register the downstream commands on nucleo's subparsers."""
     tasks = sub.add_parser("tasks", help="build, convert and inspect classification tasks")
@@ -374,27 +274,6 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("finetune", help="fine-tune or probe an export on a task; --compare")
     add_finetune_arguments(p)
     p.set_defaults(func=cmd_finetune)
-
-    p = sub.add_parser("predict", help="a fine-tuned classifier on FASTA -> labels (TSV)")
-    p.add_argument("classifier", help="a `nucleo finetune` output folder")
-    p.add_argument("fasta", help="FASTA or GenBank file, streamed by record")
-    add_out(p, "TSV file to write (default: stdout)")
-    add_batch_size(p, "records", 64)
-    add_device(p)
-    p.set_defaults(func=cmd_predict)
-
-    p = sub.add_parser("score", help="per-record log-likelihood and bits per base (TSV)")
-    _add_inference_arguments(p, 8)
-    add_out(p, "TSV file to write (default: stdout)")
-    p.add_argument("--both-strands", action="store_true", help="average with the rc strand")
-    p.set_defaults(func=cmd_score)
-    p = sub.add_parser("embed", help="per-record pooled embeddings (.npy or .parquet)")
-    _add_inference_arguments(p, 8)
-    add_out(p, ".npy file (record ids beside it in .ids.txt) or .parquet file (columns id, "
-            "embedding)", required=True)  # fmt: skip
-    p.add_argument("--pooling", choices=("mean", "max", "last"), default="mean",
-                   help="over the record's tokens (last: the final token's state)")  # fmt: skip
-    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("generate", help="sample sequences from a causal export (FASTA)")
     p.add_argument("export", help="a model export folder of a causal model")

@@ -24,6 +24,12 @@ from nucleo.core.alphabet import reverse_complement_bytes
 from nucleo.core.device import resolve as resolve_device
 
 
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """hidden [B, L, D], mask [B, L] -> [B, D]: the mean over each row's real tokens."""
+    weights = mask[..., None].to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
 class SequenceClassifier(nn.Module):
     """Backbone -> masked mean of final hidden states [B, D] -> linear head [B, C]."""
 
@@ -35,9 +41,7 @@ class SequenceClassifier(nn.Module):
     def embed(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """tokens, mask [B, L] (right padding) -> [B, D] mean of the real tokens' states; the
         backbone sees the mask too, so a bidirectional one keeps pads out of real states."""
-        hidden = self.backbone(tokens, attention_mask=mask).hidden.float()
-        weights = mask[..., None].to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return masked_mean(self.backbone(tokens, attention_mask=mask).hidden.float(), mask)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """tokens, mask: [B, L] -> class logits [B, C] (in the head's dtype: bf16 weights
@@ -194,36 +198,91 @@ def load_classifier(
     return model.to(device).eval(), tokenizer, info
 
 
+def record_windows(
+    tokenizer: Any, seq: bytes, max_tokens: int, stride: int | None, rc: bool
+) -> tuple[list[np.ndarray], list[np.ndarray] | None, np.ndarray]:
+    """A whole record as windows of at most ``max_tokens`` tokens every ``stride`` tokens
+    (None: consecutive): (token ids of each window, those of the reverse complement of the same
+    bases when ``rc``, each window's weight: its share of the windows' tokens)."""
+    from nucleo.downstream.inference import windows
+
+    ids = np.asarray(tokenizer.encode(seq), np.int64)
+    pieces = [ids[a:b] for a, b, _ in windows(len(ids), max_tokens, stride)]
+    flipped = None
+    if rc:  # the same bases, reverse-complemented, encoded as training encoded them
+        bases = [tokenizer.decode(piece).encode() for piece in pieces]
+        flipped = encode_all(tokenizer, [reverse_complement_bytes(b) for b in bases], max_tokens)
+    sizes = np.array([max(len(piece), 1) for piece in pieces], np.float64)
+    return pieces, flipped, sizes / sizes.sum()
+
+
+def classify(
+    model: SequenceClassifier,
+    tokenizer: Any,
+    info: dict[str, Any],
+    sequences: Sequence[bytes],
+    batch: int,
+    device: torch.device,
+    stride: int | None = None,
+) -> np.ndarray:
+    """[n, C] class probabilities of whole sequences: each cut into windows of the
+    classifier's ``max_tokens`` (``record_windows``), its probabilities the token-weighted mean
+    of its windows' (both strands of each window averaged under ``rc_conjoin``). What
+    ``nucleo predict``, the MLflow model and the endpoint all give."""
+    rc = bool(info.get("rc_conjoin"))
+    ids: list[np.ndarray] = []
+    rc_ids: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
+    for seq in sequences:
+        pieces, flipped, weight = record_windows(tokenizer, seq, info["max_tokens"], stride, rc)
+        ids += pieces
+        rc_ids += flipped or []
+        weights.append(weight)
+    probs = predict_proba(model, ids, batch, tokenizer.pad_id, device, rc_ids if rc else None)
+    return pool_windows(probs, weights)
+
+
+def pool_windows(probs: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
+    """[windows, C] probabilities of consecutive records' windows -> [records, C], each record
+    the mean of its windows' weighted by ``weights`` (one array per record, summing to 1)."""
+    out = np.zeros((len(weights), probs.shape[1]), np.float64)
+    first = 0
+    for row, weight in enumerate(weights):
+        out[row] = (probs[first : first + len(weight)] * weight[:, None]).sum(0)
+        first += len(weight)
+    return out
+
+
 def predict_file(
     classifier: str | Path,
     path: str | Path,
     batch: int = 64,
     device: str = "auto",
     warn: Callable[[str], None] | None = None,
+    stride: int | None = None,
 ) -> Iterator[tuple[str, str, np.ndarray]]:
     """(record id, predicted class, probabilities [C]) per record of a FASTA/GenBank file,
-    streamed, in batches of ``batch`` records; the classifier's rc_conjoin setting applies.
+    streamed. A record longer than the classifier's ``max_tokens`` is cut into windows of that
+    many tokens (every ``stride`` tokens; default consecutive), and its probabilities are the
+    mean of its windows', weighted by their tokens; with the classifier's rc_conjoin each
+    window is averaged with the reverse complement of the same bases. ``batch``: windows per
+    forward pass.
 
     The classifier is loaded before this returns (a bad one fails before anything is
     written); records more than half N are named through ``warn`` (default: stderr).
     """
     from data_pipeline.readers import read_sequences
-    from nucleo.downstream.inference import MOSTLY_N, n_fraction
+    from nucleo.downstream.inference import MOSTLY_N, n_fraction, windows
 
     dev = resolve_device(device)
     model, tokenizer, info = load_classifier(classifier, dev)
     classes = info["classes"]
+    windows(0, info["max_tokens"], stride)  # checks the stride before anything is read
     say = warn or (lambda text: print(f"warning: {text}", file=sys.stderr, flush=True))
 
     def flush(pending: list[tuple[str, bytes]]) -> Iterator[tuple[str, str, np.ndarray]]:
-        seqs = [s for _, s in pending]
-        ids = encode_all(tokenizer, seqs, info["max_tokens"])
-        rc = None
-        if info.get("rc_conjoin"):
-            rc = encode_all(
-                tokenizer, [reverse_complement_bytes(s) for s in seqs], info["max_tokens"]
-            )
-        probs = predict_proba(model, ids, batch, tokenizer.pad_id, dev, rc)
+        seqs = [seq for _, seq in pending]
+        probs = classify(model, tokenizer, info, seqs, batch, dev, stride)
         for (rid, _), p in zip(pending, probs, strict=True):
             yield rid, classes[int(p.argmax())], p
 

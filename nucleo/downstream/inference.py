@@ -1,17 +1,23 @@
 """Inference from a portable export: per-sequence scores and embeddings of FASTA/GenBank files.
 
     nucleo score EXPORT genomes.fa [--out scores.tsv] [--both-strands] [--window 1024]
-    nucleo embed EXPORT genomes.fa --out embeddings.npy [--window 1024]
+    nucleo embed EXPORT genomes.fa --out embeddings.npy [--window 1024] [--layer -1]
 
 Records are streamed one at a time (a file is never loaded whole); a record longer than the
-window is cut into consecutive windows of ``window`` tokens, run ``batch`` windows at a time.
+window is cut into windows of ``window`` tokens, run ``batch`` windows at a time. Windows start
+every ``stride`` tokens (default: ``window``, consecutive windows); with a smaller stride they
+overlap, and each token belongs to the first window that reaches it, where it has the most left
+context (at least ``window - stride`` tokens after the first window): ``windows`` below.
 
 Scores need a causal model: the log-likelihood of each token given the ones before it in its
-window (the first token of each window has no context and is not scored). Bits per base divide
-the bits by the bases those tokens cover (exact for ``char``; for k-mer and BPE tokenizers the
-bases of the scored tokens are counted from their decoded text). ``both_strands`` averages the
-record's score with its reverse complement's. Embeddings pool the final hidden states over
-every token of the record (mean by default; max; or the last token's): [D] per record.
+window; each token is scored once, in the window it belongs to (the record's first token, and
+with consecutive windows each window's first, has no context and is not scored). Bits per base
+divide the bits by the bases those tokens cover (exact for ``char``; for k-mer and BPE
+tokenizers the bases of the scored tokens are counted from their decoded text).
+``both_strands`` averages the record's score with its reverse complement's. Embeddings pool
+the hidden states of ``layer`` (default -1: the final ones; ``LanguageModel.hidden_states``)
+over every token of the record, each once (mean by default; max; or the last token's): [D]
+per record.
 """
 
 from __future__ import annotations
@@ -53,28 +59,53 @@ def n_fraction(seq: bytes) -> float:
     return seq.count(b"N") / len(seq) if seq else 0.0
 
 
-def _windows(ids: np.ndarray, window: int) -> list[np.ndarray]:
-    return [ids[i : i + window] for i in range(0, len(ids), window)] or [ids]
+def windows(length: int, window: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """(start, stop, owned) of each window over ``length`` tokens: the window is tokens
+    start..stop-1, and it owns those from start + owned on (the ones no earlier window
+    reached). Windows start every ``stride`` tokens (None: ``window``)."""
+    stride = stride or window
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be in 1..window ({window}), got {stride}")
+    out, start, reached = [], 0, 0
+    while True:
+        stop = min(start + window, length)
+        out.append((start, stop, reached - start))
+        if stop >= length:
+            return out
+        reached, start = stop, start + stride
 
 
 def _batches(
-    pieces: list[np.ndarray], batch: int, pad_id: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(tokens [b, L], mask [b, L]) of ``batch`` windows at a time, right-padded."""
-    for start in range(0, len(pieces), batch):
-        yield pad(pieces, np.arange(start, min(start + batch, len(pieces))), pad_id)
+    ids: np.ndarray, window: int, stride: int | None, batch: int, pad_id: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(tokens [b, L], mask [b, L], owned [b]) of ``batch`` windows of ``ids`` at a time,
+    right-padded; ``owned``: the first position each window owns (``windows``)."""
+    spans = windows(len(ids), window, stride)
+    pieces = [ids[a:b] for a, b, _ in spans]
+    for first in range(0, len(spans), batch):
+        rows = np.arange(first, min(first + batch, len(spans)))
+        tokens, mask = pad(pieces, rows, pad_id)
+        yield tokens, mask, torch.tensor([spans[r][2] for r in rows])
 
 
 @torch.no_grad()
 def window_scores(
-    model: nn.Module, tokenizer: Any, tokens: torch.Tensor, mask: torch.Tensor
+    model: nn.Module,
+    tokenizer: Any,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    owned: torch.Tensor | None = None,
 ) -> list[tuple[float, int, int]]:
     """Per row of a right-padded batch (tokens, mask [b, L] on the model's device): (sum of
     log p(token | earlier tokens of its row) in nats, tokens scored, bases they cover). The
-    first token of a row is context, not scored; bases are counted from the decoded tokens for
-    k-mer and BPE tokenizers."""
+    first token of a row is context, not scored, and so are those before ``owned`` [b] (a
+    strided window's context); bases are counted from the decoded tokens for k-mer and BPE
+    tokenizers."""
     logits = model(tokens, attention_mask=mask).logits[:, :-1].float()
     targets, valid = tokens[:, 1:], mask[:, 1:]
+    if owned is not None:
+        positions = torch.arange(1, tokens.shape[1], device=tokens.device)
+        valid = valid & (positions >= owned.to(tokens.device)[:, None])
     logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
     nats = (logp * valid).sum(1).tolist()
     scored = valid.sum(1).tolist()
@@ -86,14 +117,21 @@ def window_scores(
 
 
 def log_likelihood(
-    model: nn.Module, tokenizer: Any, seq: bytes, window: int, batch: int, device: torch.device
+    model: nn.Module,
+    tokenizer: Any,
+    seq: bytes,
+    window: int,
+    batch: int,
+    device: torch.device,
+    stride: int | None = None,
 ) -> tuple[float, int, int]:
     """(sum of log p(token | earlier tokens of its window) in nats, tokens scored, bases they
-    cover) of one sequence."""
-    ids = tokenizer.encode(seq)
+    cover) of one sequence, each token scored once (``windows``)."""
+    ids = np.asarray(tokenizer.encode(seq))
     total, scored, bases = 0.0, 0, 0
-    for tokens, mask in _batches(_windows(ids, window), batch, tokenizer.pad_id):
-        for nats, n, b in window_scores(model, tokenizer, tokens.to(device), mask.to(device)):
+    for tokens, mask, owned in _batches(ids, window, stride, batch, tokenizer.pad_id):
+        rows = window_scores(model, tokenizer, tokens.to(device), mask.to(device), owned)
+        for nats, n, b in rows:
             total, scored, bases = total + nats, scored + n, bases + b
     return total, scored, bases
 
@@ -105,6 +143,7 @@ def score_file(
     batch: int = 8,
     both_strands: bool = False,
     device: str = "auto",
+    stride: int | None = None,
 ) -> Iterator[Score]:
     """A Score per record of ``path`` (FASTA or GenBank, compressed or not), streamed.
 
@@ -115,6 +154,7 @@ def score_file(
 
     if window < 2 or batch < 1:
         raise ValueError(f"window must be >= 2 and batch >= 1, got {window} and {batch}")
+    windows(0, window, stride)  # checks the stride
     dev = resolve_device(device)
     model, tokenizer, meta = load_exported(export, dev)
     if not meta.get("causal", True):
@@ -124,7 +164,7 @@ def score_file(
         )
 
     def bits(seq: bytes) -> tuple[float, int, float]:
-        nats, scored, bases = log_likelihood(model, tokenizer, seq, window, batch, dev)
+        nats, scored, bases = log_likelihood(model, tokenizer, seq, window, batch, dev, stride)
         return (-nats / math.log(2) / bases if bases else math.nan), scored, nats
 
     def scores() -> Iterator[Score]:
@@ -141,6 +181,13 @@ def score_file(
 POOLINGS = ("mean", "max", "last")
 
 
+def states(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tensor:
+    """[B, L, D] float32 hidden states of ``layer`` (-1: forward's final ones)."""
+    if layer == -1:
+        return model(tokens, attention_mask=mask).hidden.float()
+    return model.hidden_states(tokens, mask, layer)
+
+
 @torch.no_grad()
 def embed_sequence(
     model: nn.Module,
@@ -150,27 +197,31 @@ def embed_sequence(
     batch: int,
     device: torch.device,
     pooling: str = "mean",
+    stride: int | None = None,
+    layer: int = -1,
 ) -> np.ndarray:
-    """[D] float32 embedding of ``seq`` from the final hidden states of all its tokens:
+    """[D] float32 embedding of ``seq`` from the hidden states of ``layer`` (-1: the final
+    ones) of all its tokens, each taken once from the window it belongs to (``windows``):
     their mean (default), their element-wise max, or the last token's state (for a causal
     model, the one that has seen the most of its window)."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
-    ids = tokenizer.encode(seq)
+    ids = np.asarray(tokenizer.encode(seq))
     total: torch.Tensor | None = None
     count = 0
     last: torch.Tensor | None = None
-    for tokens, mask in _batches(_windows(ids, window), batch, tokenizer.pad_id):
+    for tokens, mask, owned in _batches(ids, window, stride, batch, tokenizer.pad_id):
         tokens, mask = tokens.to(device), mask.to(device)
-        hidden = model(tokens, attention_mask=mask).hidden.float()
+        hidden = states(model, tokens, mask, layer)
+        if pooling == "last":  # the last window's last token
+            last = hidden[-1, int(mask[-1].sum()) - 1]
+            continue
+        positions = torch.arange(tokens.shape[1], device=device)
+        mask = mask & (positions >= owned.to(device)[:, None])  # each token once
         if pooling == "mean":
             summed = (hidden * mask[..., None]).sum((0, 1))
-        elif pooling == "max":
-            summed = hidden.masked_fill(~mask[..., None], float("-inf")).amax((0, 1))
         else:
-            row = hidden.shape[0] - 1
-            last = hidden[row, int(mask[row].sum()) - 1]
-            continue
+            summed = hidden.masked_fill(~mask[..., None], float("-inf")).amax((0, 1))
         if total is None:
             total = summed
         else:
@@ -191,6 +242,8 @@ def embed_file(
     batch: int = 8,
     device: str = "auto",
     pooling: str = "mean",
+    stride: int | None = None,
+    layer: int = -1,
 ) -> tuple[list[str], np.ndarray]:
     """(record ids, embeddings [records, D] float32) of ``path``, streamed record by record."""
     from nucleo.train.export import load_exported
@@ -201,5 +254,7 @@ def embed_file(
     for record in read_sequences(path):
         ids.append(record.id)
         seq = bytes(record.seq)
-        rows.append(embed_sequence(model, tokenizer, seq, window, batch, dev, pooling))
+        rows.append(
+            embed_sequence(model, tokenizer, seq, window, batch, dev, pooling, stride, layer)
+        )
     return ids, np.stack(rows) if rows else np.zeros((0, 0), np.float32)

@@ -14,7 +14,7 @@ What ``predict`` returns, one row per input sequence, in input order:
   float32 array [n, d_model], the numbers of ``nucleo embed`` (``embed_sequence``; params
   ``window``, ``batch_size``, ``pooling``);
 - a classifier (``nucleo finetune`` output): a DataFrame of ``prediction`` (the class name)
-  and one ``p_<class>`` column per class, the numbers of ``nucleo predict`` (``predict_proba``
+  and one ``p_<class>`` column per class, the numbers of ``nucleo predict`` (``classifier.classify``
   with the classifier's own ``max_tokens`` and ``rc_conjoin``; param ``batch_size``).
 
 Input: a DataFrame with a ``sequence`` column (other columns are ignored; a one-column frame
@@ -175,15 +175,10 @@ class NucleoModel(mlflow.pyfunc.PythonModel):
 
     def _classify(self, seqs: list[bytes], batch: int) -> Any:
         """As ``nucleo.downstream.classifier.predict_file``, on one batch of sequences."""
-        from nucleo.core.alphabet import reverse_complement_bytes
-        from nucleo.downstream.classifier import encode_all, predict_proba
+        from nucleo.downstream.classifier import classify
 
-        info, tok = self.info, self.tokenizer
-        ids = encode_all(tok, seqs, info["max_tokens"])
-        rc = None
-        if info.get("rc_conjoin"):
-            rc = encode_all(tok, [reverse_complement_bytes(s) for s in seqs], info["max_tokens"])
-        probs = predict_proba(self.model, ids, max(batch, 1), tok.pad_id, self.device, rc)
+        info = self.info
+        probs = classify(self.model, self.tokenizer, info, seqs, max(batch, 1), self.device)
         classes = info["classes"]
         frame = pd.DataFrame(probs, columns=[f"p_{c}" for c in classes])
         frame.insert(0, "prediction", [classes[int(i)] for i in probs.argmax(1)])

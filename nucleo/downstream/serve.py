@@ -32,7 +32,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from data_pipeline.readers import VALID_BASES, normalise_bases
-from nucleo.core.alphabet import reverse_complement_bytes
 from nucleo.downstream.serve_model import (
     DEFAULT_MAX_LENGTH,
     Batcher,
@@ -191,7 +190,7 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app serving ``served``; its model-worker thread lives as long as the app
     is being served (started and stopped by the app's lifespan)."""
-    from nucleo.downstream.classifier import encode_all
+    from nucleo.downstream.classifier import pool_windows, record_windows
     from nucleo.downstream.generate import sample
 
     tok, dev, backbone = served.tokenizer, served.device, served.backbone
@@ -300,15 +299,16 @@ def create_app(
     @app.post("/classify")
     async def classify(request: Request) -> JSONResponse:
         seqs, _rows = await rows_of(request, "classify")
-        cut = served.info["max_tokens"]  # as nucleo predict: the fine-tuning length
-        ids = encode_all(tok, seqs, cut)
-        rcs = (
-            encode_all(tok, [reverse_complement_bytes(s) for s in seqs], cut)
-            if served.info.get("rc_conjoin")
-            else [None] * len(seqs)
-        )
-        rows = [Row(i, rc) for i, rc in zip(ids, rcs, strict=True)]
-        probs = await app.state.batcher.run("classify", rows)
+        # as nucleo predict: windows of the fine-tuning length, token-weighted mean
+        rc, cut = bool(served.info.get("rc_conjoin")), served.info["max_tokens"]
+        rows, weights = [], []
+        for seq in seqs:
+            pieces, flipped, weight = record_windows(tok, seq, cut, None, rc)
+            strands = flipped or [None] * len(pieces)
+            rows += [Row(i, f) for i, f in zip(pieces, strands, strict=True)]
+            weights.append(weight)
+        window_probs = await app.state.batcher.run("classify", rows)
+        probs = pool_windows(np.asarray(window_probs), weights)
         classes = served.info["classes"]
         results = [
             {

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from nucleo.core.device import resolve as resolve_device
-from nucleo.downstream.classifier import pad, predict_proba
+from nucleo.downstream.classifier import masked_mean, pad, predict_proba
 from nucleo.downstream.inference import window_scores
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
@@ -255,9 +255,7 @@ def embed_rows(
     tokens, mask = pad(list(rows), np.arange(len(rows)), tokenizer.pad_id)
     tokens, mask = tokens.to(device), mask.to(device)
     hidden = model(tokens, attention_mask=mask).hidden.float()
-    summed = (hidden * mask[..., None]).sum(1)
-    mean = summed / mask.sum(1, keepdim=True).clamp_min(1)
-    return mean.cpu().numpy().astype(np.float32).tolist()
+    return masked_mean(hidden, mask).cpu().numpy().astype(np.float32).tolist()
 
 
 def classify_rows(

@@ -30,5 +30,5 @@ def test_every_layer_of_every_family(variant):
             torch.testing.assert_close(states[0, :19], alone[0], rtol=0, atol=1e-5)
             seen.append(states)
         assert not torch.allclose(seen[0], seen[-1])  # the embedding is not the last layer
-        with pytest.raises(ValueError, match=f"layers 0..{n}"):
+        with pytest.raises(ValueError, match=rf"layers 0\.\.{n}"):
             model.hidden_states(tokens, mask, n + 1)
