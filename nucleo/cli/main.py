@@ -5,6 +5,7 @@
     nucleo sweep | scaling | compare              nucleo.cli.studies
     nucleo tasks | finetune | generate | evaluate-generation      nucleo.cli.downstream
     nucleo predict | score | embed                nucleo.cli.inference
+    nucleo score-variants                         nucleo.cli.variants
     nucleo serve                                  nucleo.cli.serve
 
 Multi-process training goes through DeepSpeed's launcher: ``deepspeed launch/pretrain.py``.
@@ -16,7 +17,7 @@ import argparse
 from collections.abc import Sequence
 
 from nucleo import __version__
-from nucleo.cli import data, downstream, inference, serve, studies, train
+from nucleo.cli import data, downstream, inference, serve, studies, train, variants
 from nucleo.cli.common import Parser, run
 from nucleo.core.runtime import configure_threads
 from nucleo.train.arguments import add_run_arguments
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="nucleo", description="Pretrain DNA language models.")
     parser.add_argument("--version", action="version", version=f"nucleo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (train, data, studies, downstream, inference, serve):
+    for group in (train, data, studies, downstream, inference, variants, serve):
         group.add_commands(sub)
     return parser
 
