@@ -20,8 +20,8 @@ MAX_LINES = 500
 
 
 def test_imports_only_go_down_the_layers():
-    """pyproject.toml's import-linter contracts: cli > studies > downstream | slurm > train >
-    families > core, and nothing installed imports experiments/ or tests/."""
+    """pyproject.toml's import-linter contracts: cli > studies | api > downstream | slurm >
+    train > families > core, and nothing installed imports experiments/ or tests/."""
     lint = Path(sys.executable).with_name("lint-imports")
     result = subprocess.run(
         [str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120
