@@ -367,16 +367,16 @@ def score_vcf(
     dev = resolve_device(device)
     model, tokenizer, meta = load_exported(export, dev)
     ref = Reference(reference)
+    counts: Counter[str] = Counter()
+    scores = score_variants(  # checks its arguments now, scores when read
+        model, tokenizer, read_variants(vcf), ref, window, strands, batch, max_allele_length,
+        skip_mismatches, counts,
+    )  # fmt: skip
     causal = bool(meta.get("causal", True))
     total = 0
     for variant in read_variants(vcf):
         check(variant, ref, max_allele_length, causal, skip_mismatches)
         total += 1
-    counts: Counter[str] = Counter()
-    scores = score_variants(
-        model, tokenizer, read_variants(vcf), ref, window, strands, batch, max_allele_length,
-        skip_mismatches, counts,
-    )  # fmt: skip
     return (_progress(scores, total, say) if say else scores), counts, meta
 
 

@@ -231,6 +231,7 @@ def test_the_command_writes_an_annotated_bgzf_vcf_and_errors_in_one_line(
     eof = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
     assert raw[12:16] == b"BC\x02\x00" and raw.endswith(eof)  # BGZF blocks, its EOF marker
     text = gzip.decompress(raw).decode().splitlines()
+    assert len(list(read_variants(out))) == 10  # read back, block by block
     info = [h for h in text if h.startswith("##INFO=<ID=NUCLEO_LLR,Number=A,Type=Float")]
     assert len(info) == 1 and text.index(info[0]) < text.index(
         next(h for h in text if h[:2] == "#C")
