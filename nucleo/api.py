@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.readers import VALID_BASES, normalise_bases, read_sequences
-from nucleo.core.alphabet import reverse_complement_bytes
 from nucleo.core.device import resolve as resolve_device
 from nucleo.downstream import classifier as clf
 from nucleo.downstream import inference
@@ -104,21 +103,12 @@ class LanguageModel:
             raise ValueError(f"{self.path}: a bidirectional model has no left-to-right "
                              "likelihood; score needs a causal model")  # fmt: skip
         inference.windows(0, window, stride)  # checks before anything is read
-
-        def bits(seq: bytes) -> tuple[float, int, float]:
-            nats, scored, bases = inference.log_likelihood(
-                self.model, self.tokenizer, seq, window, batch_size, self.device, stride
-            )
-            return (-nats / np.log(2) / bases if bases else float("nan")), scored, nats
-
-        def run() -> Iterator[Score]:
-            for rid, seq in records(sequences):
-                per_base, scored, nats = bits(seq)
-                if both_strands:
-                    per_base = (per_base + bits(reverse_complement_bytes(seq))[0]) / 2
-                yield Score(rid, len(seq), scored, nats, per_base, inference.n_fraction(seq))
-
-        return _result(run(), stream)
+        model, tok, dev, batch = self.model, self.tokenizer, self.device, batch_size
+        scores = (
+            inference.score_sequence(model, tok, i, s, window, batch, dev, stride, both_strands)
+            for i, s in records(sequences)
+        )
+        return _result(scores, stream)
 
     def embed(
         self,

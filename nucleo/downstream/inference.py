@@ -163,19 +163,37 @@ def score_file(
             "likelihood; score needs a causal model (use nucleo embed for this one)"
         )
 
-    def bits(seq: bytes) -> tuple[float, int, float]:
-        nats, scored, bases = log_likelihood(model, tokenizer, seq, window, batch, dev, stride)
-        return (-nats / math.log(2) / bases if bases else math.nan), scored, nats
-
     def scores() -> Iterator[Score]:
         for record in read_sequences(path):
-            seq = bytes(record.seq)
-            per_base, scored, nats = bits(seq)
-            if both_strands:
-                per_base = (per_base + bits(reverse_complement_bytes(seq))[0]) / 2
-            yield Score(record.id, len(seq), scored, nats, per_base, n_fraction(seq))
+            yield score_sequence(model, tokenizer, record.id, bytes(record.seq), window, batch,
+                                 dev, stride, both_strands)  # fmt: skip
 
     return scores()
+
+
+def score_sequence(
+    model: nn.Module,
+    tokenizer: Any,
+    record: str,
+    seq: bytes,
+    window: int,
+    batch: int,
+    device: torch.device,
+    stride: int | None = None,
+    both_strands: bool = False,
+) -> Score:
+    """The Score of one sequence (``log_likelihood``; bits per base averaged with the reverse
+    complement's when ``both_strands``): what nucleo score, the Python API and the MLflow
+    model report."""
+
+    def bits(text: bytes) -> tuple[float, int, float]:
+        nats, scored, bases = log_likelihood(model, tokenizer, text, window, batch, device, stride)
+        return (-nats / math.log(2) / bases if bases else math.nan), scored, nats
+
+    per_base, scored, nats = bits(seq)
+    if both_strands:
+        per_base = (per_base + bits(reverse_complement_bytes(seq))[0]) / 2
+    return Score(record, len(seq), scored, nats, per_base, n_fraction(seq))
 
 
 POOLINGS = ("mean", "max", "last")

@@ -8,11 +8,12 @@ What ``predict`` returns, one row per input sequence, in input order:
 
 - a language-model export, ``output="score"`` (the default for a causal model): a DataFrame
   of ``bases``, ``tokens_scored``, ``log_likelihood`` (nats) and ``bits_per_base``, the numbers
-  of ``nucleo score`` (``nucleo.downstream.inference.log_likelihood``; params ``window``,
-  ``batch_size``, ``both_strands``);
+  of ``nucleo score`` (``nucleo.downstream.inference.score_sequence``; params ``window``,
+  ``stride`` (0: consecutive windows), ``batch_size``, ``both_strands``);
 - a language-model export, ``output="embedding"`` (the default for a bidirectional model): a
   float32 array [n, d_model], the numbers of ``nucleo embed`` (``embed_sequence``; params
-  ``window``, ``batch_size``, ``pooling``);
+  ``window``, ``stride``, ``batch_size``, ``pooling``, ``layer``: 0 the embedding, -1 the
+  final states);
 - a classifier (``nucleo finetune`` output): a DataFrame of ``prediction`` (the class name)
   and one ``p_<class>`` column per class, the numbers of ``nucleo predict`` (``classifier.classify``
   with the classifier's own ``max_tokens`` and ``rc_conjoin``; param ``batch_size``).
@@ -50,7 +51,6 @@ imports this module.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -124,6 +124,8 @@ class NucleoModel(mlflow.pyfunc.PythonModel):
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> Any:
         """Scores, embeddings or class probabilities of each sequence (module docstring)."""
+        from nucleo.downstream.inference import windows
+
         params = params or {}
         seqs = normalise(_sequences(model_input))
         if self.classifier:
@@ -131,10 +133,13 @@ class NucleoModel(mlflow.pyfunc.PythonModel):
         causal = bool(self.info.get("causal", True))
         output = params.get("output") or ("score" if causal else "embedding")
         window, batch = int(params.get("window", 1024)), int(params.get("batch_size", 8))
+        stride = int(params.get("stride", 0)) or None
         if window < 2 or batch < 1:
             raise ValueError(f"window must be >= 2 and batch_size >= 1, got {window}, {batch}")
+        windows(0, window, stride)  # checks the stride
         if output == "embedding":
-            return self._embed(seqs, window, batch, str(params.get("pooling", "mean")))
+            pooling, layer = str(params.get("pooling", "mean")), int(params.get("layer", -1))
+            return self._embed(seqs, window, batch, pooling, stride, layer)
         if output != "score":
             raise ValueError(f"output {output!r}: choose score or embedding")
         if not causal:
@@ -142,36 +147,32 @@ class NucleoModel(mlflow.pyfunc.PythonModel):
                 f"a {self.info['arch']} model trained bidirectionally has no left-to-right "
                 "likelihood; use output=embedding"
             )
-        return self._score(seqs, window, batch, bool(params.get("both_strands", False)))
+        both = bool(params.get("both_strands", False))
+        return self._score(seqs, window, batch, stride, both)
 
-    def _score(self, seqs: list[bytes], window: int, batch: int, both_strands: bool) -> Any:
+    def _score(
+        self, seqs: list[bytes], window: int, batch: int, stride: int | None, both: bool
+    ) -> Any:
         """As ``nucleo.downstream.inference.score_file``, per sequence."""
-        from nucleo.core.alphabet import reverse_complement_bytes
-        from nucleo.downstream.inference import log_likelihood
-
-        def bits(seq: bytes) -> tuple[float, int, float]:
-            nats, scored, bases = log_likelihood(
-                self.model, self.tokenizer, seq, window, batch, self.device
-            )
-            return (-nats / math.log(2) / bases if bases else math.nan), scored, nats
+        from nucleo.downstream.inference import score_sequence
 
         rows = []
-        for seq in seqs:
-            per_base, scored, nats = bits(seq)
-            if both_strands:
-                per_base = (per_base + bits(reverse_complement_bytes(seq))[0]) / 2
-            rows.append((len(seq), scored, nats, per_base))
+        for i, seq in enumerate(seqs):
+            s = score_sequence(self.model, self.tokenizer, str(i), seq, window, batch,
+                               self.device, stride, both)  # fmt: skip
+            rows.append((s.bases, s.tokens_scored, s.log_likelihood, s.bits_per_base))
         columns = ["bases", "tokens_scored", "log_likelihood", "bits_per_base"]
         return pd.DataFrame(rows, columns=columns)
 
-    def _embed(self, seqs: list[bytes], window: int, batch: int, pooling: str) -> np.ndarray:
+    def _embed(
+        self, seqs: list[bytes], window: int, batch: int, pooling: str, stride: int | None,
+        layer: int,
+    ) -> np.ndarray:  # fmt: skip
         from nucleo.downstream.inference import embed_sequence
 
-        rows = [
-            embed_sequence(self.model, self.tokenizer, s, window, batch, self.device, pooling)
-            for s in seqs
-        ]
-        return np.stack(rows)
+        model, tok, dev = self.model, self.tokenizer, self.device
+        options = (window, batch, dev, pooling, stride, layer)
+        return np.stack([embed_sequence(model, tok, s, *options) for s in seqs])
 
     def _classify(self, seqs: list[bytes], batch: int) -> Any:
         """As ``nucleo.downstream.classifier.predict_file``, on one batch of sequences."""
@@ -226,6 +227,8 @@ def signature(folder: str | Path) -> tuple[Any, dict[str, Any]]:
             ParamSpec("batch_size", "long", 8),
             ParamSpec("both_strands", "boolean", False),
             ParamSpec("pooling", "string", "mean"),
+            ParamSpec("stride", "long", 0),  # 0: the window (consecutive windows)
+            ParamSpec("layer", "long", -1),
         ]
     )
     outputs = None  # a DataFrame of scores or an [n, D] array, as ``output`` says

@@ -33,7 +33,8 @@ uri, lm_uri, clf_uri, seqs = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(s
 mlflow.set_tracking_uri(uri)
 lm, clf = mlflow.pyfunc.load_model(lm_uri), mlflow.pyfunc.load_model(clf_uri)
 scores = lm.predict(pd.DataFrame({"id": range(len(seqs)), "sequence": seqs}))
-embeddings = lm.predict(seqs, params={"output": "embedding", "window": 64})
+embeddings = lm.predict(seqs, params={"output": "embedding", "window": 64, "stride": 48,
+                                      "layer": 0})
 try:
     lm.predict(["ACGT", "AC@GT"])
     refused = ""
@@ -81,7 +82,7 @@ def test_logged_models_load_by_uri_in_a_fresh_process_and_give_nucleos_numbers(t
     assert got["scores"]["bases"] == [s.bases for s in expected] == [300, 123, 5]
     assert got["scores"]["tokens_scored"] == [s.tokens_scored for s in expected]
     assert got["scores"]["bits_per_base"] == pytest.approx([s.bits_per_base for s in expected])
-    _ids, vectors = embed_file(export, fasta, window=64, device="cpu")
+    _ids, vectors = embed_file(export, fasta, window=64, device="cpu", stride=48, layer=0)
     assert np.allclose(got["embeddings"], vectors, atol=1e-5)
     rows = list(predict_file(classifier, fasta, device="cpu"))
     assert got["classes"]["prediction"] == [label for _, label, _ in rows]
