@@ -94,6 +94,22 @@ def test_the_methods_give_the_commands_numbers(export):
         assert list(p.probabilities.values()) == pytest.approx(list(probs), abs=1e-9)
 
 
+def test_score_variants_gives_the_commands_scores(export, tmp_path):
+    from nucleo.downstream.variants import score_vcf
+
+    out, _clf, _fasta = export
+    genome = "".join(SEQS[0] for _ in range(4))  # 144 bases
+    (tmp_path / "ref.fa").write_text(f">chr1\n{genome}\n")
+    lines = [f"chr1\t{p}\t.\t{genome[p - 1]}\t{'A' if genome[p - 1] != 'A' else 'C'}\t.\t.\t."
+             for p in (40, 77, 100)]  # fmt: skip
+    (tmp_path / "v.vcf").write_text("##fileformat=VCFv4.2\n" + "\n".join(lines) + "\n")
+    cli, _counts, _meta = score_vcf(out, tmp_path / "v.vcf", tmp_path / "ref.fa", window=64,
+                                    device="cpu")  # fmt: skip
+    got = api.load(out).score_variants(tmp_path / "v.vcf", tmp_path / "ref.fa", window=64)
+    assert [g.score for g in got] == pytest.approx([c.score for c in cli], rel=1e-6)
+    assert len(got) == 3 and all(np.isfinite(g.score) for g in got)
+
+
 def test_mistakes_are_named(export, tmp_path):
     out, _clf, _fasta = export
     lm = api.load(out)
