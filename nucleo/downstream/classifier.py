@@ -31,17 +31,24 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class SequenceClassifier(nn.Module):
-    """Backbone -> masked mean of final hidden states [B, D] -> linear head [B, C]."""
+    """Backbone -> masked mean of the hidden states of ``layer`` [B, D] -> linear head [B, C].
 
-    def __init__(self, backbone: nn.Module, d_model: int, n_classes: int) -> None:
+    layer: -1 the final states (default), 0 the embedding, i the states after block i
+    (``LanguageModel.hidden_states``); a probe may read a middle layer.
+    """
+
+    def __init__(self, backbone: nn.Module, d_model: int, n_classes: int, layer: int = -1) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(d_model, n_classes)
+        self.layer = layer
 
     def embed(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """tokens, mask [B, L] (right padding) -> [B, D] mean of the real tokens' states; the
         backbone sees the mask too, so a bidirectional one keeps pads out of real states."""
-        return masked_mean(self.backbone(tokens, attention_mask=mask).hidden.float(), mask)
+        if self.layer == -1:
+            return masked_mean(self.backbone(tokens, attention_mask=mask).hidden.float(), mask)
+        return masked_mean(self.backbone.hidden_states(tokens, mask, self.layer), mask)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """tokens, mask: [B, L] -> class logits [B, C] (in the head's dtype: bf16 weights
@@ -167,14 +174,14 @@ def save_classifier(
     from nucleo.downstream.hf_export import classifier_config
 
     out.mkdir(parents=True, exist_ok=True)
-    meta = classifier_config(export, out, info.get("classes", []), model.head.in_features)
+    info = {"format": "nucleo-classifier/1", "pooling": "mean", "layer": model.layer, **info}
+    meta = classifier_config(export, out, info, model.head.in_features)
     (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     save_model(model.backbone, str(out / "model.safetensors"))
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()},
         str(out / "head.safetensors"),
     )
-    info = {"format": "nucleo-classifier/1", "pooling": "mean", **info}
     (out / "classifier.json").write_text(json.dumps(info, indent=2) + "\n")
     return out
 
@@ -193,7 +200,8 @@ def load_classifier(
     device = resolve_device(device)
     backbone, tokenizer, _meta = load_exported(root, device)
     head = load_file(str(root / "head.safetensors"))
-    model = SequenceClassifier(backbone, head["weight"].shape[1], head["weight"].shape[0])
+    width, classes = head["weight"].shape[1], head["weight"].shape[0]
+    model = SequenceClassifier(backbone, width, classes, int(info.get("layer", -1)))
     model.head.load_state_dict(head)
     return model.to(device).eval(), tokenizer, info
 

@@ -91,6 +91,7 @@ class FinetuneConfig:
     tracking_uri: str | None = None
     label: str = ""
     register_as: str | None = None  # registered model: each saved classifier a new version
+    layer: int = -1  # probe: pool the states of this layer (0 embedding, -1 the final ones)
 
     def __post_init__(self) -> None:
         for name, value, valid in (
@@ -107,6 +108,9 @@ class FinetuneConfig:
             raise ValueError("--epochs and --batch-size must be >= 1 and --lr > 0")
         if not self.seeds:
             raise ValueError("--seeds: give at least one seed, e.g. 0,1,2")
+        if self.layer != -1 and self.mode != "probe":
+            raise ValueError(f"--layer {self.layer}: probes only (--mode probe); full "
+                             "fine-tuning trains the whole backbone")  # fmt: skip
         if self.register_as is not None and (problem := model_name_problem(self.register_as)):
             raise ValueError(f"--register-as: {problem}")
 
@@ -281,7 +285,8 @@ class RunResult:
 
 def run_name(cfg: FinetuneConfig, task_name: str, seed: int) -> str:
     label = cfg.label or Path(cfg.export).parent.name or "model"
-    return f"{task_name}-{label}-{cfg.init}-{cfg.mode}-seed{seed}"
+    layer = "" if cfg.layer == -1 else f"-layer{cfg.layer}"
+    return f"{task_name}-{label}-{cfg.init}-{cfg.mode}{layer}-seed{seed}"
 
 
 @contextmanager
@@ -306,7 +311,7 @@ def _probe(
     for p in model.backbone.parameters():
         p.requires_grad_(False)
     seed_key = seed if cfg.init == "scratch" else -1
-    key = (cfg.export, cfg.init, cfg.task, cfg.max_tokens, seed_key)
+    key = (cfg.export, cfg.init, cfg.task, cfg.max_tokens, cfg.layer, seed_key)
     if cache is not None and key in cache:
         train_x = cache[key]
     else:
@@ -335,7 +340,7 @@ def finetune_once(
     pretrained = cfg.init == "pretrained"
     backbone, tokenizer, meta = load_exported(cfg.export, device, weights=pretrained)
     d_model = hidden_size(backbone, tokenizer, device)
-    model = SequenceClassifier(backbone, d_model, len(task.classes)).to(device)
+    model = SequenceClassifier(backbone, d_model, len(task.classes), cfg.layer).to(device)
     train, test = task.splits["train"], task.splits["test"]
     train_ids = encode_all(tokenizer, train.sequences, cfg.max_tokens)
     test_ids = encode_all(tokenizer, test.sequences, cfg.max_tokens)

@@ -104,6 +104,7 @@ def compare(
                         "init": init,
                         "mode": mode,
                         "label": label,
+                        "layer": base.layer if mode == "probe" else -1,
                     }
                 )
                 results = run_seeds(cfg, task, say, parent)

@@ -37,6 +37,7 @@ class NucleoForSequenceClassification(NucleoPreTrainedModel):
         super().__init__(config)
         with torch.device("cpu"):
             self.head = nn.Linear(config.hidden_size, config.num_labels)
+        self.layer = int(getattr(config, "pooling_layer", -1))  # SequenceClassifier's layer
         self.post_init()
 
     @property

@@ -19,12 +19,14 @@ CLASSIFIER_MODULE = "modeling_nucleo_classifier.py"  # a copy of hf_classifier.p
 
 
 def classifier_config(
-    export: str | Path, out: Path, classes: Sequence[Any], hidden_size: int
+    export: str | Path, out: Path, info: dict[str, Any], hidden_size: int
 ) -> dict[str, Any]:
     """Write ``export``'s tokenizer (nucleo's and Hugging Face's files) and the transformers
     classes into ``out``; return ``export``'s config.json with the keys transformers reads for
-    a classifier of ``classes`` on ``hidden_size``-wide pooled states. Old exports (without
-    those keys, or with a nucleo-format tokenizer.json) are brought up to date."""
+    a classifier (``info``: classifier.json's ``classes`` and ``layer``) on ``hidden_size``-wide
+    pooled states. Old exports (without those keys, or with a nucleo-format tokenizer.json)
+    are brought up to date."""
+    classes: Sequence[Any] = info.get("classes", [])
     meta = json.loads((Path(export) / "config.json").read_text())
     tokenizer = load_tokenizer(export)
     tokenizer.save(out)
@@ -43,4 +45,5 @@ def classifier_config(
         "hidden_size": int(hidden_size),
         "id2label": dict(enumerate(labels)),
         "label2id": {c: i for i, c in enumerate(labels)},
+        "pooling_layer": int(info.get("layer", -1)),
     }

@@ -93,3 +93,32 @@ def test_predict_windows_a_whole_record_and_conjoins_strands_over_the_same_bases
     assert main(["embed", str(out), str(fasta), "--out", str(tmp_path / "e.npy"),
                  "--layer", "-2", "--stride", "16", "--window", "32"]) == 0  # fmt: skip
     assert np.load(tmp_path / "e.npy").shape == (2, 16)
+
+
+def test_a_classifier_on_a_middle_layer_saves_and_loads_everywhere(tmp_path):
+    from nucleo.downstream.classifier import load_classifier
+
+    out, backbone, tok = _export(tmp_path, extra=("model.n_layers=2",))
+    torch.manual_seed(2)
+    model = SequenceClassifier(backbone, 16, 3, layer=1).eval()
+    info = {"task": "t", "classes": ["a", "b", "c"], "rc_conjoin": False, "max_tokens": 64}
+    folder = save_classifier(model, out, info, tmp_path / "mid")
+    loaded, _tok, saved = load_classifier(folder, "cpu")
+    assert saved["layer"] == 1 and loaded.layer == 1
+    ids = [tok.encode(SEQ[:50]), tok.encode(SEQ[:20])]
+    expected = predict_proba(model, ids, 2, tok.pad_id, CPU)
+    np.testing.assert_allclose(predict_proba(loaded, ids, 2, tok.pad_id, CPU), expected)
+    final = SequenceClassifier(backbone, 16, 3).eval()
+    final.head.load_state_dict(model.head.state_dict())
+    assert not np.allclose(predict_proba(final, ids, 2, tok.pad_id, CPU), expected)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+        folder, trust_remote_code=True
+    ).eval()
+    tokens = torch.full((2, 50), tok.pad_id)
+    mask = torch.zeros(2, 50, dtype=torch.long)
+    for i, row in enumerate(ids):
+        tokens[i, : len(row)], mask[i, : len(row)] = torch.from_numpy(row), 1
+    with torch.no_grad():
+        probs = torch.softmax(hf(input_ids=tokens, attention_mask=mask).logits, -1).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
