@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from architectures.incremental import History
 from architectures.layers import (
     Block,
     LanguageModel,
@@ -248,6 +249,27 @@ class ImplicitFilter(nn.Module):
         return self.mlp(like_weights(z, self.mlp[0])).float() * torch.exp(-t * self.decay.float())
 
 
+@dataclass
+class HyenaState:
+    """A causal Hyena operator's decoding state: ``short`` [B, (N+1) D, width - 1] (the short
+    conv's last inputs), ``history`` (per long convolution, its last ``window`` inputs) and
+    ``reversed_lags`` [N-1, D, K] (the filters at lags K-1..0, K growing as needed)."""
+
+    short: torch.Tensor
+    history: list[History]
+    reversed_lags: torch.Tensor | None
+    window: int
+
+    def lags(self, op: HyenaOperator, n: int, device: torch.device) -> torch.Tensor:
+        """[N-1, D, n]: the filters at lags n-1..0 (computed for twice as many when short)."""
+        have = 0 if self.reversed_lags is None else self.reversed_lags.shape[-1]
+        if have < n:
+            self.reversed_lags = op.kernels(min(self.window, max(2 * n, 64)), device).flip(-1)
+            have = self.reversed_lags.shape[-1]
+        assert self.reversed_lags is not None
+        return self.reversed_lags[..., have - n :]
+
+
 class HyenaOperator(nn.Module):
     """The Hyena operator of order N, [B, L, D] -> [B, L, D]."""
 
@@ -299,6 +321,50 @@ class HyenaOperator(nn.Module):
             inner = [self.drop(g.float()) for g in reversed(gates[1:])]
             y = HyenaRecurrence.apply(v.float(), gates[0].float(), k, bias, *inner)
         return self.out_proj(like_weights(y.transpose(1, 2), self.out_proj))
+
+    def prefill(self, x: torch.Tensor, window: int) -> tuple[torch.Tensor, HyenaState]:
+        """The causal forward on a prompt x [B, L, D] (HyenaRecurrence's arithmetic, keeping
+        each long convolution's input), and the state for ``step``: the short conv's last
+        inputs and the last ``window`` inputs of each long convolution."""
+        length = x.shape[1]
+        projected = self.in_proj(x).transpose(1, 2)  # [B, (N+1) D, L]
+        width = self.short_conv.kernel_size[0]
+        u = self.short_conv(F.pad(projected, self.short_pad))
+        short = F.pad(projected, (width - 1, 0))
+        short = short[..., short.shape[-1] - (width - 1) :].contiguous()
+        *gates, v = u.split(self.d_model, dim=1)
+        state = HyenaState(short, [], None, window)
+        with float32_region(x.device):
+            kernels = self.kernels(length, x.device)
+            bias = self.filter_bias.view(self.order - 1, self.d_model).float()
+            v = v.float()
+            k_f = torch.fft.rfft(kernels, n=2 * length)
+            for i, gate in enumerate(reversed(gates[1:])):
+                z = v * self.drop(gate.float())
+                state.history.append(History(z, window))
+                v = (z * bias[i, :, None]).add_(_fft_conv(z, k_f[i], 2 * length))
+            y = v * gates[0].float()
+        return self.out_proj(like_weights(y.transpose(1, 2), self.out_proj)), state
+
+    def step(self, x: torch.Tensor, state: HyenaState) -> torch.Tensor:
+        """One position x [B, D] -> [B, D]: the short conv over the kept inputs, then per long
+        convolution one dot product of its input history with the filter's lags (exact)."""
+        projected = self.in_proj(x)[:, :, None]  # [B, (N+1) D, 1]
+        taps = torch.cat([state.short.to(projected.dtype), projected], dim=-1)
+        state.short = taps[:, :, 1:]
+        weight, conv_bias = self.short_conv.weight[:, 0], self.short_conv.bias
+        u = (taps * weight.to(taps.dtype)).sum(-1) + conv_bias.to(taps.dtype)  # [B, (N+1) D]
+        *gates, v = u.split(self.d_model, dim=1)
+        with float32_region(x.device):
+            bias = self.filter_bias.view(self.order - 1, self.d_model).float()
+            v = v.float()
+            for i, gate in enumerate(reversed(gates[1:])):
+                z = v * self.drop(gate.float())
+                history = state.history[i].append(z)  # [B, D, n], oldest first
+                lags = state.lags(self, history.shape[-1], x.device)[i]  # [D, n], last lag first
+                v = z * bias[i] + torch.einsum("bdn,dn->bd", history, lags)
+            y = v * gates[0].float()
+        return self.out_proj(like_weights(y, self.out_proj))
 
     def flops(self, batch: int, length: int) -> cost.Flops:
         """Projections and the filter MLP, the short conv, and per stage and channel an FFT

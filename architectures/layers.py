@@ -354,6 +354,21 @@ class LanguageModel(nn.Module):
         """Block states as [B, L, D] (Caduceus: its two strands side by side)."""
         return x
 
+    def prefill(self, tokens: torch.Tensor, window: int | None = None) -> tuple[torch.Tensor, Any]:
+        """Incremental decoding's start: tokens [B, L] -> (logits of the last position [B, V]
+        float32, a cache for ``step``); later steps look back at most ``window`` positions.
+        ValueError for a bidirectional model or a mixer without state (architectures.incremental).
+        """
+        from architectures.incremental import prefill
+
+        return prefill(self, tokens, window)
+
+    def step(self, token: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        """One more token [B] after ``prefill`` -> (its logits [B, V] float32, the cache)."""
+        from architectures.incremental import step
+
+        return step(self, token, cache)
+
     #: LM heads applied per position (Caduceus with RC parameter sharing: one per strand).
     heads_per_position = 1
 

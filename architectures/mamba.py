@@ -104,6 +104,32 @@ class MambaConfig(ModelConfig):
         return problems
 
 
+@dataclass
+class MambaState:
+    """A Mamba mixer's decoding state: conv [B, E, d_conv - 1] (the last conv inputs, oldest
+    first) and h [B, E, N], both float32."""
+
+    conv: torch.Tensor
+    h: torch.Tensor
+
+
+def final_state(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, budget: int = 2**22
+) -> torch.Tensor:
+    """The scan's state after the last position, in closed form: h = sum over t of
+    exp(A x sum_{s > t} delta_s) delta_t B_t u_t. u, delta [B, L, E], A [E, N], B [B, L, N]
+    -> h [B, E, N] float32; positions in chunks of ``budget`` / (B E N) terms."""
+    batch, length, inner = u.shape
+    after = delta.double().flip(1).cumsum(1).flip(1).sub(delta.double()).float()  # [B, L, E]
+    h = u.new_zeros(batch, inner, A.shape[1])
+    chunk = max(1, budget // (batch * inner * A.shape[1]))
+    for a in range(0, length, chunk):
+        b = min(length, a + chunk)
+        decay = torch.exp(after[:, a:b, :, None] * A)  # [B, T, E, N]
+        h += torch.einsum("bten,btn->ben", decay * (delta * u)[:, a:b, :, None], B[:, a:b])
+    return h
+
+
 class MambaMixer(nn.Module):
     """One selective-SSM mixer, [B, L, D] -> [B, L, D], causal (left to right)."""
 
@@ -214,6 +240,41 @@ class MambaMixer(nn.Module):
                 kernels=self.kernels,
             )
         return y.transpose(1, 2)
+
+    def prefill(self, x: torch.Tensor, window: int) -> tuple[torch.Tensor, MambaState]:
+        """The forward on a prompt x [B, L, D], and the state it leaves: the last d_conv - 1
+        conv inputs and the SSM state h after position L - 1 (``window`` does not apply: the
+        state is all the history there is)."""
+        xz = self.in_proj(x)
+        y = self.out_proj(like_weights(self.mix(xz), self.out_proj))
+        with float32_region(x.device):
+            u = xz.float().chunk(2, dim=-1)[0].transpose(1, 2)  # [B, E, L]
+            width = self.conv_weight.shape[-1]
+            conv = F.pad(u, (width - 1, 0))  # its last d_conv - 1 columns are the state
+            conv = conv[..., conv.shape[-1] - (width - 1) :].contiguous()
+            u = F.silu(causal_depthwise_conv(u, self.conv_weight, self.conv_bias, "off"))
+        delta, B, _ = self._selection(like_weights(u.transpose(1, 2), self.x_proj))
+        with float32_region(x.device):
+            delta = F.softplus(delta.float() + self.dt_proj.bias.float())
+            h = final_state(u.transpose(1, 2), delta, -torch.exp(self.A_log.float()), B.float())
+        return y, MambaState(conv, h)
+
+    def step(self, x: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """One position x [B, D] -> [B, D]: the conv over the kept inputs, one state update
+        h = exp(dt A) h + dt B u, and y = C h + D u, gated. O(1) in the position."""
+        u, z = self.in_proj(x).float().chunk(2, dim=-1)  # [B, E]
+        with float32_region(x.device):
+            taps = torch.cat([state.conv, u[:, :, None]], dim=-1)  # [B, E, d_conv]
+            state.conv = taps[:, :, 1:]
+            u = F.silu((taps * self.conv_weight.float()).sum(-1) + self.conv_bias.float())
+        delta, B, C = self._selection(like_weights(u, self.x_proj))
+        with float32_region(x.device):
+            dt = F.softplus(delta.float() + self.dt_proj.bias.float())[:, :, None]  # [B, E, 1]
+            A = -torch.exp(self.A_log.float())
+            state.h = torch.exp(dt * A) * state.h + dt * B.float()[:, None, :] * u[:, :, None]
+            y = (state.h * C.float()[:, None, :]).sum(-1) + self.D.float() * u
+            y = y * F.silu(z)
+        return self.out_proj(like_weights(y, self.out_proj))
 
     def flops(self, batch: int, length: int) -> cost.Flops:
         """Projections, the causal conv, the scan's state update (7 E N per token) and its

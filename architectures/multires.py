@@ -144,6 +144,40 @@ class MultiresConv(nn.Module):
             dilation *= 2
         return y.addcmul_(w[:, :1], low)
 
+    def prefill(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The decoding state after x [B, D, L] (float32): per level (dilation 1, 2, 4, ...)
+        a ring buffer [B, D, (K - 1) dilation + 1] of that level's input, position p in slot
+        p mod its size (zeros before the start)."""
+        channels, width, length = x.shape[1], self.h0.shape[-1], x.shape[-1]
+        h0 = self.h0.float()
+        rings, low, dilation = [], x, 1
+        for _ in range(self.depth):
+            size = (width - 1) * dilation + 1
+            ring = low.new_zeros(*low.shape[:-1], size)
+            kept = torch.arange(max(0, length - size), length, device=x.device)
+            ring[..., kept % size] = low[..., kept]
+            rings.append(ring)
+            padded = F.pad(low, (dilation * (width - 1), 0))
+            low = F.conv1d(padded, h0, dilation=dilation, groups=channels)
+            dilation *= 2
+        return rings
+
+    def step(self, x: torch.Tensor, rings: list[torch.Tensor], position: int) -> torch.Tensor:
+        """Position ``position``'s output [B, D] from its input x [B, D] (float32), each level
+        reading K taps from its ring buffer (updated in place): O(depth x K) per token."""
+        width = self.h0.shape[-1]
+        h0, h1, w = self.h0.float()[:, 0], self.h1.float()[:, 0], self.w.float()  # [D, K]
+        low, y, dilation = x, x * w[:, -1], 1
+        for level, ring in zip(range(self.depth, 0, -1), rings, strict=True):
+            size = ring.shape[-1]
+            ring[..., position % size] = low
+            slots = [(position - (width - 1 - k) * dilation) % size for k in range(width)]
+            taps = ring[..., slots]  # [B, D, K]: inputs at lags (K-1) d .. 0
+            y = y + w[:, level] * (taps * h1).sum(-1)
+            low = (taps * h0).sum(-1)
+            dilation *= 2
+        return y + w[:, 0] * low
+
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The paper's formulation with dilated ``conv1d`` (slow on CPU); for tests."""
         channels, width = x.shape[1], self.h0.shape[-1]
@@ -155,6 +189,15 @@ class MultiresConv(nn.Module):
             y = y + self.w[:, level : level + 1] * high
             dilation *= 2
         return y + self.w[:, :1] * low
+
+
+@dataclass
+class MultiresState:
+    """A MultiresMixer's decoding state: per tree level a ring buffer of its input
+    (``MultiresConv.prefill``) and the next position."""
+
+    rings: list[Tensor]
+    position: int
 
 
 class MultiresMixer(nn.Module):
@@ -169,6 +212,20 @@ class MultiresMixer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # contiguous [B, D, L]: the tree's shifted taps on a transposed view run ~1.3x slower
         y = self.conv(x.transpose(1, 2).contiguous()).transpose(1, 2)
+        return F.glu(self.out_proj(self.drop(F.gelu(y))), dim=-1)
+
+    def prefill(self, x: torch.Tensor, window: int) -> tuple[torch.Tensor, MultiresState]:
+        """The forward on a prompt x [B, L, D], and per level the ring buffer of its input
+        (``window`` does not apply: the tree's reach is fixed)."""
+        with float32_region(x.device):
+            rings = self.conv.prefill(x.transpose(1, 2).float())
+        return self(x), MultiresState(rings, x.shape[1])
+
+    def step(self, x: torch.Tensor, state: MultiresState) -> torch.Tensor:
+        """One position x [B, D] -> [B, D]."""
+        with float32_region(x.device):
+            y = self.conv.step(x.float(), state.rings, state.position).to(x.dtype)
+        state.position += 1
         return F.glu(self.out_proj(self.drop(F.gelu(y))), dim=-1)
 
     def flops(self, batch: int, length: int) -> cost.Flops:

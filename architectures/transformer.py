@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from architectures.incremental import KVCache
 from architectures.kernels import FLASH_ATTN, require_suitable, use
 from architectures.layers import Block, LanguageModel, ModelConfig, Padding, presets
 from nucleo.core import cost
@@ -75,6 +76,13 @@ def rotary_tables(length: int, head_dim: int, base: float, device: torch.device)
     )
     angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
     return torch.polar(torch.ones_like(angles), angles)
+
+
+def rotary_at(position: int, head_dim: int, base: float, device: torch.device) -> torch.Tensor:
+    """[1, head_dim / 2] complex rotation of one position, its angles taken in float64."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = position * inv_freq
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)[None].to(device)
 
 
 def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -172,6 +180,28 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         y = attention(q, k, v, self.causal, dropout, self.kernels, keys)
         return self.out_proj(y.reshape(batch, length, width))
+
+    def prefill(self, x: torch.Tensor, window: int) -> tuple[torch.Tensor, KVCache]:
+        """The causal forward on a prompt x [B, L, D], and a KVCache of its last ``window``
+        rotated keys and values (architectures.incremental)."""
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, -1).unbind(2)
+        rotation = rotary_tables(length, q.shape[-1], self.rope_base, x.device)
+        q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
+        y = attention(q, k, v, True, 0.0, self.kernels)
+        cache = KVCache(k.transpose(1, 2), v.transpose(1, 2), window)
+        return self.out_proj(y.reshape(batch, length, width)), cache
+
+    def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One position x [B, D] -> [B, D]: its query attends to the cached keys and its own.
+        Its rotary angle is taken in float64, so positions far past 2^16 stay exact."""
+        batch, width = x.shape
+        q, k, v = self.qkv(x).view(batch, 1, 3, self.n_heads, -1).unbind(2)  # [B, 1, H, Dh]
+        rotation = rotary_at(cache.position, q.shape[-1], self.rope_base, x.device)
+        q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
+        keys, values = cache.append(k[:, 0], v[:, 0])  # [B, H, n, Dh]
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values)  # [B, H, 1, Dh]
+        return self.out_proj(y.reshape(batch, width))
 
     def flops(self, batch: int, length: int) -> cost.Flops:
         """Projections, and q k^T plus attention x v over the full L x L matrix."""
