@@ -193,6 +193,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch=args.batch_size,
         device=args.device,
+        cache=not args.no_cache,
     )
     print(f"wrote {args.num} sequences of {args.length} bases to {path}")
     return 0
@@ -288,13 +289,16 @@ def add_commands(sub: Any) -> None:
     p.add_argument(
         "--prompt-len", type=at_least(1), help="bases of each --prompt-file record to use"
     )
-    p.add_argument("--temperature", type=positive, default=1.0, help="softmax temperature")
+    p.add_argument("--temperature", type=number(0), default=1.0,
+                   help="softmax temperature; 0: greedy (the likeliest base)")  # fmt: skip
     p.add_argument("--top-k", type=at_least(0), default=0, help="keep the k likeliest; 0: off")
     p.add_argument(
         "--top-p", type=number(0, 1, low_open=True), default=1.0, help="nucleus mass; 1: off"
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     add_batch_size(p, "sequences", 16)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole window at "
+                   "every step instead of decoding from a KV cache / recurrent state")  # fmt: skip
     add_device(p)
     p.set_defaults(func=cmd_generate)
 

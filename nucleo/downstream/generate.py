@@ -1,13 +1,16 @@
 """Sampling DNA from a causal export, and judging generated sequences against real ones.
 
     nucleo generate EXPORT --out generated.fa [--num 16] [--length 1000] [--prompt ACGT...]
-                    [--temperature 1.0] [--top-k 0] [--top-p 1.0] [--seed 0]
+                    [--temperature 1.0 | 0 (greedy)] [--top-k 0] [--top-p 1.0] [--seed 0]
     nucleo evaluate-generation generated.fa --real heldout.fa --out report_dir
     nucleo evaluate-generation generated.fa --shards data/offline/shards --kingdom viral --out DIR
 
-Sampling recomputes the forward pass over the last ``window`` tokens at every step (no cache,
-so every architecture works the same way); only tokens that stand for A/C/G/T bases can be
-drawn. Without a prompt, the first base is drawn uniformly from A, C, G, T.
+Sampling runs the prompt once and then one token per step from each layer's state (a KV cache
+for attention, the recurrent state for mamba, input histories for hyena, ring buffers for
+multires: ``architectures.incremental``); ``cache=False``, or a family without such state,
+recomputes the forward pass over the last ``window`` tokens at every step. Both give the same
+tokens for a seed while the context fits in the window. Only tokens that stand for A/C/G/T
+bases can be drawn. Without a prompt, the first base is drawn uniformly from A, C, G, T.
 
 The evaluation compares two sets of equal-length sequences by GC content, k-mer spectrum
 divergence (Jensen-Shannon, bits), frequency-CGR and DNA-walk energy distances, and the
@@ -19,6 +22,7 @@ for i.i.d. uniform random sequences (the ceiling a model should beat).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +34,8 @@ from torch import nn
 
 from nucleo.core import representations as rep
 from nucleo.core.device import resolve as resolve_device
+
+log = logging.getLogger("nucleo")
 
 # ----------------------------------------------------------------------------- sampling
 
@@ -64,6 +70,45 @@ def filter_logits(
     return probs
 
 
+class _Recompute:
+    """The uncached loop: every step reruns the model over the last ``window`` tokens."""
+
+    def __init__(self, model: nn.Module, window: int) -> None:
+        self.model, self.window = model, window
+
+    def first(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens = tokens
+        return self.model(tokens[:, -self.window :]).logits[:, -1].float()
+
+    def next(self, token: torch.Tensor) -> torch.Tensor:
+        return self.first(torch.cat([self.tokens, token[:, None]], 1))
+
+
+class _Incremental(_Recompute):
+    """The cached loop: the prompt's last ``window`` tokens once (``prefill``), then one token
+    per step from each mixer's state (architectures.incremental)."""
+
+    def first(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits, self.cache = self.model.prefill(tokens[:, -self.window :], self.window)
+        return logits
+
+    def next(self, token: torch.Tensor) -> torch.Tensor:
+        logits, self.cache = self.model.step(token, self.cache)
+        return logits
+
+
+_SAID: set[str] = set()
+
+
+def incremental_support(model: nn.Module) -> str | None:
+    """Why ``model`` cannot sample with a cache (None: it can)."""
+    from architectures.incremental import unsupported
+
+    if not callable(getattr(model, "prefill", None)):
+        return f"{type(model).__name__} has no prefill/step"
+    return unsupported(model)
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -77,36 +122,67 @@ def sample(
     seed: int = 0,
     window: int = 1024,
     device: str | torch.device = "auto",
+    *,
+    cache: bool = True,
 ) -> list[bytes]:
-    """``num`` sequences of at least ``length`` new bases each, continuing ``prompt`` (one
-    for all, or one per sequence, of equal token length); returned without the prompt."""
+    """``num`` sequences of ``length`` new bases each (at least: a token may hold several),
+    continuing ``prompt`` (one for all, or one per sequence); returned without the prompt.
+
+    temperature 0: greedy (the likeliest base token; top_k, top_p and the seed unused).
+    Prompts of different lengths in tokens run together exactly: until a sequence's prompt
+    ends, its next token is the prompt's (its own draw is thrown away), so each sequence sees
+    what it would alone. ``cache``: decode incrementally (architectures.incremental: the same
+    tokens as recomputing, while the context fits in ``window``); a model without incremental
+    state falls back to recomputing, with one line saying so.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     dev = resolve_device(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     allowed = base_token_mask(tokenizer).to(dev)
     prompts = [prompt] * num if isinstance(prompt, bytes | bytearray) else list(prompt)
     if len(prompts) != num:
         raise ValueError(f"{len(prompts)} prompts for {num} sequences")
-    encoded = [np.asarray(tokenizer.encode(p), np.int64) for p in prompts]
-    if len({len(e) for e in encoded}) > 1:
-        raise ValueError("prompts sampled together must have the same length in tokens")
-    if len(encoded[0]):
-        tokens = torch.from_numpy(np.stack(encoded))
-        produced = np.zeros(num, np.int64)
-    else:
+    encoded = [list(np.asarray(tokenizer.encode(p), np.int64)) for p in prompts]
+    begin = np.array([len(e) for e in encoded])  # where each sequence's output starts
+    if not begin.all():  # a sequence without a prompt starts from a uniform base
         first = torch.randint(0, 4, (num,), generator=gen)
-        tokens = torch.from_numpy(np.stack([tokenizer.encode(b"ACGT"[i : i + 1]) for i in first]))
-        produced = np.ones(num, np.int64)
-    prompt_len = len(encoded[0])
-    tokens = tokens.to(dev)
+        for i in np.flatnonzero(begin == 0):
+            encoded[i] = list(tokenizer.encode(b"ACGT"[first[i] : first[i] + 1]))
+    known = min(map(len, encoded))
+    decoder = _Recompute(model, window)
+    if cache:
+        why = incremental_support(model)
+        if why is None:
+            decoder = _Incremental(model, window)
+        elif type(model).__name__ not in _SAID:
+            _SAID.add(type(model).__name__)
+            log.warning(f"generate: no cache ({why}); recomputing every step")
     bases_per = np.array([len(tokenizer.decode([i])) for i in range(tokenizer.vocab_size)])
-    while produced.min() < length:
-        logits = model(tokens[:, -window:]).logits[:, -1].float()
+    rows = [e[:known] for e in encoded]
+    produced = np.array([bases_per[e[begin[i] :]].sum() for i, e in enumerate(rows)])
+    done = np.where(produced >= length, [len(r) for r in rows], 0)
+    if not done.all():
+        logits = decoder.first(torch.tensor(rows, dtype=torch.int64, device=dev))
+    while not done.all():
         logits = logits.masked_fill(~allowed, float("-inf"))
-        probs = filter_logits(logits, temperature, top_k, top_p)
-        nxt = torch.multinomial(probs.cpu(), 1, generator=gen).to(dev)
-        tokens = torch.cat([tokens, nxt], 1)
-        produced += bases_per[nxt[:, 0].cpu().numpy()]
-    return [tokenizer.decode(row).encode() for row in tokens[:, prompt_len:].cpu().numpy()]
+        if temperature == 0:
+            drawn = logits.argmax(-1).cpu()
+        else:
+            probs = filter_logits(logits, temperature, top_k, top_p)
+            drawn = torch.multinomial(probs.cpu(), 1, generator=gen)[:, 0]
+        picked = drawn.numpy().copy()
+        for i, row in enumerate(rows):
+            forced = len(row) < len(encoded[i])
+            picked[i] = encoded[i][len(row)] if forced else picked[i]
+            row.append(int(picked[i]))
+            if not forced and not done[i]:
+                produced[i] += bases_per[picked[i]]
+                done[i] = len(row) if produced[i] >= length else 0
+        if not done.all():
+            logits = decoder.next(torch.from_numpy(picked).to(dev))
+    cut = zip(rows, begin, done, strict=True)
+    return [tokenizer.decode(row[b:d]).encode() for row, b, d in cut]
 
 
 def generate_to_fasta(
@@ -122,10 +198,12 @@ def generate_to_fasta(
     batch: int = 16,
     device: str = "auto",
     say: Any = print,
+    cache: bool = True,
 ) -> Path:
     """Sample ``num`` sequences in batches of ``batch`` and write them to a FASTA file whose
     headers record the settings. ``prompts``: none, one for all, or several used in turn
-    (sequence i continues prompts[i % len(prompts)])."""
+    (sequence i continues prompts[i % len(prompts)]). temperature 0: greedy. ``cache``:
+    decode incrementally (``sample``)."""
     import time
 
     from nucleo.core.progress import duration
@@ -148,7 +226,7 @@ def generate_to_fasta(
             chosen = [prompts[(first + i) % len(prompts)] for i in range(count)] if prompts else b""
             seqs = sample(
                 model, tokenizer, count, length, chosen, temperature, top_k, top_p,
-                seed + first, window, device,
+                seed + first, window, device, cache=cache,
             )  # fmt: skip
             for i, seq in enumerate(seqs):
                 used = chosen[i] if chosen else b""
