@@ -220,6 +220,7 @@ def resolve_sources(
                     exclude=entry.exclude,
                     fmt=entry.fmt,
                     package=entry.package,
+                    matched=len(files) > 1,
                 )
             )
     return sources

@@ -60,7 +60,9 @@ class SourceFile:
     Records of files with the same (kingdom, group) go to the same split: give one organism's
     several files a common group (near-identical genomes are grouped automatically, see
     ``data_pipeline.dedup``). ``include``/``exclude`` filter records by header regex; ``fmt``
-    forces "fasta" or "genbank"; ``package`` records where the file came from.
+    forces "fasta" or "genbank"; ``package`` records where the file came from. A filter that
+    keeps none of a file's records is an error, unless ``matched`` (the file is one of several
+    a glob matched, so the filter picks among them: it is then skipped with a line).
     """
 
     path: Path
@@ -70,6 +72,7 @@ class SourceFile:
     exclude: str = ""
     fmt: str | None = None
     package: str = ""
+    matched: bool = False
 
     def records(self) -> Iterator[SequenceRecord]:
         """The file's records whose header (id and description) matches ``include`` (a regex,
@@ -158,12 +161,15 @@ class RecordInfo:
         return self.unit or (f"group:{self.group}" if self.group else self.key)
 
 
-SOURCE_COLUMNS = ("path", "kingdom", "group", "include", "exclude", "format", "package")
+SOURCE_COLUMNS = (
+    "path", "kingdom", "group", "include", "exclude", "format", "package", "matched",
+)  # fmt: skip
 
 
 def read_sources_tsv(path: str | Path) -> list[SourceFile]:
     """Inputs from a TSV whose header names its columns: ``path`` and ``kingdom`` (required),
-    ``group``, ``include``, ``exclude``, ``format`` and ``package`` (optional; see SourceFile).
+    ``group``, ``include``, ``exclude``, ``format``, ``package`` and ``matched`` (optional; see
+    SourceFile).
 
     Paths are relative to the TSV; rows starting with ``#`` are comments.
     """
@@ -204,6 +210,7 @@ def read_sources_tsv(path: str | Path) -> list[SourceFile]:
                 cells.get("exclude", ""),
                 fmt,
                 cells.get("package", ""),
+                cells.get("matched", "").lower() in ("yes", "true", "1"),
             )
         )
     return sources
@@ -222,9 +229,9 @@ def write_sources_tsv(sources: Iterable[SourceFile], path: str | Path) -> Path:
                 rel = str(src.path.resolve().relative_to(path.parent.resolve()))
             except ValueError:
                 rel = str(src.path.resolve())
-            writer.writerow(
-                [rel, src.kingdom, src.group, src.include, src.exclude, src.fmt or "", src.package]
-            )
+            matched = "yes" if src.matched else ""
+            writer.writerow([rel, src.kingdom, src.group, src.include, src.exclude,
+                             src.fmt or "", src.package, matched])  # fmt: skip
     return path
 
 
@@ -332,7 +339,9 @@ def _scan(
             infos.append(info)
             del rec
         if not count and (src.include or src.exclude):
-            raise ValueError(_filtered_out(src))
+            if not src.matched:
+                raise ValueError(_filtered_out(src))
+            log(f"skipped: {_filtered_out(src)}")
         if verbose:
             log(f"read {src.path}: {count} records ({src.kingdom})")
     log(f"read {len(sources)} files: {len(infos)} records, {sum(i.length for i in infos):,} bases")

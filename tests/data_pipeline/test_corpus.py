@@ -307,11 +307,11 @@ def test_sources_tsv_round_trip_with_every_column(tmp_path):
     sources = [
         SourceFile(Path(inside), "viral", "phages", r"^NC_0(08|28)", "", None, "mcl-doc"),
         SourceFile(Path(inside), "plasmid", "", "", r"jj50|SL4", "fasta", "mcl-doc"),
-        SourceFile(outside, "plasmid", fmt="genbank", package="biopython"),
+        SourceFile(outside, "plasmid", fmt="genbank", package="biopython", matched=True),
     ]
     tsv = write_sources_tsv(sources, folder / "sources.tsv")
     lines = tsv.read_text().splitlines()
-    assert lines[0] == "path\tkingdom\tgroup\tinclude\texclude\tformat\tpackage"
+    assert lines[0] == "path\tkingdom\tgroup\tinclude\texclude\tformat\tpackage\tmatched"
     assert lines[1].startswith("g/phages.fa.bz2\t")  # relative below the TSV's folder
     assert lines[3].startswith(str(outside.resolve()) + "\t")  # absolute elsewhere
     back = read_sources_tsv(tsv)

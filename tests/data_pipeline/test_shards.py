@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from data_pipeline.shards import (
     load_manifest,
     read_sources_tsv,
     verify_shards,
+    write_sources_tsv,
 )
 from tests.conftest import SAMPLE, sample_file
 
@@ -240,3 +242,27 @@ def test_a_forced_validation_record_is_the_smallest(tmp_path):
         )
         split = {r["id"]: r["split"] for r in manifest["records"]}
         assert sorted(split.values()) == ["train", "val"]
+
+
+def test_a_glob_matched_file_that_its_filter_empties_is_skipped_not_fatal(tmp_path):
+    """Corpus globs match several files and a regex picks records among them: a file whose
+    records all fail the filter (a package update may add one) is skipped with a line; a file
+    named on its own still stops the build."""
+    lam = sample_file("viral/lambda.fasta.gz")
+    phage = sample_file("viral/lactococcus_phages.fasta.bz2")
+    tsv = tmp_path / "sources.tsv"
+    tsv.write_text(
+        "path\tkingdom\tinclude\tmatched\n"
+        f"{lam}\tviral\tLactococcus\tyes\n{phage}\tviral\tLactococcus\tyes\n"
+    )
+    sources = read_sources_tsv(tsv)
+    assert [s.matched for s in sources] == [True, True]
+    written = read_sources_tsv(write_sources_tsv(sources, tmp_path / "again.tsv"))
+    assert [s.matched for s in written] == [True, True]
+    lines: list[str] = []
+    manifest = build_shards(sources, tmp_path / "out", ShardOptions(), log=lines.append)
+    assert {r["kingdom"] for r in manifest["records"]} == {"viral"} and manifest["records"]
+    assert any(line.startswith(f"skipped: {lam}") for line in lines)
+    alone = [replace(sources[0], matched=False)]
+    with pytest.raises(ValueError, match="kept none of its records"):
+        build_shards(alone, tmp_path / "out2", ShardOptions(), log=lines.append)
