@@ -362,7 +362,7 @@ class HyenaOperator(nn.Module):
                 z = v * self.drop(gate.float())
                 history = state.history[i].append(z)  # [B, D, n], oldest first
                 lags = state.lags(self, history.shape[-1], x.device)[i]  # [D, n], last lag first
-                v = z * bias[i] + torch.einsum("bdn,dn->bd", history, lags)
+                v = z * bias[i] + (history * lags).sum(-1)  # measured faster than einsum
             y = v * gates[0].float()
         return self.out_proj(like_weights(y, self.out_proj))
 

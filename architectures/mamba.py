@@ -113,23 +113,6 @@ class MambaState:
     h: torch.Tensor
 
 
-def final_state(
-    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, budget: int = 2**22
-) -> torch.Tensor:
-    """The scan's state after the last position, in closed form: h = sum over t of
-    exp(A x sum_{s > t} delta_s) delta_t B_t u_t. u, delta [B, L, E], A [E, N], B [B, L, N]
-    -> h [B, E, N] float32; positions in chunks of ``budget`` / (B E N) terms."""
-    batch, length, inner = u.shape
-    after = delta.double().flip(1).cumsum(1).flip(1).sub(delta.double()).float()  # [B, L, E]
-    h = u.new_zeros(batch, inner, A.shape[1])
-    chunk = max(1, budget // (batch * inner * A.shape[1]))
-    for a in range(0, length, chunk):
-        b = min(length, a + chunk)
-        decay = torch.exp(after[:, a:b, :, None] * A)  # [B, T, E, N]
-        h += torch.einsum("bten,btn->ben", decay * (delta * u)[:, a:b, :, None], B[:, a:b])
-    return h
-
-
 class MambaMixer(nn.Module):
     """One selective-SSM mixer, [B, L, D] -> [B, L, D], causal (left to right)."""
 
@@ -244,20 +227,45 @@ class MambaMixer(nn.Module):
     def prefill(self, x: torch.Tensor, window: int) -> tuple[torch.Tensor, MambaState]:
         """The forward on a prompt x [B, L, D], and the state it leaves: the last d_conv - 1
         conv inputs and the SSM state h after position L - 1 (``window`` does not apply: the
-        state is all the history there is)."""
+        state is all the history there is). One scan gives both: N probe positions after the
+        prompt, with step size 0 (h stays) and C the unit vectors, read h out one state
+        coordinate at a time."""
         xz = self.in_proj(x)
-        y = self.out_proj(like_weights(self.mix(xz), self.out_proj))
+        batch, length, n = x.shape[0], x.shape[1], self.d_state
+        rows = xz.device.type == "cpu" and self.kernels != "off" and compiled_op() is not None
+        width = self.conv_weight.shape[-1]
         with float32_region(x.device):
-            u = xz.float().chunk(2, dim=-1)[0].transpose(1, 2)  # [B, E, L]
-            width = self.conv_weight.shape[-1]
-            conv = F.pad(u, (width - 1, 0))  # its last d_conv - 1 columns are the state
-            conv = conv[..., conv.shape[-1] - (width - 1) :].contiguous()
-            u = F.silu(causal_depthwise_conv(u, self.conv_weight, self.conv_bias, "off"))
-        delta, B, _ = self._selection(like_weights(u.transpose(1, 2), self.x_proj))
+            u, z = xz.float().chunk(2, dim=-1)  # [B, L, E] each
+            tail = u[:, max(0, length - width + 1) :].transpose(1, 2)
+            conv = F.pad(tail, (width - 1 - tail.shape[-1], 0)).contiguous()  # [B, E, K - 1]
+            weight, bias = self.conv_weight.float(), self.conv_bias.float()
+            if rows:
+                u = causal_conv_silu_rows(u, weight, bias)
+            else:
+                u = causal_depthwise_conv(u.transpose(1, 2), weight, bias, self.kernels,
+                                          self.conv_unsuitable)  # fmt: skip
+                u = F.silu(u).transpose(1, 2)
+        delta, B, C = self._selection(like_weights(u, self.x_proj))
         with float32_region(x.device):
-            delta = F.softplus(delta.float() + self.dt_proj.bias.float())
-            h = final_state(u.transpose(1, 2), delta, -torch.exp(self.A_log.float()), B.float())
-        return y, MambaState(conv, h)
+            probes = torch.eye(n, device=x.device).expand(batch, n, n)
+            inputs = [
+                F.pad(u, (0, 0, 0, n)),
+                F.pad(delta.float(), (0, 0, 0, n), value=-1e4),  # softplus(-1e4 + bias) = 0
+                F.pad(B.float(), (0, 0, 0, n)),
+                torch.cat([C.float(), probes], dim=1),
+            ]  # [B, L + N, *]
+            A, D, dt_bias = -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias
+            if rows:
+                u_, delta_, B_, C_ = inputs
+                y = selective_scan_rows(u_, delta_, A, B_, C_, D, None, dt_bias.float(), True)
+            else:
+                u_, delta_, B_, C_ = (t.transpose(1, 2) for t in inputs)
+                y = scan(u_, delta_, A, B_, C_, D, None, dt_bias.float(), True, self.kernels)
+                y = y.transpose(1, 2)
+            assert y is not None
+            h = y[:, length:].transpose(1, 2).contiguous()  # [B, E, N] (u = 0 there: no D u)
+            y = y[:, :length] * F.silu(z)
+        return self.out_proj(like_weights(y, self.out_proj)), MambaState(conv, h)
 
     def step(self, x: torch.Tensor, state: MambaState) -> torch.Tensor:
         """One position x [B, D] -> [B, D]: the conv over the kept inputs, one state update

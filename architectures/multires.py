@@ -148,18 +148,23 @@ class MultiresConv(nn.Module):
         """The decoding state after x [B, D, L] (float32): per level (dilation 1, 2, 4, ...)
         a ring buffer [B, D, (K - 1) dilation + 1] of that level's input, position p in slot
         p mod its size (zeros before the start)."""
-        channels, width, length = x.shape[1], self.h0.shape[-1], x.shape[-1]
+        width, length = self.h0.shape[-1], x.shape[-1]
         h0 = self.h0.float()
         rings, low, dilation = [], x, 1
         for _ in range(self.depth):
             size = (width - 1) * dilation + 1
             ring = low.new_zeros(*low.shape[:-1], size)
-            kept = torch.arange(max(0, length - size), length, device=x.device)
-            ring[..., kept % size] = low[..., kept]
+            kept = min(length, size)  # positions length - kept.. go to slots from `slot` on
+            slot, first = (length - kept) % size, min(kept, size - (length - kept) % size)
+            ring[..., slot : slot + first] = low[..., length - kept : length - kept + first]
+            ring[..., : kept - first] = low[..., length - kept + first :]
             rings.append(ring)
-            padded = F.pad(low, (dilation * (width - 1), 0))
-            low = F.conv1d(padded, h0, dilation=dilation, groups=channels)
-            dilation *= 2
+            reach = min(dilation * (width - 1), length)  # the next level's input, as in tree
+            padded, new_low = F.pad(low, (reach, 0)), low * h0[:, :, width - 1]
+            for k in range(width - 1):
+                shift = min((width - 1 - k) * dilation, length)
+                new_low = new_low.addcmul_(h0[:, :, k], padded[..., reach - shift :][..., :length])
+            low, dilation = new_low, dilation * 2
         return rings
 
     def step(self, x: torch.Tensor, rings: list[torch.Tensor], position: int) -> torch.Tensor:
@@ -218,7 +223,7 @@ class MultiresMixer(nn.Module):
         """The forward on a prompt x [B, L, D], and per level the ring buffer of its input
         (``window`` does not apply: the tree's reach is fixed)."""
         with float32_region(x.device):
-            rings = self.conv.prefill(x.transpose(1, 2).float())
+            rings = self.conv.prefill(x.transpose(1, 2).float().contiguous())
         return self(x), MultiresState(rings, x.shape[1])
 
     def step(self, x: torch.Tensor, state: MultiresState) -> torch.Tensor:

@@ -22,9 +22,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("arch", CAUSAL)
-def test_steps_give_the_full_forward_logits_at_every_position(arch):
-    model = _model(arch, TINY[arch])
+# every causal family, and mamba's PyTorch path (the CUDA kernels' layout) beside its compiled one
+STEPPED = {**{arch: (arch, TINY[arch]) for arch in CAUSAL},
+           "mamba-pytorch": ("mamba", [*TINY["mamba"], "model.kernels=off"])}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", sorted(STEPPED))
+def test_steps_give_the_full_forward_logits_at_every_position(variant):
+    arch, sets = STEPPED[variant]
+    model = _model(arch, sets)
     tokens = torch.randint(0, 5, (2, 40), generator=torch.Generator().manual_seed(1))
     full = model(tokens).logits
     for start in (1, 17):  # from one token, and from a prompt
@@ -34,7 +40,7 @@ def test_steps_give_the_full_forward_logits_at_every_position(arch):
             logits, cache = model.step(tokens[:, t], cache)
             worst = max(worst, (logits - full[:, t]).abs().max())
         assert logits.shape == (2, 9) and logits.dtype == torch.float32
-        assert worst < 1e-4, f"{arch} from {start} tokens: off by {worst:.2e}"
+        assert worst < 1e-4, f"{variant} from {start} tokens: off by {worst:.2e}"
 
 
 def test_a_sliding_kv_cache_equals_recomputing_the_window_for_one_attention_layer():
