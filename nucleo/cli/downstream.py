@@ -140,6 +140,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         label=exports[0][0],
         register_as=args.register_as,
+        layer=args.layer,
     )
     if not args.compare and (len(args.task) > 1 or len(exports) > 1):
         raise ValueError("several tasks or exports need --compare")
@@ -341,6 +342,9 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rc-conjoin", action="store_true", help="average both strands at test")
     p.add_argument("--probe-c", type=positive, default=1.0, help="probe: inverse L2 strength")
     p.add_argument("--max-tokens", type=at_least(2), default=1024, help="longer inputs are cut")
+    p.add_argument("--layer", type=int, default=-1,
+                   help="probe the pooled states of this layer (0 the embedding, i after block "
+                        "i, -1 the final states, -2 the block before)")  # fmt: skip
     add_device(p)
     p.add_argument(
         "--precision",

@@ -77,7 +77,7 @@ class GenerateRequest(BaseModel):
     prompt: str = ""
     length: int = Field(100, ge=1)
     num: int = Field(1, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, ge=0)  # 0: greedy
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int = 0

@@ -92,6 +92,10 @@ CASES = {
         lambda t, e: ["score", str(e), str(LAMBDA), "--window", "0", "--out", str(t / "s.tsv")],
         "argument --window: 0 is not valid (a whole number >= 2)",
     ),
+    "layer in full fine-tuning": (
+        lambda t, e: ["finetune", str(t), "--export", str(e), "--layer", "1"],
+        "--layer 1: probes only (--mode probe)",
+    ),
     "top-p 0": (
         lambda t, e: ["generate", str(e), "--out", str(t / "g.fa"), "--top-p", "0"],
         "argument --top-p: 0 is not valid (a number in (0, 1])",

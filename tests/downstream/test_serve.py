@@ -143,6 +143,10 @@ def test_a_language_model_scores_embeds_and_generates_as_nucleo_does(models):
         status, generated = call(url, "/generate", request)
         want = sample(model, tok, 2, 12, b"ACGTA", 0.8, 3, 1.0, 7, 96, DEVICE)
         assert status == 200 and generated["sequences"] == [s.decode() for s in want]
+        greedy = {"prompt": "acgta", "length": 12, "num": 1, "temperature": 0}
+        status, generated = call(url, "/generate", greedy)
+        want = sample(model, tok, 1, 12, b"ACGTA", 0.0, 0, 1.0, 0, 96, DEVICE)
+        assert status == 200 and generated["sequences"] == [s.decode() for s in want]
 
         status, answer = call(url, "/classify", {"sequences": ["ACGT"]})
         assert status == 404 and "/classify needs a classifier" in answer["detail"]
@@ -196,7 +200,7 @@ BAD = [  # (route, body or raw bytes, status, what the message says)
     ("/score", {"sequences": ["A"] * 9}, 400, "9 in one request, over the limit of 8"),
     ("/score", {"sequences": ["A" * 90] * 60}, 413, "request body over 4096 bytes"),
     ("/generate", {"prompt": "ACG*"}, 400, "prompt[3]: '*' is not a base"),
-    ("/generate", {"temperature": 0}, 400, "temperature: input should be greater than 0"),
+    ("/generate", {"temperature": -1}, 400, "temperature: input should be greater than or equal"),
     ("/generate", {"length": 97}, 400, "length: 97 bases, over the limit of 96"),
     ("/generate", {"num": "2"}, 400, "num: input should be a valid integer"),
     ("/nowhere", {}, 404, "/nowhere: no such route; routes: /health, /score"),
