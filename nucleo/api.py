@@ -149,16 +149,15 @@ class LanguageModel:
         window: int = 1024,
     ) -> list[str]:
         """Sampled continuations (new bases only), as ``nucleo generate`` samples: ``num`` per
-        prompt (prompts of one length in tokens), or ``num`` from nothing."""
+        prompt, all in one batch (prompts of any lengths; each continues as it would alone),
+        or ``num`` from nothing. ``temperature`` 0 is greedy."""
         from nucleo.downstream.generate import sample
 
         starts = [seq for _, seq in records(prompts)] if prompts is not None else [b""]
-        out = []
-        for start in starts:
-            seqs = sample(self.model, self.tokenizer, num, length, start, temperature, top_k,
-                          top_p, seed, window, self.device)  # fmt: skip
-            out += [s.decode() for s in seqs]
-        return out
+        batch = [start for start in starts for _ in range(num)]
+        seqs = sample(self.model, self.tokenizer, len(batch), length, batch, temperature, top_k,
+                      top_p, seed, window, self.device)  # fmt: skip
+        return [s.decode() for s in seqs]
 
     def score_variants(
         self,

@@ -84,6 +84,11 @@ def test_the_methods_give_the_commands_numbers(export):
 
     greedy = lm.generate(["ACGTAC"], num=2, length=12, temperature=0)
     assert len(greedy) == 2 and all(len(g) >= 12 and set(g) <= set("ACGT") for g in greedy)
+    mixed = lm.generate(["ACGTAC", "GGA"], num=2, length=8, temperature=0)
+    assert len(mixed) == 4 and mixed[0] == mixed[1] and mixed[2] == mixed[3]
+    assert mixed[0] == lm.generate(["ACGTAC"], length=8, temperature=0)[0]
+    assert mixed[2] == lm.generate(["GGA"], length=8, temperature=0)[0]
+    assert len(lm.generate(num=3, length=5, seed=1)) == 3  # from nothing
 
     classifier = api.load(clf, "cpu")
     assert isinstance(classifier, api.Classifier) and classifier.classes == ["no", "yes"]
