@@ -64,8 +64,9 @@ def add_commands(sub: Any) -> None:
                    help="request body size")  # fmt: skip
     p.add_argument("--max-batch", type=at_least(1), default=32, metavar="N",
                    help="sequences per forward pass, from concurrent requests")  # fmt: skip
-    p.add_argument("--batch-wait-ms", type=number(0), default=5.0, metavar="MS",
-                   help="how long the first request of a batch waits for others")  # fmt: skip
+    p.add_argument("--batch-wait-ms", type=number(0), default=0.0, metavar="MS",
+                   help="how long a batch's first request waits for others (0: none; requests "
+                        "that queue while the model is busy still share a pass)")  # fmt: skip
     p.add_argument("--no-batching", action="store_true", help="run each request alone (one "
                    "request, one forward pass)")  # fmt: skip
     p.add_argument("--access-log", action="store_true", help="a line per request on stderr")

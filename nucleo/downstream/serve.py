@@ -185,7 +185,7 @@ def create_app(
     served: Served,
     limits: Limits,
     max_batch: int = 32,
-    batch_wait_ms: float = 5.0,
+    batch_wait_ms: float = 0.0,
     batching: bool = True,
 ) -> FastAPI:
     """The FastAPI app serving ``served``; its model-worker thread lives as long as the app

@@ -7,10 +7,12 @@ names as the ``export`` artifact (``nucleo.downstream.pyfunc``; else ``artifacts
 
 Request handlers (on the server's event loop) encode and check their sequences, then hand a
 ``Job`` to the ``Batcher`` and await its asyncio future. The worker thread takes the first
-waiting job, gathers more (up to ``max_batch`` sequences, or until ``wait_s`` has passed since
-the first arrived), and runs the rows of each kind in right-padded batches with an attention
-mask: a sequence's numbers do not depend on what shares its batch (the families' padding
-contract, tests/architectures/test_padding.py), so batched answers equal unbatched ones.
+waiting job and gathers more, up to ``max_batch`` sequences: those already queued, and those
+that arrive within ``wait_s`` of the first (default 0: a lone request is never delayed, and
+requests that queue while the model is busy share the next pass). It runs the rows of each
+kind in right-padded batches with an attention mask: a sequence's numbers do not depend on what
+shares its batch (the families' padding contract, tests/architectures/test_padding.py), so
+batched answers equal unbatched ones.
 ``batching=False`` runs each job alone (one request, one forward pass): the benchmark's
 baseline. Only this thread touches the model, so forward passes never run concurrently.
 
@@ -284,7 +286,7 @@ class Batcher:
         handlers: dict[str, RowHandler],
         solo: dict[str, Callable[[dict[str, Any]], Any]],
         max_batch: int = 32,
-        wait_s: float = 0.005,
+        wait_s: float = 0.0,
         batching: bool = True,
     ) -> None:
         self.handlers, self.solo = handlers, solo
