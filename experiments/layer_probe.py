@@ -95,8 +95,8 @@ def main() -> int:
         *header(record),
         "",
         f"Export `{args.export}`: {meta['arch']}, {layers} blocks "
-        f"({meta.get('run_config', {}).get('losses', [])}); trained "
-        f"{meta.get('trained', {}).get('tokens', '?')} tokens. A linear probe per layer "
+        f"({meta.get('run_config', {}).get('losses', [])}); training: "
+        f"{meta.get('trained') or 'not recorded'}. A linear probe per layer "
         "(`nucleo finetune --mode probe --layer L --rc-conjoin`, seed 0): layer 0 is the "
         f"embedding, {layers} the final states. 95% intervals: normal approximation over the "
         "test windows.",
