@@ -52,7 +52,7 @@ def nucleo_numbers(export: Path, seqs: list[str], classifier: Path | None) -> di
     """Logits on the real positions, log-likelihoods, embeddings, class probabilities."""
     import torch
 
-    from nucleo.downstream.classifier import encode_all, load_classifier, predict_proba
+    from nucleo.downstream.classifier import classify, load_classifier
     from nucleo.downstream.inference import embed_sequence, log_likelihood
     from nucleo.train.export import load_exported
 
@@ -70,9 +70,8 @@ def nucleo_numbers(export: Path, seqs: list[str], classifier: Path | None) -> di
         [embed_sequence(model, tokenizer, s.encode(), 4096, 1, cpu) for s in seqs]
     )
     if classifier is not None:
-        clf, tok, info = load_classifier(classifier, "cpu")
-        cids = encode_all(tok, [s.encode() for s in seqs], info["max_tokens"])
-        out["probs"] = predict_proba(clf, cids, 1, tok.pad_id, cpu)
+        clf, tok, info = load_classifier(classifier, "cpu")  # as nucleo predict: both strands
+        out["probs"] = classify(clf, tok, info, [s.encode() for s in seqs], 1, cpu)
         out["classes"] = info["classes"]
     return out
 
@@ -230,7 +229,7 @@ def main() -> int:
                 "seconds": got["seconds"],
             }
         example, answers = serve_check(args.export, seqs, ref["causal"])
-        embed = np.array([r["embedding"] for r in answers["embed"]["results"]])
+        embed = np.array(answers["embed"]["embeddings"])
         serve = {"README curl answered": bool(example.get("results"))}
         serve["max |embedding diff|"] = float(np.abs(embed - ref["embedding"]).max())
         ok = serve["README curl answered"] and serve["max |embedding diff|"] <= 1e-5
