@@ -49,6 +49,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test: tiny models decoding a token at a time only wait on a
+    second OpenMP thread (milliseconds per matrix product on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def loaded_or_fail(kernel: Kernel):
     """The kernel's function on this GPU. Skips when its package is not installed; *fails*
     when it is installed but does not load or run (a broken install must not look skipped)."""

@@ -11,15 +11,7 @@ from architectures.incremental import History, KVCache
 from nucleo.studies.precision import TINY
 from tests.architectures.test_architectures import CAUSAL, _model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models, one token at a time: a second OpenMP thread only adds waiting (on a busy
-    machine, milliseconds per matrix product)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # every causal family, and mamba's PyTorch path (the CUDA kernels' layout) beside its compiled one

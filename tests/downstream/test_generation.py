@@ -21,15 +21,7 @@ from nucleo.train.config import load_config
 from nucleo.train.export import export_model, load_exported
 from tests.architectures.test_architectures import CAUSAL, _model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models, one token at a time: a second OpenMP thread only adds waiting (on a busy
-    machine, milliseconds per matrix product)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PROMPTS = [b"ACG", b"ACGTTGCAAC", b""]  # three lengths, one empty (a uniform first base)
