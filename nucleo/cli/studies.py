@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,38 @@ def cmd_scaling_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scaling_plan(args: argparse.Namespace) -> int:
+    import yaml
+
+    from nucleo.core.machine import summary as machine
+    from nucleo.studies import isoflop
+
+    spec = isoflop.load_study(args.study)
+    print(f"measuring {sum(len(v) for v in spec.families.values())} shapes ...", flush=True)
+    rungs = isoflop.measure_rungs(spec, args.time_steps)
+    runs = isoflop.plan(spec, rungs, isoflop.tokens_per_step(spec))
+    out = Path(args.out)
+    command = f"nucleo scaling plan {args.study} --out {args.out}"
+    if args.time_steps:
+        command += f" --time-steps {args.time_steps} --overhead {args.overhead:g}"
+    header = (
+        f"# Planned by: {command}\n# {time.strftime('%Y-%m-%d %H:%M %Z')} on {machine()}\n"
+        f"# {len(runs)} runs x {len(spec.seeds)} seed(s); run with: nucleo sweep run {out}\n"
+    )
+    text = yaml.safe_dump(isoflop.sweep_spec(spec, runs), sort_keys=False, width=100)
+    out.write_text(header + text)
+    table = isoflop.plan_table(runs, args.overhead)
+    print(table)
+    hours = isoflop.estimated_hours(runs, len(spec.seeds), args.overhead)
+    if hours is not None:
+        print(f"estimated wall clock here: {hours:.1f} h ({args.overhead:g} s a run for start-up "
+              "and validation)")  # fmt: skip
+    if args.table:
+        Path(args.table).write_text(table)
+    print(f"wrote {out} ({len(runs)} points)")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from nucleo.studies.compare import collect, parse_tags, table
     from nucleo.train.store import resolve_uri
@@ -140,6 +173,20 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--no-log", action="store_true", help="do not log the fit to MLflow")
     add_store(p)
     p.set_defaults(func=cmd_scaling_fit)
+    p = scaling_sub.add_parser(
+        "plan", help="lay out an isoFLOP study (sizes x token counts per budget) as a sweep"
+    )
+    p.add_argument("study", help="isoFLOP study spec (YAML; see experiments/sweeps/isoflop.yaml)")
+    add_out(p, "the sweep spec to write (YAML)", default="isoflop_plan.yaml")
+    p.add_argument(
+        "--time-steps", type=at_least(0), default=0,
+        help="time this many training steps of each shape here to estimate the wall clock",
+    )  # fmt: skip
+    p.add_argument(
+        "--overhead", type=float, default=30.0, help="seconds a run spends outside its steps"
+    )
+    p.add_argument("--table", help="also write the plan's markdown table here")
+    p.set_defaults(func=cmd_scaling_plan)
     p = sub.add_parser("compare", help="a table of tracked runs (markdown or CSV)")
     p.add_argument("--experiment", action="append", help="MLflow experiment (repeatable; all)")
     p.add_argument("--filter", help='an MLflow filter, e.g. "metrics.`val/bits_per_base` < 1.9"')

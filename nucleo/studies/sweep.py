@@ -100,8 +100,12 @@ def _mapping(value: Any, path: Path, key: str) -> dict[str, Any]:
 
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and check a sweep spec; errors name the spec file and the key."""
-    path = Path(path)
-    raw = read_yaml(path)
+    return load_spec_from(read_yaml(path), Path(path))
+
+
+def load_spec_from(raw: dict[str, Any], path: Path) -> SweepSpec:
+    """Check a sweep spec given as data; ``path`` (where it was, or would be, read) names it
+    in errors and anchors a relative ``base``."""
     for key in raw:
         if key not in SPEC_KEYS:
             raise _error(path, str(key), f"unknown key; valid: {', '.join(SPEC_KEYS)}")

@@ -122,7 +122,9 @@ def test_registry_suggests_and_refuses_duplicates():
 
 def test_every_shipped_config_and_sweep_spec_resolves():
     """The YAML files under experiments/ stay valid as the configs evolve."""
+    from nucleo.studies.isoflop import load_study
     from nucleo.studies.sweep import expand, load_spec
+    from nucleo.train.config import read_yaml
 
     configs = sorted((ROOT / "experiments" / "configs").glob("*.yaml"))
     assert len(configs) >= 3
@@ -130,5 +132,9 @@ def test_every_shipped_config_and_sweep_spec_resolves():
         load_config(path)
     specs = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
     assert specs
-    for path in specs:
+    studies = [p for p in specs if "families" in read_yaml(p)]  # isoFLOP study specs
+    assert studies
+    for path in studies:
+        assert load_study(path).budgets
+    for path in sorted(set(specs) - set(studies)):
         assert expand(load_spec(path))
