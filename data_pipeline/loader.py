@@ -39,6 +39,7 @@ from data_pipeline.shards import (
     sha256_file,
     shard_checksums,
     shard_paths,
+    soft_masked,
 )
 from nucleo.core.alphabet import reverse_complement_bytes
 from nucleo.core.schema import check
@@ -74,6 +75,9 @@ class DataConfig:
     shuffle_buffer: windows held by each worker's shuffle buffer.
     num_workers: DataLoader worker processes per rank (0 reads in the training process).
     open_shards: shards each worker reads at once, interleaved to mix kingdoms.
+    repeat_weight: weight of soft-masked (repeat) bases in the losses, in [0, 1] (Evo 2 and GPN
+        train with 0.1); each loss may set its own (``loss.<name>.repeat_weight``). Needs
+        shards that keep the mask (format 2, ``nucleo data build``); 1 weighs every base alike.
     """
 
     shards: str = "data/shards/sample"
@@ -92,12 +96,18 @@ class DataConfig:
     num_workers: int = 1
     open_shards: int = 32
     verify_shards: bool = True
+    repeat_weight: float = 1.0
 
     def __post_init__(self) -> None:
         check(self.seq_len >= 8, "seq_len", f"must be >= 8, got {self.seq_len}")
         check(0 <= self.max_n_fraction <= 1, "max_n_fraction", "must be in [0, 1]")
         check(0 <= self.rc_prob <= 1, "rc_prob", f"must be in [0, 1], got {self.rc_prob}")
         check(0 <= self.mixture_alpha <= 1, "mixture_alpha", "must be in [0, 1]")
+        check(
+            0 <= self.repeat_weight <= 1,
+            "repeat_weight",
+            f"must be in [0, 1] (1: repeats count like other bases), got {self.repeat_weight}",
+        )
         check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
         check(self.open_shards >= 1, "open_shards", "must be >= 1")
@@ -142,6 +152,25 @@ def _rng(*parts: Any) -> random.Random:
     return random.Random(":".join(str(p) for p in parts))
 
 
+def n_count(seq: bytes | bytearray) -> int:
+    """Unknown bases (``N``, or ``n`` in a soft-masked stretch) in ``seq``."""
+    return seq.count(b"N") + seq.count(b"n")
+
+
+def repeat_fractions(window: bytes, ids: np.ndarray, bases_per_token: np.ndarray) -> np.ndarray:
+    """[len(ids)] float32: the fraction of each token's bases that are soft-masked (lower case
+    in ``window``), for the ids the tokenizer made of ``window.upper()``; tokens of no bases
+    (specials, padding) get 0."""
+    lower = np.frombuffer(window, dtype=np.uint8) >= ord("a")
+    if not lower.any():
+        return np.zeros(len(ids), dtype=np.float32)
+    widths = bases_per_token[ids].astype(np.int64)
+    ends = np.minimum(np.cumsum(widths), len(window))
+    starts = ends - widths
+    masked = np.concatenate([[0], np.cumsum(lower)])
+    return ((masked[ends] - masked[starts]) / np.maximum(widths, 1)).astype(np.float32)
+
+
 def crop_windows(
     seq: bytes, seq_len: int, max_n_fraction: float, rng: random.Random
 ) -> Iterator[bytes]:
@@ -155,7 +184,7 @@ def crop_windows(
         for _attempt in range(4):
             start = rng.randrange(0, length - seq_len + 1) if length > seq_len else 0
             window = seq[start : start + seq_len]
-            if window.count(b"N") <= max_n_fraction * len(window):
+            if n_count(window) <= max_n_fraction * len(window):
                 yield window
                 break
 
@@ -217,17 +246,23 @@ def _samples(path: str, on_bad: str) -> Iterator[dict[str, Any]]:
 
 
 def split_chunks(
-    shard_dir: str | Path, kingdom: str, split: str, manifest: dict[str, Any]
+    shard_dir: str | Path,
+    kingdom: str,
+    split: str,
+    manifest: dict[str, Any],
+    soft_mask: bool = False,
 ) -> list[tuple[str, int, bytes]]:
     """(record id, offset, bases) of every chunk of one kingdom's split, in shard order and, in
     a shard, by sample key: the whole split in memory (for building tasks and evaluation
-    sets from held-out data, not for training)."""
+    sets from held-out data, not for training). Bases are upper case unless ``soft_mask``
+    (then repeats stay lower case, where the shards keep them)."""
     chunks = []
     for shard in manifest["kingdoms"][kingdom].get(split, {}).get("shards", []):
         samples = tar_samples(str(Path(shard_dir) / shard["path"]), on_bad="strict")
         for sample in sorted(samples, key=lambda s: s["__key__"]):
             meta = json.loads(sample["json"])
-            chunks.append((meta["record"], int(meta["offset"]), sample["seq"]))
+            bases = sample["seq"] if soft_mask else sample["seq"].upper()
+            chunks.append((meta["record"], int(meta["offset"]), bases))
     return chunks
 
 
@@ -311,6 +346,8 @@ class WindowStream(IterableDataset):
 
     shards: (path, chunks) of the training split, sorted. kingdoms: names indexed by
     ``Batch.kingdom``. skip_batches: micro-batches this rank already consumed (resume).
+    masked: the shards keep soft-masked repeats lower case (format 2): batches carry
+    ``Batch.repeat``.
     """
 
     def __init__(
@@ -328,7 +365,9 @@ class WindowStream(IterableDataset):
         kingdom_chunks: dict[str, int] | None = None,
         grad_accum: int = 1,
         checksums: dict[str, str] | None = None,
+        masked: bool = False,
     ) -> None:
+        self.masked = masked
         self.grad_accum = grad_accum
         self.shards = shards
         self.shard_kingdom = shard_kingdom or {}
@@ -461,19 +500,25 @@ class WindowStream(IterableDataset):
             next(stream)
         pad = self.tokenizer.pad_id
         encode = getattr(self.tokenizer, "encode_compact", self.tokenizer.encode)
+        widths = np.asarray(self.tokenizer.bases_per_token)
         index = done * workers + role  # this rank's micro-batch index of the next batch
         while True:
             seq_len = self.cfg.seq_len_at(index // self.grad_accum)  # warm-up: a prefix
             index += workers
             tokens = np.full((self.batch_size, seq_len), pad, dtype=np.int64)
             kingdom = np.zeros(self.batch_size, dtype=np.int64)
+            repeat = np.zeros((self.batch_size, seq_len), dtype=np.float32) if self.masked else None
             for row in range(self.batch_size):
                 window, kingdom[row] = next(stream)
                 if seq_len < self.cfg.seq_len:  # encode about the bases the prefix needs
                     window = window[: window_bases(self.cfg, self.tokenizer, seq_len)]
-                ids = encode(window)[:seq_len]
+                ids = encode(window.upper())[:seq_len]
                 tokens[row, : len(ids)] = ids  # widens compact (uint8) ids
+                if repeat is not None:
+                    repeat[row, : len(ids)] = repeat_fractions(window, ids, widths)
             batch = Batch(torch.from_numpy(tokens), torch.from_numpy(kingdom), self.kingdoms, pad)
+            if repeat is not None:
+                batch.repeat = torch.from_numpy(repeat)
             if self.cfg.on_bad_shard == "skip":  # (reader, shards it skipped so far)
                 batch.aux[SKIPPED_KEY] = torch.tensor([consumer, len(SKIPPED_SHARDS)])
             yield batch
@@ -601,6 +646,7 @@ class TrainLoader:
             checksums=shard_checksums(self.cfg.shards, self.manifest)
             if self.cfg.verify_shards
             else None,
+            masked=soft_masked(self.manifest),
         )
         loader = DataLoader(
             stream,
@@ -652,19 +698,34 @@ def die_with_parent(worker_id: int = 0, parent: int | None = None) -> None:
         os._exit(1)
 
 
-def validation_windows(
-    cfg: DataConfig, tokenizer: Any, per_kingdom: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+@dataclass
+class ValidationSet:
+    """The fixed validation windows (see ``validation_set``).
+
+    tokens: [N, seq_len] int64; kingdom: [N] int64 index into ``kingdoms``; repeat: [N, seq_len]
+    float32 soft-masked fraction of each token's bases, or None when the shards keep no mask.
+    """
+
+    tokens: torch.Tensor
+    kingdom: torch.Tensor
+    kingdoms: tuple[str, ...]
+    repeat: torch.Tensor | None = None
+
+
+def validation_set(cfg: DataConfig, tokenizer: Any, per_kingdom: int, seed: int) -> ValidationSet:
     """A fixed set of validation windows: up to ``per_kingdom`` from each kingdom's val shards.
 
-    Returns tokens [N, seq_len] int64, kingdom [N] int64 and the kingdom names. Only as many
-    chunks as needed are read (one window per chunk, cycling when there are fewer chunks),
-    so the cost is bounded whatever the size of the validation split. Deterministic in seed.
+    Only as many chunks as needed are read (one window per chunk, cycling when there are fewer
+    chunks), so the cost is bounded whatever the size of the validation split. Deterministic
+    in seed (and the same windows whether or not the shards keep the soft mask).
     """
     manifest = load_manifest(cfg.shards)
     checksums = shard_checksums(cfg.shards, manifest) if cfg.verify_shards else None
     kingdoms = tuple(sorted(cfg.kingdoms or manifest["kingdoms"]))
+    masked = soft_masked(manifest)
+    widths = np.asarray(tokenizer.bases_per_token)
     rows: list[np.ndarray] = []
+    repeats: list[np.ndarray] = []
     labels: list[int] = []
     for index, kingdom in enumerate(kingdoms):
         chunks: list[bytes] = []
@@ -683,18 +744,34 @@ def validation_windows(
             rng = _rng(seed, "val", kingdom, i)
             bases = window_bases(cfg, tokenizer)
             window = next(crop_windows(chunks[i % len(chunks)], bases, 1.0, rng))
-            if window.count(b"N") > cfg.max_n_fraction * len(window):
+            if n_count(window) > cfg.max_n_fraction * len(window):
                 continue
             ids = np.full(cfg.seq_len, tokenizer.pad_id, dtype=np.int64)
-            encoded = tokenizer.encode(window)[: cfg.seq_len]
+            encoded = tokenizer.encode(window.upper())[: cfg.seq_len]
             ids[: len(encoded)] = encoded
             rows.append(ids)
+            if masked:
+                fractions = np.zeros(cfg.seq_len, dtype=np.float32)
+                fractions[: len(encoded)] = repeat_fractions(window, encoded, widths)
+                repeats.append(fractions)
             labels.append(index)
             picked += 1
     if not rows:
-        return (
-            torch.zeros(0, cfg.seq_len, dtype=torch.long),
-            torch.zeros(0, dtype=torch.long),
-            kingdoms,
+        empty = torch.zeros(0, cfg.seq_len)
+        return ValidationSet(
+            empty.long(), torch.zeros(0, dtype=torch.long), kingdoms, empty if masked else None
         )
-    return torch.from_numpy(np.stack(rows)), torch.tensor(labels), kingdoms
+    return ValidationSet(
+        torch.from_numpy(np.stack(rows)),
+        torch.tensor(labels),
+        kingdoms,
+        torch.from_numpy(np.stack(repeats)) if masked else None,
+    )
+
+
+def validation_windows(
+    cfg: DataConfig, tokenizer: Any, per_kingdom: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """``validation_set``'s tokens [N, seq_len] int64, kingdom [N] int64 and kingdom names."""
+    found = validation_set(cfg, tokenizer, per_kingdom, seed)
+    return found.tokens, found.kingdom, found.kingdoms

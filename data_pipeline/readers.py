@@ -3,7 +3,9 @@
 Records are read one at a time; a record's sequence is built in one ``bytearray`` (each line is
 normalised as it is appended), so a 100 MB chromosome is held once, never as Python ``str``.
 Normalisation upper-cases soft-masked bases, maps IUPAC ambiguity codes to ``N`` and ``U`` to
-``T``; anything else is an error naming the file, the line and the character.
+``T``; anything else is an error naming the file, the line and the character. With
+``soft_mask=True`` the case is kept instead (``acgtn``: bases a repeat masker marked, as RefSeq's
+eukaryotic genomes mark WindowMasker's repeats; ambiguity codes become ``N`` or ``n``).
 Compression is recognised by its magic bytes, not the file name.
 """
 
@@ -41,6 +43,18 @@ def _normalising_table() -> bytes:
 NORMALISE = _normalising_table()
 
 
+def _case_keeping_table() -> bytes:
+    table = bytearray(NORMALISE)
+    for base in range(ord("a"), ord("z") + 1):
+        if table[base] != _INVALID:
+            table[base] += 32  # lower case stays lower case
+    return bytes(table)
+
+
+#: NORMALISE that keeps soft-masked (lower-case) bases lower case
+NORMALISE_SOFT = _case_keeping_table()
+
+
 def normalise_bases(text: str) -> tuple[bytes, int]:
     """(upper-case ACGTN bytes of ``text`` as the readers read it, position of its first
     character that is not a base or -1). One byte per character, so positions match."""
@@ -69,7 +83,8 @@ class SequenceRecord:
 
     id: the first word of the FASTA header, or GenBank's VERSION (else ACCESSION, else LOCUS).
     accession: the database accession (``NC_001416.1``), parsed out of NCBI ``gi|..|ref|X|`` ids.
-    seq: upper-case ``ACGTN`` bytes, one per base.
+    seq: ``ACGTN`` bytes, one per base; read with ``soft_mask=True``, soft-masked (repeat)
+        bases are lower case ``acgtn``.
     line: the line of the file where the record starts (1-based).
     """
 
@@ -155,8 +170,10 @@ def _bad_character(
     )
 
 
-def read_fasta(path: str | Path) -> Iterator[SequenceRecord]:
-    """Stream the records of a FASTA file (``>header`` lines, then sequence lines)."""
+def read_fasta(path: str | Path, soft_mask: bool = False) -> Iterator[SequenceRecord]:
+    """Stream the records of a FASTA file (``>header`` lines, then sequence lines);
+    ``soft_mask``: keep lower-case (repeat-masked) bases lower case."""
+    table = NORMALISE_SOFT if soft_mask else NORMALISE
     record: SequenceRecord | None = None
     invalid = bytes([_INVALID])
     for number, line in _lines(path):
@@ -183,7 +200,7 @@ def read_fasta(path: str | Path) -> Iterator[SequenceRecord]:
             raise SequenceFormatError(
                 path, number, f"expected a '>' header line, found {snippet!r}: not a FASTA file?"
             )
-        piece = line.translate(NORMALISE, _WHITESPACE)
+        piece = line.translate(table, _WHITESPACE)
         if invalid in piece:
             raise _bad_character(path, number, line, record.id)
         record.seq += piece
@@ -198,7 +215,8 @@ def _finish(record: SequenceRecord, path: str | Path) -> SequenceRecord:
 
 
 def read_genbank(path: str | Path) -> Iterator[SequenceRecord]:
-    """Stream the records of a GenBank flat file (LOCUS ... ORIGIN ... //)."""
+    """Stream the records of a GenBank flat file (LOCUS ... ORIGIN ... //), upper case (GenBank
+    prints every base in lower case, which marks no repeat)."""
     invalid = bytes([_INVALID])
     fields: dict[str, str] = {}
     seq = bytearray()
@@ -305,13 +323,19 @@ def detect_format(path: str | Path) -> Format:
     raise SequenceFormatError(path, None, "file is empty")
 
 
-def read_sequences(path: str | Path, fmt: Format | None = None) -> Iterator[SequenceRecord]:
-    """Stream the records of a FASTA or GenBank file; the format is detected when not given."""
+def read_sequences(
+    path: str | Path, fmt: Format | None = None, soft_mask: bool = False
+) -> Iterator[SequenceRecord]:
+    """Stream the records of a FASTA or GenBank file; the format is detected when not given.
+
+    soft_mask: keep soft-masked bases lower case (FASTA). GenBank flat files print every base
+    in lower case, which marks nothing, so their records always come upper case.
+    """
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such genome file")
     fmt = fmt or detect_format(path)
     if fmt == "fasta":
-        return read_fasta(path)
+        return read_fasta(path, soft_mask)
     if fmt == "genbank":
         return read_genbank(path)
     raise ValueError(f"{path}: unknown format {fmt!r}; valid: fasta, genbank")

@@ -4,6 +4,11 @@ Shards hold *chunks* of normalised bases (``<key>.seq``, ASCII ACGTN, at most ``
 bytes) with their provenance (``<key>.json``), not fixed windows, so the loader can crop windows
 of any length up to ``chunk_len`` without re-sharding, and any tokenizer can read them.
 
+Format 2 (``nucleo-shards/2``, the default) keeps the inputs' soft mask: bases that a repeat
+masker wrote in lower case (RefSeq's eukaryotic FASTA, WindowMasker) stay lower case ``acgtn``
+in the chunks, so the loader can down-weight repeats (``data.repeat_weight``). Format 1 shards
+(all upper case, no mask) still read; ``ShardOptions.soft_mask=False`` writes upper case only.
+
 Two passes over the inputs, each streaming one record at a time:
 
 1. read every record, drop exact duplicates (same bases on either strand, first one kept), and
@@ -44,7 +49,9 @@ from nucleo.core.alphabet import reverse_complement_bytes
 MANIFEST = "manifest.json"
 #: data.max_n_fraction's default: training windows with more N than this are skipped
 DEFAULT_MAX_N_FRACTION = 0.1
-FORMAT = "nucleo-shards/1"
+FORMAT = "nucleo-shards/2"
+#: every format this version reads (1: no soft mask)
+FORMATS = ("nucleo-shards/1", FORMAT)
 SPLITS = ("train", "val")
 REFSEQ_KINGDOMS = (
     "archaea", "bacteria", "fungi", "invertebrate", "mammals", "mitochondrion", "plant",
@@ -74,12 +81,13 @@ class SourceFile:
     package: str = ""
     matched: bool = False
 
-    def records(self) -> Iterator[SequenceRecord]:
+    def records(self, soft_mask: bool = False) -> Iterator[SequenceRecord]:
         """The file's records whose header (id and description) matches ``include`` (a regex,
-        searched; empty: all) and not ``exclude`` (empty: none)."""
+        searched; empty: all) and not ``exclude`` (empty: none); ``soft_mask``: keep repeats
+        lower case."""
         include = re.compile(self.include) if self.include else None
         exclude = re.compile(self.exclude) if self.exclude else None
-        for rec in read_sequences(self.path, self.fmt):  # type: ignore[arg-type]
+        for rec in read_sequences(self.path, self.fmt, soft_mask):  # type: ignore[arg-type]
             header = f"{rec.id} {rec.description}"
             if include is not None and not include.search(header):
                 continue
@@ -102,6 +110,7 @@ class ShardOptions:
         (MinHash, ``data_pipeline.dedup``); 0 turns the clustering off.
     minhash_k, minhash_scale, minhash_perm: k-mer length, 1-in-scale k-mer subsampling and
         permutations of the sketches.
+    soft_mask: keep the inputs' lower-case (repeat-masked) bases lower case in the chunks.
     """
 
     chunk_len: int = 65536
@@ -113,6 +122,7 @@ class ShardOptions:
     minhash_k: int = 21
     minhash_scale: int = 100
     minhash_perm: int = 128
+    soft_mask: bool = True
 
     def __post_init__(self) -> None:
         if self.chunk_len < 64:
@@ -141,6 +151,7 @@ class RecordInfo:
     gc: float
     n_fraction: float
     digest: str
+    repeat_fraction: float = 0.0
     description: str = ""
     organism: str = ""
     split: str = ""
@@ -303,8 +314,10 @@ def _scan(
     digest_of_key: dict[str, str] = {}
     for index, src in enumerate(sources):
         count = 0
-        for rec in src.records():
+        for rec in src.records(options.soft_mask):
             count += 1
+            masked = rec.seq
+            rec.seq = rec.seq.upper()  # duplicates, sketches and counts ignore the mask
             digest = canonical_digest(rec.seq)
             key = rec.accession
             if key in digest_of_key and digest_of_key[key] != digest:
@@ -313,6 +326,7 @@ def _scan(
             length = len(rec.seq)
             n_count = rec.seq.count(b"N")
             gc = rec.seq.count(b"G") + rec.seq.count(b"C")
+            lower = length - sum(masked.count(b) for b in (b"A", b"C", b"G", b"T", b"N"))
             info = RecordInfo(
                 key=key,
                 id=rec.id,
@@ -323,6 +337,7 @@ def _scan(
                 gc=round(gc / max(1, length - n_count), 4),
                 n_fraction=round(n_count / length, 4),
                 digest=digest,
+                repeat_fraction=round(lower / length, 4),
                 description=rec.description[:200],
                 organism=rec.organism,
                 group=src.group,
@@ -337,7 +352,7 @@ def _scan(
                 if sketch_options.threshold > 0:
                     sketches[key] = sketch(rec.seq, sketch_options)
             infos.append(info)
-            del rec
+            del rec, masked
         if not count and (src.include or src.exclude):
             if not src.matched:
                 raise ValueError(_filtered_out(src))
@@ -491,7 +506,7 @@ def build_shards(
         try:
             for index, src in enumerate(sources):
                 keys_in_file = iter([i for i in infos if i.input == index])
-                for rec in src.records():
+                for rec in src.records(options.soft_mask):
                     info = next(keys_in_file)
                     if info.duplicate_of is not None:
                         continue
@@ -545,7 +560,7 @@ def warn_mostly_n(infos: list[RecordInfo], log: Callable[[str], None]) -> None:
 def is_shard_set(folder: Path) -> bool:
     """Whether ``folder`` holds a nucleo shard set (a manifest.json of this format)."""
     try:
-        return json.loads((folder / MANIFEST).read_text()).get("format") == FORMAT
+        return json.loads((folder / MANIFEST).read_text()).get("format") in FORMATS
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -658,6 +673,7 @@ def _manifest(
         kingdoms.setdefault(kingdom, {})[split] = {
             "records": len(members),
             "bases": sum(i.length for i in members),
+            "repeat_bases": round(sum(i.length * i.repeat_fraction for i in members)),
             "chunks": sum(s["chunks"] for s in shards),
             "shards": shards,
         }
@@ -690,12 +706,16 @@ def _manifest(
 
 def summary(manifest: dict[str, Any]) -> str:
     """A per-kingdom table of records, bases and shards."""
-    lines = [f"{'kingdom':<18}{'split':<7}{'records':>8}{'bases':>13}{'chunks':>8}{'shards':>8}"]
+    lines = [
+        f"{'kingdom':<18}{'split':<7}{'records':>8}{'bases':>13}{'repeats':>9}{'chunks':>8}"
+        f"{'shards':>8}"
+    ]
     for kingdom, splits in manifest["kingdoms"].items():
         for split, s in splits.items():
+            share = f"{s['repeat_bases'] / s['bases']:.1%}" if "repeat_bases" in s else "-"
             lines.append(
-                f"{kingdom:<18}{split:<7}{s['records']:>8}{s['bases']:>13,}{s['chunks']:>8}"
-                f"{len(s['shards']):>8}"
+                f"{kingdom:<18}{split:<7}{s['records']:>8}{s['bases']:>13,}{share:>9}"
+                f"{s['chunks']:>8}{len(s['shards']):>8}"
             )
     total = sum(s["bases"] for k in manifest["kingdoms"].values() for s in k.values())
     held = sum(k.get("val", {}).get("bases", 0) for k in manifest["kingdoms"].values())
@@ -703,6 +723,10 @@ def summary(manifest: dict[str, Any]) -> str:
         f"held out for validation: {held:,} of {total:,} bases ({100 * held / total:.0f}%)"
     )
     lines.append(f"exact duplicates dropped: {manifest['duplicates']}")
+    if soft_masked(manifest):
+        lines.append("repeats: soft-masked (lower-case) bases kept as a mask (format 2)")
+    else:
+        lines.append("repeats: no mask kept (all bases upper case)")
     if "near_duplicates" in manifest:
         lines.append(
             f"near-duplicates kept, clustered into one split: {manifest['near_duplicates']}"
@@ -721,9 +745,19 @@ def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format") not in FORMATS:
+        raise ValueError(
+            f"{path}: format {manifest.get('format')!r}, expected one of {', '.join(FORMATS)} "
+            "(rebuild it with `nucleo data build`)"
+        )
     return manifest
+
+
+def soft_masked(manifest: dict[str, Any]) -> bool:
+    """Whether a shard set keeps the soft mask (format 2 built with ``soft_mask``)."""
+    return manifest.get("format") != FORMATS[0] and bool(
+        manifest.get("options", {}).get("soft_mask", False)
+    )
 
 
 def shard_paths(

@@ -334,7 +334,7 @@ def _training_text(
         used[kingdom] = 0
         for path in shards:
             for sample in tar_samples(path):
-                seq = sample["seq"].decode("ascii")
+                seq = sample["seq"].upper().decode("ascii")
                 for start in range(0, len(seq), piece_len):
                     piece = seq[start : start + piece_len]
                     pieces.append(piece)

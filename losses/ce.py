@@ -1,4 +1,4 @@
-"""Next-token cross-entropy for causal models."""
+"""Next-token cross-entropy for causal models (targets weighted by ``Batch.weights``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from losses.common import LossConfig
+from losses.common import LossConfig, token_weights, weighted_mean
 from nucleo.core.registry import LOSSES
 from nucleo.core.schema import check
 from nucleo.core.types import Batch, LossOutput, ModelOutput
@@ -57,10 +57,22 @@ class CrossEntropy:
         self, batch: Batch, outputs: Mapping[str, ModelOutput], model: nn.Module
     ) -> LossOutput:
         logits = outputs["forward"].logits
-        loss = F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-            batch.tokens[:, 1:].reshape(-1),
-            ignore_index=batch.pad_id,
-            label_smoothing=self.cfg.label_smoothing,
-        )
+        weights = token_weights(batch, shift=1)
+        if weights is None:
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                batch.tokens[:, 1:].reshape(-1),
+                ignore_index=batch.pad_id,
+                label_smoothing=self.cfg.label_smoothing,
+            )
+        else:  # repeats down-weighted: a weighted mean over the targets
+            targets = batch.tokens[:, 1:]
+            nll = F.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2),
+                targets,
+                reduction="none",
+                ignore_index=batch.pad_id,
+                label_smoothing=self.cfg.label_smoothing,
+            )
+            loss = weighted_mean(nll, targets != batch.pad_id, weights)
         return LossOutput(loss=loss, metrics={"bits_per_token": loss.detach() / math.log(2)})

@@ -29,7 +29,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from losses.common import LossConfig, next_base_probs, require_per_base
+from losses.common import (
+    LossConfig,
+    next_base_probs,
+    require_per_base,
+    token_weights,
+    weighted_mean,
+    window_weights,
+)
 from nucleo.core.registry import LOSSES
 from nucleo.core.representations import corners, kmer_index
 from nucleo.core.schema import check
@@ -98,11 +105,9 @@ class ChaosGame:
         mu = probs @ corner  # [B, T, dim]
         true = corner[targets.clamp(0, 3)]
         sq = ((mu - true) ** 2).sum(-1) / 4  # ||x^_t - x_t||^2
-        weights = valid.float()
-        point = (sq * weights).sum() / weights.sum().clamp(min=1)
+        point = weighted_mean(sq, valid, token_weights(batch, shift=1))
         predicted, actual, count = fcgr_predicted(probs, targets, self.cfg.k)
-        has = (count > 0).float()
         per_window = ((predicted - actual) ** 2).sum(-1) * 4**self.cfg.k
-        fcgr = (per_window * has).sum() / has.sum().clamp(min=1)
+        fcgr = weighted_mean(per_window, count > 0, window_weights(batch))
         loss = self.cfg.point_weight * point + self.cfg.fcgr_weight * fcgr
         return LossOutput(loss=loss, metrics={"point": point.detach(), "fcgr": fcgr.detach()})

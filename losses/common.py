@@ -12,6 +12,7 @@ import torch
 
 from nucleo.core.representations import base_mask
 from nucleo.core.schema import ConfigError, check
+from nucleo.core.types import Batch
 
 
 @dataclass
@@ -24,6 +25,9 @@ class LossConfig:
         ``start``, full from it).
     every: compute the loss every this many steps (1: every step); expensive losses (``ph``)
         run less often. Between, it is neither computed nor logged.
+    repeat_weight: weight of soft-masked (repeat) bases in this loss, in [0, 1]; null takes
+        ``data.repeat_weight``. Per-position losses weight each position; whole-window terms
+        weight each window by its tokens' mean weight.
     """
 
     weight: float = 1.0
@@ -31,6 +35,7 @@ class LossConfig:
     start: int = 0
     ramp: int = 0
     every: int = 1
+    repeat_weight: float | None = None
 
     def __post_init__(self) -> None:
         check(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
@@ -42,6 +47,11 @@ class LossConfig:
             "must be > 0 with schedule: linear (steps from 0 to full weight)",
         )
         check(self.every >= 1, "every", f"must be >= 1, got {self.every}")
+        check(
+            self.repeat_weight is None or 0 <= self.repeat_weight <= 1,
+            "repeat_weight",
+            f"must be in [0, 1] (or null: data.repeat_weight), got {self.repeat_weight}",
+        )
 
     def weight_at(self, step: int | None) -> float:
         """The weight at optimizer step ``step`` (None: full strength, as in validation)."""
@@ -82,3 +92,27 @@ def require_per_base(loss: str, tokenizer: Any) -> None:
             "data.tokenizer",
             f"loss {loss!r} needs one token per base (char), not {tokenizer.name!r}",
         )
+
+
+def token_weights(batch: Batch, shift: int = 0) -> torch.Tensor | None:
+    """The batch's per-token loss weights from position ``shift`` on ([B, L - shift] float32;
+    shift 1: the weights of next-token targets), or None when every weight is 1."""
+    return None if batch.weights is None else batch.weights[:, shift:]
+
+
+def weighted_mean(values: torch.Tensor, keep: torch.Tensor, weights: torch.Tensor | None):
+    """Mean of ``values`` over the positions ``keep`` (same shape, bool or float), each counted
+    with its weight (None: 1). A batch whose kept weights sum to 0 gives 0."""
+    w = keep.to(values.dtype)
+    if weights is not None:
+        w = w * weights.to(values.dtype)
+    return (values * w).sum() / w.sum().clamp(min=1e-8)
+
+
+def window_weights(batch: Batch) -> torch.Tensor | None:
+    """[B] float32: each window's mean token weight over its non-padding tokens (the weight of
+    a whole-window term), or None when every weight is 1."""
+    if batch.weights is None:
+        return None
+    real = (batch.tokens != batch.pad_id).float()
+    return (batch.weights * real).sum(-1) / real.sum(-1).clamp(min=1)

@@ -94,8 +94,9 @@ class Headless:
         targets = batch.tokens.gather(1, targets_at)  # [B, m]
         nll = F.cross_entropy(picked.float().transpose(1, 2), targets, reduction="none")
         weights = ok[:, None].float().expand_as(nll)
-        count = weights.sum().clamp(min=1)
-        loss = (nll * weights).sum() / count
+        if batch.weights is not None:  # the weights of the predicted bases
+            weights = weights * batch.weights.gather(1, targets_at)
+        loss = (nll * weights).sum() / weights.sum().clamp(min=1e-8)
         per_offset = (nll * weights).sum(0) / weights.sum(0).clamp(min=1)
         return LossOutput(
             loss=loss,

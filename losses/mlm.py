@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from losses.common import LossConfig
+from losses.common import LossConfig, token_weights, weighted_mean
 from nucleo.core.registry import LOSSES
 from nucleo.core.schema import ConfigError, check
 from nucleo.core.types import Batch, LossOutput, ModelOutput
@@ -107,8 +107,7 @@ class MaskedLM:
         selected = batch.aux[SELECTED]
         nll = F.cross_entropy(logits.float().transpose(1, 2), batch.tokens, reduction="none")
         count = selected.sum()
-        weights = selected.float()
-        loss = (nll * weights).sum() / count.clamp(min=1)
+        loss = weighted_mean(nll, selected, token_weights(batch))
         with torch.no_grad():
             right = (logits.argmax(-1) == batch.tokens) & selected
             accuracy = right.sum() / count.clamp(min=1)

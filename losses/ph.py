@@ -8,7 +8,8 @@ detached copy of the distance matrix (``flag_persistence_generators``); births a
 gathered from the differentiable ``torch.cdist``, so the gradient reaches every predicted
 point that creates or kills a class (DESIGN.md's recipe). The loss is the Wasserstein
 distance (``order``; L-infinity ground metric) between the predicted and the true diagram,
-summed over dimensions and averaged over the first ``windows`` windows of the batch.
+summed over dimensions and averaged over the first ``windows`` windows of the batch (each
+window counted with its mean token weight when repeats are down-weighted).
 
 Expensive and CPU-bound (gudhi and the matching run on the CPU): it runs every ``every``
 steps (default 10) and logs its seconds per call (``ph/seconds``). Causal models only.
@@ -24,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from losses.common import LossConfig, next_base_probs, require_per_base
+from losses.common import LossConfig, next_base_probs, require_per_base, window_weights
 from nucleo.core.registry import LOSSES
 from nucleo.core.representations import cgr_points, corners, diagrams, onehot, wasserstein
 from nucleo.core.schema import check
@@ -86,6 +87,8 @@ class PersistentHomology:
         total = probs.sum() * 0.0  # keeps the graph when no window has points
         h0, h1 = torch.zeros(()), torch.zeros(())
         scored = 0
+        shares = window_weights(batch)
+        weight_sum = 0.0
         for w in range(len(probs)):
             keep = valid[w]
             if keep.sum() < 4:
@@ -98,15 +101,17 @@ class PersistentHomology:
                     diagrams(a, cfg.max_dimension), diagrams(b, cfg.max_dimension), strict=True
                 )
             ]
-            total = total + sum(distances).to(total.device, total.dtype)
+            share = 1.0 if shares is None else float(shares[w])
+            total = total + share * sum(distances).to(total.device, total.dtype)
             h0 = h0 + distances[0].detach()
             if cfg.max_dimension >= 1:
                 h1 = h1 + distances[1].detach()
             scored += 1
+            weight_sum += share
         n = max(scored, 1)
         metrics = {
             "h0": (h0 / n).float(),
             "h1": (h1 / n).float(),
             "seconds": torch.tensor(time.perf_counter() - started),
         }
-        return LossOutput(loss=total / n, metrics=metrics)
+        return LossOutput(loss=total / max(weight_sum, 1e-8), metrics=metrics)

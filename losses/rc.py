@@ -13,6 +13,8 @@ With c the complement permutation of the vocabulary and rc(x) = reverse(c(x)):
   states over the non-padding positions.
 
 ``auto`` picks ``distribution`` for bidirectional models and ``likelihood`` for causal ones.
+With repeat weights (``Batch.weights``), ``distribution`` weights positions and the two
+whole-window modes weight windows by their mean token weight.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses.ce import next_token_nll
-from losses.common import LossConfig
+from losses.common import LossConfig, token_weights, weighted_mean, window_weights
 from nucleo.core.registry import LOSSES
 from nucleo.core.schema import ConfigError
 from nucleo.core.types import Batch, LossOutput, ModelOutput
@@ -102,8 +104,7 @@ class ReverseComplement:
         comp = self.complement.to(tokens.device)
         log_q = mirror(log_q_rc, tokens, batch.pad_id)[..., comp]  # q_i(v) = q_{n-1-i}(c(v))
         kl = ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1)  # KL(p|q) + KL(q|p)
-        mask = (tokens != batch.pad_id).float()
-        return (kl * mask).sum() / mask.sum().clamp(min=1)
+        return weighted_mean(kl, tokens != batch.pad_id, token_weights(batch))
 
     def likelihood(self, batch: Batch, outputs: Mapping[str, ModelOutput]) -> torch.Tensor:
         """(log p(x) - log p(rc x))^2 / n, averaged over the windows."""
@@ -111,7 +112,7 @@ class ReverseComplement:
         nll_rc, _ = next_token_nll(outputs["rc"].logits, batch.views["rc"], batch.pad_id)
         count = mask.sum(-1).clamp(min=1)  # same count on both strands: padding is kept
         diff = ((nll_rc - nll_x) * mask).sum(-1)
-        return (diff**2 / count).mean()
+        return weighted_mean(diff**2 / count, torch.ones_like(count), window_weights(batch))
 
     def embedding(self, batch: Batch, outputs: Mapping[str, ModelOutput]) -> torch.Tensor:
         """1 - cosine similarity of the mean-pooled hidden states of the two strands."""
@@ -119,4 +120,5 @@ class ReverseComplement:
         count = mask.sum(1).clamp(min=1)
         a = (outputs["forward"].hidden.float() * mask).sum(1) / count
         b = (outputs["rc"].hidden.float() * mask).sum(1) / count
-        return (1 - F.cosine_similarity(a, b, dim=-1)).mean()
+        distance = 1 - F.cosine_similarity(a, b, dim=-1)
+        return weighted_mean(distance, torch.ones_like(distance), window_weights(batch))

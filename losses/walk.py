@@ -19,7 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from losses.common import LossConfig, next_base_probs, require_per_base
+from losses.common import (
+    LossConfig,
+    next_base_probs,
+    require_per_base,
+    token_weights,
+    weighted_mean,
+)
 from nucleo.core.registry import LOSSES
 from nucleo.core.representations import dna_walk, onehot
 from nucleo.core.types import Batch, LossOutput, ModelOutput
@@ -49,7 +55,6 @@ class Walk:
         true = dna_walk(onehot(targets, probs.dtype), valid)
         walked = torch.cumsum(valid.to(probs.dtype), dim=-1).clamp(min=1)
         per_step = ((predicted - true) ** 2).sum(-1) / walked
-        weights = valid.to(probs.dtype)
-        loss = (per_step * weights).sum() / weights.sum().clamp(min=1)
+        loss = weighted_mean(per_step, valid, token_weights(batch, shift=1))
         end = (predicted - true)[:, -1].norm(dim=-1).mean().detach()
         return LossOutput(loss=loss, metrics={"end_distance": end})

@@ -135,6 +135,24 @@ def four_kingdom_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+#: a real soft-masked record: 60 kb of D. melanogaster chr2R (dm3), repeats in lower case
+SOFT_MASKED = ROOT / "tests" / "fixtures" / "softmasked" / "dm3_chr2R_6.5M.fa.xz"
+
+
+@pytest.fixture(scope="session")
+def masked_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A format-2 shard set that keeps the soft mask: the dm3 chr2R segment (two 30 kb
+    records, ~38% repeats) and lambda, in 4 kb chunks, half the records held out."""
+    sources = [
+        SourceFile(SOFT_MASKED, "invertebrate"),
+        SourceFile(sample_file("viral/lambda.fasta.gz"), "viral"),
+    ]
+    out = tmp_path_factory.mktemp("shards") / "masked"
+    options = ShardOptions(chunk_len=4096, min_shards=2, val_fraction=0.5)
+    build_shards(sources, out, options, log=lambda _: None)
+    return out
+
+
 @pytest.fixture(scope="session")
 def sample_bpe(tmp_path_factory: pytest.TempPathFactory, sample_shards) -> Path:
     """A 256-token BPE learned on 1 Mb of the sample's training split (about a second)."""

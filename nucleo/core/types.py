@@ -51,6 +51,10 @@ class Batch:
         ``"rc"`` its reverse complement) and by losses that make their own (``"masked"``).
     aux: tensors a loss's ``prepare`` keeps for its own call (e.g. the MLM-selected positions),
         keyed ``"<loss>/<name>"``.
+    repeat: [B, L] float32, the fraction of each token's bases that the genome soft-masks as
+        repeats (lower case in the shards; 0 for padding); None when the shards carry no mask.
+    weights: [B, L] float32 per-token loss weights, or None (all 1): the objective sets them for
+        each loss from ``repeat`` and the loss's repeat weight (1 - (1 - w) x repeat).
     """
 
     tokens: torch.Tensor
@@ -59,8 +63,13 @@ class Batch:
     pad_id: int = PAD
     views: dict[str, torch.Tensor] = field(default_factory=dict)
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    repeat: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
         return Batch(
             tokens=self.tokens.to(device, non_blocking=True),
             kingdom=self.kingdom.to(device, non_blocking=True),
@@ -68,4 +77,6 @@ class Batch:
             pad_id=self.pad_id,
             views={k: v.to(device, non_blocking=True) for k, v in self.views.items()},
             aux={k: v.to(device, non_blocking=True) for k, v in self.aux.items()},
+            repeat=move(self.repeat),
+            weights=move(self.weights),
         )

@@ -3,8 +3,11 @@
 The same windows every time (drawn once from the validation shards, ``windows_per_kingdom``
 per kingdom), split across ranks, each rank running the same number of batches (ZeRO-3
 gathers parameters collectively). Reports every loss of the objective and, for causal
-models, next-token bits per base overall and per kingdom. Random views (MLM masks) are drawn
-from a generator seeded per batch, so every evaluation scores the same masked positions.
+models, next-token bits per base overall and per kingdom, and, when the shards keep the soft
+mask, on repeat and non-repeat bases apart (``val/repeat/bits_per_base``,
+``val/non_repeat/bits_per_base``; a token counts toward each by its share of masked bases).
+Random views (MLM masks) are drawn from a generator seeded per batch, so every evaluation
+scores the same masked positions.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 
 import torch
 
-from data_pipeline.loader import DataConfig, validation_windows
+from data_pipeline.loader import DataConfig, validation_set
 from losses.ce import next_token_nll
 from nucleo.core.protocols import Tokenizer
 from nucleo.core.schema import check
@@ -53,12 +56,12 @@ class Validator:
         dist: DistInfo,
         seed: int,
     ) -> None:
-        tokens, kingdom, self.kingdoms = validation_windows(
-            data, tokenizer, cfg.windows_per_kingdom, seed
-        )
+        found = validation_set(data, tokenizer, cfg.windows_per_kingdom, seed)
+        tokens, kingdom, self.kingdoms = found.tokens, found.kingdom, found.kingdoms
         self.total_windows = len(tokens)
         self.tokens = tokens[dist.rank :: dist.world_size]  # this rank's windows
         self.kingdom = kingdom[dist.rank :: dist.world_size]
+        self.repeat = None if found.repeat is None else found.repeat[dist.rank :: dist.world_size]
         self.stand_in = (tokens[:1], kingdom[:1])  # for forwards that are not counted
         # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively).
         most = math.ceil(self.total_windows / dist.world_size)
@@ -74,14 +77,17 @@ class Validator:
         """Batch ``index`` of this rank, and whether it holds real windows (else a stand-in)."""
         rows = slice(index * self.cfg.batch_size, (index + 1) * self.cfg.batch_size)
         tokens, kingdom = self.tokens[rows], self.kingdom[rows]
+        repeat = None if self.repeat is None else self.repeat[rows]
         real = len(tokens) > 0
         if not real:  # this rank ran out: a forward that is not counted
             tokens, kingdom = self.stand_in
+            repeat = None if repeat is None else torch.zeros(tokens.shape)
         batch = Batch(
             tokens=tokens.to(self.dist.device),
             kingdom=kingdom.to(self.dist.device),
             kingdoms=self.kingdoms,
             pad_id=self.tokenizer.pad_id,
+            repeat=None if repeat is None else repeat.to(self.dist.device),
         )
         return batch, real
 
@@ -95,6 +101,8 @@ class Validator:
         device = self.dist.device
         nll = torch.zeros(len(self.kingdoms), dtype=torch.float64, device=device)
         bases = torch.zeros(len(self.kingdoms), dtype=torch.float64, device=device)
+        # [repeat nats, repeat bases, other nats, other bases]
+        by_mask = torch.zeros(4, dtype=torch.float64, device=device)
         loss_sums: dict[str, torch.Tensor] = {}
         windows = torch.zeros((), dtype=torch.float64, device=device)
         bpt = self.bases_per_token.to(device)
@@ -121,11 +129,18 @@ class Validator:
                 per_base = bpt[batch.tokens[:, 1:]] * mask
                 nll.index_add_(0, batch.kingdom, (token_nll * mask).sum(1).double())
                 bases.index_add_(0, batch.kingdom, per_base.sum(1).double())
+                if batch.repeat is not None:
+                    share = batch.repeat[:, 1:].double()
+                    scored, counted = (token_nll * mask).double(), per_base.double()
+                    by_mask += torch.stack([
+                        (scored * share).sum(), (counted * share).sum(),
+                        (scored * (1 - share)).sum(), (counted * (1 - share)).sum(),
+                    ])  # fmt: skip
         engine.train()
         zero = torch.zeros_like(windows)
         packed = torch.stack([windows, *[loss_sums.get(k, zero) for k in keys]])
         if self.dist.world_size > 1:
-            for tensor in (nll, bases, packed):
+            for tensor in (nll, bases, packed, by_mask):
                 torch.distributed.all_reduce(tensor)
         metrics = {f"val/{k}": float(packed[i + 1] / packed[0]) for i, k in enumerate(keys)}
         if bases.sum() > 0:
@@ -133,5 +148,11 @@ class Validator:
             for i, name in enumerate(self.kingdoms):
                 if bases[i] > 0:
                     metrics[f"val/bits_per_base/{name}"] = float(nll[i] / bases[i] / math.log(2))
+        if self.repeat is not None:
+            for name, (n, b) in (("repeat", by_mask[:2]), ("non_repeat", by_mask[2:])):
+                if b > 0:
+                    metrics[f"val/{name}/bits_per_base"] = float(n / b / math.log(2))
+            if bases.sum() > 0:
+                metrics["val/repeat_fraction"] = float(by_mask[1] / bases.sum())
         metrics["val/seconds"] = time.perf_counter() - started
         return metrics

@@ -5,14 +5,16 @@ config error), runs the backbone once per view that the losses due at this step 
 (``forward``: the tokens, ``rc``: their reverse complement, or a view a loss makes in its
 ``prepare``, such as ``mlm``'s ``masked``), hands every loss the same outputs, and returns the
 weighted total with every component, its weight and its time as metrics. Each loss's weight
-follows its schedule and the loss runs at its cadence (``losses.common.LossConfig``).
+follows its schedule and the loss runs at its cadence (``losses.common.LossConfig``). When the
+batch carries a repeat mask, each loss sees per-token weights from its repeat weight (its own
+``repeat_weight``, else ``data.repeat_weight``): soft-masked bases count w, the others 1.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -29,11 +31,20 @@ VIEWS = ("forward", "rc")  # made by the objective; other views are made by a lo
 
 @dataclass
 class Term:
-    """One selected loss with its settings (weight, schedule, cadence: a LossConfig)."""
+    """One selected loss with its settings (weight, schedule, cadence: a LossConfig) and the
+    weight of repeat bases in it (``repeat_weight``: the loss's own, else the data's)."""
 
     name: str
     loss: Loss
     config: Any
+    repeat_weight: float = 1.0
+
+    def batch_for(self, batch: Batch) -> Batch:
+        """``batch`` with this term's per-token weights (a shallow copy; views are shared)."""
+        if batch.repeat is None or self.repeat_weight == 1.0:
+            return batch if batch.weights is None else replace(batch, weights=None)
+        weights = 1.0 - (1.0 - self.repeat_weight) * batch.repeat.float()
+        return replace(batch, weights=weights)
 
     def weight_at(self, step: int | None) -> float:
         return float(self.config.weight_at(step))
@@ -92,12 +103,20 @@ class Objective:
 
     @classmethod
     def build(
-        cls, names: list[str], configs: Mapping[str, Any], model: nn.Module, tokenizer: Tokenizer
+        cls,
+        names: list[str],
+        configs: Mapping[str, Any],
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        repeat_weight: float = 1.0,
     ) -> Objective:
-        terms = [
-            Term(name, LOSSES.build(name, configs[name], tokenizer=tokenizer), configs[name])
-            for name in names
-        ]
+        """repeat_weight: ``data.repeat_weight``, for losses that do not set their own."""
+        terms = []
+        for name in names:
+            own = getattr(configs[name], "repeat_weight", None)
+            loss = LOSSES.build(name, configs[name], tokenizer=tokenizer)
+            weight = repeat_weight if own is None else own
+            terms.append(Term(name, loss, configs[name], float(weight)))
         return cls(terms, model, getattr(tokenizer, "complement_ids", None))
 
     def due(self, step: int | None) -> list[Term]:
@@ -157,7 +176,7 @@ class Objective:
         metrics: dict[str, torch.Tensor] = {}
         for term in self.due(step):
             started = time.perf_counter()
-            out = term.loss(batch, outputs, model)
+            out = term.loss(term.batch_for(batch), outputs, model)
             seconds = time.perf_counter() - started
             weight = term.weight_at(step)
             weighted = weight * out.loss

@@ -26,9 +26,10 @@ import torch
 
 from architectures.kernels import check_kernels
 from data_pipeline.loader import SKIPPED_KEY, TrainLoader
+from data_pipeline.shards import soft_masked
 from data_pipeline.tokenizers import build_tokenizer
 from nucleo.core.progress import Progress, duration
-from nucleo.core.schema import flatten
+from nucleo.core.schema import ConfigError, flatten
 from nucleo.core.types import Batch
 from nucleo.train.checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint
 from nucleo.train.components import build_model
@@ -49,6 +50,22 @@ from nucleo.train.export import export_model, full_state_dict
 from nucleo.train.objective import Objective
 from nucleo.train.steps import Accumulated, optimizer_step
 from nucleo.train.tracking import ModelWriter, Tracker, run_tags
+
+
+def check_repeat_mask(objective: Objective, manifest: dict[str, Any], shards: str) -> None:
+    """Refuse a repeat weight other than 1 on shards that keep no soft mask (it would
+    silently weigh every base alike)."""
+    weighted = [t for t in objective.terms if t.repeat_weight != 1.0]
+    if weighted and not soft_masked(manifest):
+        term = weighted[0]
+        own = getattr(term.config, "repeat_weight", None) is not None
+        key = f"loss.{term.name}.repeat_weight" if own else "data.repeat_weight"
+        raise ConfigError(
+            key,
+            f"{term.repeat_weight} needs shards that keep the soft mask, but {shards} has none "
+            f"(format {manifest.get('format')!r}, or built without it): rebuild them with "
+            "`nucleo data build` (format 2 keeps lower-case repeats), or set it to 1",
+        )
 
 
 @dataclass
@@ -118,7 +135,10 @@ class Trainer:
         self.kernels = check_kernels(self.model, dist.device, cfg.model.kernels, bf16)
         self.params = count_parameters(self.model)
         self.compute = ComputeCounter(self.model, cfg.train.micro_batch_size)
-        self.objective = Objective.build(cfg.losses, cfg.loss, self.model, self.tokenizer)
+        self.objective = Objective.build(
+            cfg.losses, cfg.loss, self.model, self.tokenizer, cfg.data.repeat_weight
+        )
+        check_repeat_mask(self.objective, self.loader.manifest, cfg.data.shards)
         self.run_dir, resume_tag = prepare_run_dir(cfg, dist, resume, self.say)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.config_yaml = self.run_dir / "config.yaml"

@@ -37,7 +37,7 @@ def _chunks(shard_dir: Path, kingdom: str, split: str) -> list[dict]:
 
 def test_manifest_counts_records_bases_and_shards(sample_shards):
     manifest = load_manifest(sample_shards)
-    assert manifest["format"] == "nucleo-shards/1"
+    assert manifest["format"] == "nucleo-shards/2"
     kept = [r for r in manifest["records"] if r["duplicate_of"] is None]
     assert len(manifest["records"]) == 44 and len(kept) == 43
     assert len(manifest["kingdoms"]) == 10
