@@ -7,6 +7,7 @@
     nucleo predict | score | embed                nucleo.cli.inference
     nucleo score-variants                         nucleo.cli.variants
     nucleo serve                                  nucleo.cli.serve
+    nucleo baseline markov | score                nucleo.cli.baseline
 
 Multi-process training goes through DeepSpeed's launcher: ``deepspeed launch/pretrain.py``.
 """
@@ -17,7 +18,7 @@ import argparse
 from collections.abc import Sequence
 
 from nucleo import __version__
-from nucleo.cli import data, downstream, inference, serve, studies, train, variants
+from nucleo.cli import baseline, data, downstream, inference, serve, studies, train, variants
 from nucleo.cli.common import Parser, run
 from nucleo.core.runtime import configure_threads
 from nucleo.train.arguments import add_run_arguments
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="nucleo", description="Pretrain DNA language models.")
     parser.add_argument("--version", action="version", version=f"nucleo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (train, data, studies, downstream, inference, variants, serve):
+    for group in (train, data, studies, downstream, inference, variants, serve, baseline):
         group.add_commands(sub)
     return parser
 
