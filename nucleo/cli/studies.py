@@ -123,6 +123,49 @@ def cmd_scaling_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scaling_isoflop(args: argparse.Namespace) -> int:
+    import json
+
+    from nucleo.core.machine import summary as machine
+    from nucleo.studies import isoflop_fit
+    from nucleo.studies.compare import collect
+    from nucleo.train.store import resolve_uri
+
+    uri = resolve_uri(args.tracking_uri, args.runs_root)
+    tags = {"nucleo.sweep": args.sweep} if args.sweep else {}
+    rows = collect(uri, [args.experiment], tags)
+    fits = isoflop_fit.fit_all(rows, args.bootstrap, args.seed)
+    if not fits:
+        raise ValueError(
+            f"no finished run with a {isoflop_fit.BUDGET_TAG!r} tag in experiment "
+            f"{args.experiment!r} of {uri}: run the plan first (nucleo sweep run PLAN.yaml)"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure = isoflop_fit.plot(fits, out.with_suffix(".png"))
+    command = f"nucleo scaling isoflop --experiment {args.experiment} --out {args.out}"
+    command += f" --sweep {args.sweep}" if args.sweep else ""
+    command += f" --bootstrap {args.bootstrap} --seed {args.seed}"
+    runs = sum(len(c.runs) for f in fits for c in f.curves)
+    text = (
+        f"# IsoFLOP fits\n\n- command: `{command}`\n- date: {time.strftime('%Y-%m-%d %H:%M %Z')}\n"
+        f"- machine: {machine()}\n- MLflow: experiment `{args.experiment}` in `{uri}`"
+        f"{f', tags {tags}' if tags else ''}\n- runs: {runs} finished runs with a budget tag\n"
+        f"- fit: a parabola in log10 N per budget; {args.bootstrap} residual-bootstrap "
+        f"resamples (seed {args.seed}); see nucleo/studies/isoflop_fit.py\n\n"
+        "## Loss-optimal size per budget\n\n" + isoflop_fit.curve_table(fits)
+        + "\n## Compute-optimal exponents\n\n" + isoflop_fit.exponent_table(fits)
+        + f"\n![isoFLOP curves]({figure.name})\n"
+    )  # fmt: skip
+    if args.notes:
+        text += "\n" + Path(args.notes).read_text()
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(isoflop_fit.to_json(fits), indent=1) + "\n")
+    print(isoflop_fit.exponent_table(fits))
+    print(f"wrote {out}, {out.with_suffix('.json')} and {figure}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from nucleo.studies.compare import collect, parse_tags, table
     from nucleo.train.store import resolve_uri
@@ -187,6 +230,17 @@ def add_commands(sub: Any) -> None:
     )
     p.add_argument("--table", help="also write the plan's markdown table here")
     p.set_defaults(func=cmd_scaling_plan)
+    p = scaling_sub.add_parser(
+        "isoflop", help="fit an isoFLOP sweep: N_opt per budget, N_opt ~ C^a, D_opt ~ C^b"
+    )
+    p.add_argument("--experiment", required=True, help="MLflow experiment of the runs")
+    p.add_argument("--sweep", help="only the runs of this sweep (tag nucleo.sweep)")
+    add_out(p, "report file (markdown); .json and .png beside it", default="isoflop.md")
+    p.add_argument("--bootstrap", type=at_least(0), default=1000, help="resamples")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--notes", help="markdown file appended to the report (the discussion)")
+    add_store(p)
+    p.set_defaults(func=cmd_scaling_isoflop)
     p = sub.add_parser("compare", help="a table of tracked runs (markdown or CSV)")
     p.add_argument("--experiment", action="append", help="MLflow experiment (repeatable; all)")
     p.add_argument("--filter", help='an MLflow filter, e.g. "metrics.`val/bits_per_base` < 1.9"')

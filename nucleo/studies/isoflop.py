@@ -245,9 +245,9 @@ def tokens_per_step(spec: StudySpec) -> int:
 def plan(spec: StudySpec, rungs: list[Rung], step_tokens: int) -> list[PlannedRun]:
     """Every (budget, rung) of the study; see the module docstring for the choice of rungs."""
     runs = []
-    for family in spec.families:
-        ladder = [r for r in rungs if r.family == family]
-        for budget in spec.budgets:
+    for budget in spec.budgets:  # the cheapest budget of every family first
+        for family in spec.families:
+            ladder = [r for r in rungs if r.family == family]
             feasible = [
                 r for r in ladder if budget / (r.flops_per_token * step_tokens) >= spec.min_steps
             ]
