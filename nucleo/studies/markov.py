@@ -355,35 +355,47 @@ def validation_bits(
     kingdoms: list[str] | None = None,
 ) -> dict[str, Any]:
     """Bits per base of every order on exactly the validation windows training draws
-    (``validation_windows`` with the char tokenizer, ``eval.windows_per_kingdom`` and
+    (``validation_set`` with the char tokenizer, ``eval.windows_per_kingdom`` and
     ``train.seed``), scored like the network's next-token bits: positions 1..L-1 of each
-    window, pads excluded, pooled over windows (overall and per kingdom). An N target has no
-    Markov probability: it is left out and counted (``n_targets``; the network scores it).
+    window, pads excluded, pooled over windows (``all``, and per kingdom; ``repeat`` and
+    ``non_repeat`` too when the shards keep the soft mask, a base counting by its mask as in
+    ``Validator``). An N target has no Markov probability: it is left out and counted
+    (``n_targets``; the network scores it).
     """
-    from data_pipeline.loader import DataConfig, validation_windows
+    from data_pipeline.loader import DataConfig, validation_set
     from data_pipeline.tokenizers import CharTokenizer
 
     tokenizer = CharTokenizer()
     cfg = DataConfig(shards=str(shard_dir), seq_len=seq_len, kingdoms=kingdoms)
-    tokens, kingdom, names = validation_windows(cfg, tokenizer, per_kingdom, seed)
+    found = validation_set(cfg, tokenizer, per_kingdom, seed)
+    names = found.kingdoms
     nats = np.zeros((model.max_order + 1, len(names)))
     bases = np.zeros(len(names), dtype=np.int64)
     unknown = np.zeros(len(names), dtype=np.int64)
-    for row, index in zip(tokens.numpy(), kingdom.tolist(), strict=True):
+    by_mask = np.zeros((model.max_order + 1, 2))  # nats of [repeat, non-repeat] bases
+    mask_bases = np.zeros(2)
+    shares = found.repeat.numpy() if found.repeat is not None else [None] * len(found.tokens)
+    for row, index, share in zip(found.tokens.numpy(), found.kingdom.tolist(), shares, strict=True):
         per_base = model.nats_by_order(tokenizer.decode(row), model.max_order)[:, 1:]
         scored = ~np.isnan(per_base[0])
         nats[:, index] += per_base[:, scored].sum(1)
         bases[index] += scored.sum()
         unknown[index] += (~scored).sum()
+        if share is not None:
+            masked = share[1 : 1 + len(scored)][scored]
+            weights = np.stack([masked, 1 - masked], axis=1)  # [bases, 2]
+            by_mask += per_base[:, scored] @ weights
+            mask_bases += weights.sum(0)
     present = [i for i, _ in enumerate(names) if bases[i] > 0]
-    bits = {
-        str(k): {
-            "all": float(nats[k].sum() / max(bases.sum(), 1) / math.log(2)),
-            **{names[i]: float(nats[k, i] / bases[i] / math.log(2)) for i in present},
-        }
-        for k in range(model.max_order + 1)
-    }
-    counted = np.bincount(kingdom.numpy(), minlength=len(names)) if len(kingdom) else bases * 0
+    bits = {}
+    for k in range(model.max_order + 1):
+        bits[str(k)] = {"all": float(nats[k].sum() / max(bases.sum(), 1) / math.log(2))}
+        if found.repeat is not None:
+            for j, part in enumerate(("repeat", "non_repeat")):
+                if mask_bases[j] > 0:
+                    bits[str(k)][part] = float(by_mask[k, j] / mask_bases[j] / math.log(2))
+        bits[str(k)].update({names[i]: float(nats[k, i] / bases[i] / math.log(2)) for i in present})
+    counted = np.bincount(found.kingdom.numpy(), minlength=len(names))
     return {
         "shards": str(shard_dir),
         "seq_len": seq_len,
@@ -393,14 +405,16 @@ def validation_bits(
         "windows": {names[i]: int(counted[i]) for i in present},
         "bases_scored": {names[i]: int(bases[i]) for i in present},
         "n_targets": {names[i]: int(unknown[i]) for i in present},
+        "repeat_bases": float(mask_bases[0]) if found.repeat is not None else None,
         "bits_per_base": bits,
     }
 
 
 def report_lines(result: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     """The markdown of a validation result: orders x kingdoms, and each kingdom's best order."""
-    names = ["all", *result["kingdoms"]]
     bits = result["bits_per_base"]
+    parts = [p for p in ("repeat", "non_repeat") if p in bits["0"]]
+    names = ["all", *parts, *result["kingdoms"]]
     lines = [
         f"- fit: {meta['bases_read']:,} training bases of `{meta.get('shards', '?')}` "
         f"({meta.get('training_bases', 0):,} in its train split), orders 0..{meta['max_order']}, "
@@ -411,7 +425,9 @@ def report_lines(result: dict[str, Any], meta: dict[str, Any]) -> list[str]:
         f"{sum(result['bases_scored'].values()):,} bases, "
         f"{sum(result['n_targets'].values())} N targets left out",
         "",
-        "Bits per base (`all`: bases pooled over every window, as training's `val/bits_per_base`):",
+        "Bits per base (`all`: bases pooled over every window, as training's `val/bits_per_base`"
+        + ("; `repeat`, `non_repeat`: soft-masked bases and the rest" if parts else "")
+        + "):",
         "",
         "| order | " + " | ".join(names) + " |",
         "|---:|" + "---:|" * len(names),

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.loader import DataConfig, validation_windows
+from data_pipeline.loader import DataConfig, validation_set, validation_windows
 from data_pipeline.shards import ShardOptions, SourceFile, build_shards
 from data_pipeline.tokenizers import CharTokenizer
 from nucleo.cli import baseline
@@ -142,7 +142,8 @@ def test_the_cli_order_limit_is_the_library_s():
 
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory) -> Path:
-    """Two kingdoms of four records each (soft-masked, with Ns): train and val splits."""
+    """Two kingdoms of four records each (every other 37 bases soft-masked, 20 Ns): train and
+    val splits."""
     folder = tmp_path_factory.mktemp("markov")
     sources = []
     for i, kingdom in enumerate(("viral", "plasmid")):
@@ -150,7 +151,9 @@ def tiny_shards(tmp_path_factory) -> Path:
         with gzip.open(path, "wt") as fh:
             for r in range(4):
                 seq = _second_order(3_000 + 500 * r, 10 * i + r).decode()
-                seq = seq[:500] + seq[500:900].lower() + "N" * 20 + seq[920:]
+                blocks = [seq[j : j + 37] for j in range(0, len(seq), 37)]
+                seq = "".join(b.lower() if j % 2 else b for j, b in enumerate(blocks))
+                seq = seq[:900] + "N" * 20 + seq[920:]
                 fh.write(f">{kingdom}{r}\n{seq}\n")
         sources.append(SourceFile(path, kingdom))
     options = ShardOptions(chunk_len=1024, min_shards=1, val_fraction=0.5)
@@ -178,10 +181,20 @@ def test_markov_command_reports_what_the_api_computes(tiny_shards, tmp_path, cap
     text = out.read_text()
     assert f"| 4 | {expected['bits_per_base']['4']['all']:.4f} |" in text
     assert f"| 4 | {expected['bits_per_base']['4']['all']:.4f} |" in printed
+    # the soft-masked bases and the rest pool to the whole
+    total = sum(expected["bases_scored"].values())
+    repeat = expected["repeat_bases"]
+    assert 0 < repeat < total
+    for k, row in expected["bits_per_base"].items():
+        pooled = row["repeat"] * repeat + row["non_repeat"] * (total - repeat)
+        assert pooled == pytest.approx(row["all"] * total), k
+    assert "| order | all | repeat | non_repeat | plasmid | viral |" in text
     # the windows are training's: every non-pad, non-N target after the first position
     tokens, kingdom, names = validation_windows(
         DataConfig(shards=str(tiny_shards), seq_len=256), CharTokenizer(), 3, 5
     )
+    found = validation_set(DataConfig(shards=str(tiny_shards), seq_len=256), CharTokenizer(), 3, 5)
+    assert repeat == pytest.approx(float(found.repeat[:, 1:][found.tokens[:, 1:] < 4].sum()))
     for index, name in enumerate(names):
         targets = tokens[kingdom == index][:, 1:]
         assert expected["bases_scored"][name] == int((targets < 4).sum())
