@@ -255,6 +255,8 @@ class MarkovModel:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such Markov model file")
         try:
+            if not zipfile.is_zipfile(path):
+                raise ValueError("not an .npz archive")
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 if meta.get("format") != FORMAT:
