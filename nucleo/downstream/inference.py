@@ -89,6 +89,13 @@ def _batches(
 
 
 @torch.no_grad()
+def token_nats(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[b, L - 1] float32 -log p(tokens[:, t + 1] | tokens[:, : t + 1]) in nats, of a
+    right-padded batch (tokens, mask [b, L] on the model's device); padding's are junk."""
+    logits = model(tokens, attention_mask=mask).logits[:, :-1].float()
+    return -torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None])[..., 0]
+
+
 def window_scores(
     model: nn.Module,
     tokenizer: Any,
@@ -101,13 +108,11 @@ def window_scores(
     first token of a row is context, not scored, and so are those before ``owned`` [b] (a
     strided window's context); bases are counted from the decoded tokens for k-mer and BPE
     tokenizers."""
-    logits = model(tokens, attention_mask=mask).logits[:, :-1].float()
     targets, valid = tokens[:, 1:], mask[:, 1:]
     if owned is not None:
         positions = torch.arange(1, tokens.shape[1], device=tokens.device)
         valid = valid & (positions >= owned.to(tokens.device)[:, None])
-    logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
-    nats = (logp * valid).sum(1).tolist()
+    nats = (-token_nats(model, tokens, mask) * valid).sum(1).tolist()
     scored = valid.sum(1).tolist()
     if getattr(tokenizer, "name", "") == "char":
         bases = scored
