@@ -7,6 +7,7 @@
     lm.embed("genomes.fa", layer=-2)              # [records, d_model] float32
     lm.generate(["ATGAAA"], length=200, temperature=0)          # ["...", ...]
     lm.score_variants("calls.vcf.gz", "genome.fa")              # [VariantScore, ...]
+    lm.evaluate_regions("data/offline/shards").save("regions.md")  # bits by region class
     clf = nucleo.load("runs/finetune/kingdom-...-seed0")
     clf.predict(["ACGT..."])                      # [Prediction(label, probabilities), ...]
 
@@ -19,7 +20,7 @@ whole. They run the functions the command line runs (``nucleo.downstream.inferen
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,35 @@ class LanguageModel:
             strands, batch_size, skip_mismatches=skip_mismatches,
         )  # fmt: skip
         return _result(scores, stream)
+
+    def evaluate_regions(
+        self,
+        shards: str | Path | None = None,
+        annotations: Sequence[str | Path] = (),
+        kingdom: str = "unspecified",
+        split: str = "val",
+        window: int | None = None,
+        stride: int | None = None,
+        max_bases_per_kingdom: int = 100_000,
+        batch_size: int = 8,
+        floor: tuple[Any, int, str] | None = None,
+        log: Callable[[str], None] = print,
+    ) -> Any:
+        """Bits per base by region class, repeat flag and kingdom, as ``nucleo evaluate``
+        computes them (nucleo.downstream.regions), of the ``split`` records of ``shards`` or of
+        ``annotations`` files (of one ``kingdom``); ``floor``: (model with ``nats(seq, order)``,
+        order, name), e.g. a nucleo.studies.markov model. A ``regions.Report``: ``.to_dict()``
+        (every number), ``.markdown()``, ``.save("x.md")`` (also writes x.json and x.png)."""
+        from nucleo.downstream import regions
+
+        net = regions.as_network(self.path, self.model, self.tokenizer, self.config, window,
+                                 stride)  # fmt: skip
+        if annotations:
+            targets = regions.targets_from_files(annotations, kingdom)
+        else:
+            targets = regions.targets_from_shards(shards or "data/offline/shards", split, log)
+        return regions.evaluate([net], targets, self.device, max_bases_per_kingdom, batch_size,
+                                floor, log=log)  # fmt: skip
 
 
 class Classifier:

@@ -1,15 +1,18 @@
-"""``nucleo predict | score | embed``: a fine-tuned classifier's labels, a language model's
-scores and embeddings, for every record of a FASTA/GenBank file (streamed).
+"""``nucleo predict | score | embed | evaluate``: a fine-tuned classifier's labels, a language
+model's scores and embeddings, for every record of a FASTA/GenBank file (streamed), and its bits
+per base by region class of annotated records.
 
     nucleo predict CLASSIFIER FASTA [--out labels.tsv]                   labels for records
     nucleo score EXPORT FASTA [--out scores.tsv] [--stride 512]  log-likelihood, bits per base
     nucleo embed EXPORT FASTA --out emb.npy [--layer -2]          per-record pooled embeddings
+    nucleo evaluate --model A [--model B] [--shards DIR] --out regions.md   bits by region class
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -96,6 +99,64 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floor(args: argparse.Namespace) -> tuple[Any, int, str] | None:
+    """(model, order, name) of ``--markov``/``--markov-order``, or None."""
+    if args.markov is None:
+        if args.markov_order is not None:
+            raise UserError("--markov-order: give the model too (--markov MODEL.npz)")
+        return None
+    if args.markov_order is None:
+        raise UserError("--markov: give its order too (--markov-order K)")
+    try:
+        from nucleo.studies.markov import MarkovModel
+    except ImportError as err:
+        raise UserError(f"--markov: cannot import nucleo.studies.markov ({err})") from None
+    return MarkovModel.load(args.markov), args.markov_order, f"markov order {args.markov_order}"
+
+
+def _evaluate_command(args: argparse.Namespace) -> str:
+    """The command line that repeats this evaluation (every setting spelt out)."""
+    words = ["nucleo", "evaluate"]
+    for model in args.model:
+        words += ["--model", model]
+    if args.annotations:
+        words += ["--annotations", *args.annotations, "--kingdom", args.kingdom or "unspecified"]
+    else:
+        words += ["--shards", args.shards or "data/offline/shards", "--split", args.split]
+    for flag in ("window", "stride", "markov", "markov_order"):
+        if getattr(args, flag) is not None:
+            words += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    words += ["--max-bases-per-kingdom", str(args.max_bases_per_kingdom), "--out", args.out]
+    return shlex.join(words)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from nucleo.core.device import resolve
+    from nucleo.downstream import regions
+
+    if args.annotations and args.shards:
+        raise UserError("--annotations and --shards: give one (annotated files, or a shard set)")
+    if args.kingdom and not args.annotations:
+        raise UserError("--kingdom names the kingdom of --annotations files; a shard set's "
+                        "records carry theirs")  # fmt: skip
+    out = Path(args.out)
+    if out.suffix != ".md":
+        raise UserError(f"--out {out}: name a .md file (the .json and .png go beside it)")
+    floor = _floor(args)
+    device = resolve(args.device)
+    networks = [regions.load_network(m, device, args.window, args.stride) for m in args.model]
+    if args.annotations:
+        targets = regions.targets_from_files(args.annotations, args.kingdom or "unspecified")
+    else:
+        targets = regions.targets_from_shards(args.shards or "data/offline/shards", args.split)
+    command = _evaluate_command(args)
+    report = regions.evaluate(networks, targets, device, args.max_bases_per_kingdom,
+                              args.batch_size, floor, command)  # fmt: skip
+    written = report.save(out)
+    print(f"wrote {', '.join(map(str, written))}")
+    return 0
+
+
 def _add_stride(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--stride", type=at_least(1), default=None, metavar="TOKENS",
                    help=f"start a window every TOKENS tokens (default: the window length, no "
@@ -140,3 +201,54 @@ def add_commands(sub: Any) -> None:
                         "final states, -2 the block before, ...")  # fmt: skip
     _add_stride(p, "take each token once, from the window with the most left context")
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="bits per base by region class (CDS codon positions, UTR, intron, RNAs, intergenic, "
+        "repeats) and kingdom: .md, .json, .png",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="[LABEL=]PATH",
+        help="a causal export or run folder (repeat it to compare runs side by side)",
+    )
+    p.add_argument(
+        "--shards",
+        metavar="DIR",
+        help="shard folder whose --split records to read (default: data/offline/shards)",
+    )
+    p.add_argument("--split", default="val", help="the manifest's split to evaluate")
+    p.add_argument(
+        "--annotations",
+        nargs="+",
+        metavar="FILE",
+        help="GenBank files, or GFF3 files with their X_*genomic.fna[.gz] beside them, instead "
+        "of a shard set",
+    )
+    p.add_argument("--kingdom", help="kingdom of the --annotations records (default: unspecified)")
+    p.add_argument(
+        "--window",
+        type=at_least(2),
+        metavar="TOKENS",
+        help="tokens per window (default: each model's training length)",
+    )
+    _add_stride(p, "score each token once, with the most left context")
+    p.add_argument(
+        "--max-bases-per-kingdom",
+        type=at_least(1),
+        default=100_000,
+        metavar="N",
+        help="bases scored per kingdom at most, in evenly spaced windows",
+    )
+    p.add_argument(
+        "--markov",
+        metavar="MODEL.npz",
+        help="a nucleo.studies.markov model, scored on the same bases as a floor",
+    )
+    p.add_argument("--markov-order", type=at_least(0), metavar="K", help="its order")
+    add_out(p, "markdown table to write; the .json and .png go beside it", default="regions.md")
+    add_batch_size(p, "windows", 8)
+    add_device(p)
+    p.set_defaults(func=cmd_evaluate)

@@ -4,7 +4,7 @@
     nucleo data ...                               nucleo.cli.data
     nucleo sweep | scaling | compare              nucleo.cli.studies
     nucleo tasks | finetune | generate | evaluate-generation      nucleo.cli.downstream
-    nucleo predict | score | embed                nucleo.cli.inference
+    nucleo predict | score | embed | evaluate     nucleo.cli.inference
     nucleo score-variants                         nucleo.cli.variants
     nucleo serve                                  nucleo.cli.serve
     nucleo baseline markov | score                nucleo.cli.baseline
