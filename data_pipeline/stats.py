@@ -3,7 +3,8 @@
 Per kingdom: records (input, kept), bases, N fraction, GC, exact-duplicate and near-duplicate
 fractions (from the manifest the build wrote), and the Shannon entropy of the k-mer spectrum
 (bits; 2k is the maximum, a uniform random genome), counted over the shards' bases. Plots: the
-record length histogram, GC per kingdom, and redundancy per kingdom.
+record length histogram, GC per kingdom, and redundancy per kingdom. With ``topology``, a
+section on the persistence diagrams of the records' chaos-game clouds (``data_pipeline.topology``).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def kingdom_stats(
                 if read >= max_bases:
                     break
                 for sample in tar_samples(str(Path(shard_dir) / shard["path"])):
-                    counts += kmer_counts(sample["seq"], k)
+                    counts += kmer_counts(sample["seq"].upper(), k)
                     read += len(sample["seq"])
                     if read >= max_bases:
                         break
@@ -154,9 +155,11 @@ def report(
     max_bases: int = 20_000_000,
     command: str = "",
     machine: str = "",
+    topology: Any = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Write the markdown report ``out`` and its PNG plots beside it; returns ``out``."""
+    """Write the markdown report ``out`` and its PNG plots beside it; returns ``out``.
+    topology: ``data_pipeline.topology.TopologyOptions``: add the topology section and files."""
     started = time.time()
     stats = kingdom_stats(shard_dir, k, max_bases, log)
     manifest = load_manifest(shard_dir)
@@ -212,4 +215,9 @@ def report(
         "",
     ]
     out.write_text("\n".join(lines))
+    if topology is not None:
+        from data_pipeline.topology import topology as topology_of
+        from data_pipeline.topology import write_topology
+
+        write_topology(topology_of(shard_dir, topology, log), out, command, log)
     return out

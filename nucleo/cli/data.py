@@ -6,6 +6,7 @@ nucleo data download-refseq KINGDOM... --out DIR      RefSeq release files (resu
 nucleo data verify --shards DIR                       re-hash shards against the manifest
 nucleo data summary --shards DIR                      per-kingdom records, bases, shards
 nucleo data stats --shards DIR [--out report.md]      per-kingdom statistics with plots
+    [--topology | --topology-only]                    + persistence distances across species
 nucleo data bpe --shards DIR --out bpe.json           learn a BPE tokenizer
 """
 
@@ -27,6 +28,7 @@ def _shard_options(args: argparse.Namespace) -> Any:
         val_fraction=args.val_fraction,
         split_salt=args.split_salt,
         near_dup_threshold=args.near_dup_threshold,
+        mask=args.mask,
     )
 
 
@@ -133,15 +135,44 @@ def cmd_data_bpe(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``TopologyOptions`` field -> the ``nucleo data stats`` flag that sets it.
+TOPOLOGY_FLAGS = {
+    "windows": "--topology-windows",
+    "length": "--topology-len",
+    "points": "--topology-points",
+    "records": "--topology-records",
+}
+
+
 def cmd_data_stats(args: argparse.Namespace) -> int:
     from data_pipeline.stats import report
+    from data_pipeline.topology import TopologyError, TopologyOptions, topology, write_topology
     from nucleo.core.machine import summary as machine
 
     command = f"nucleo data stats --shards {args.shards} --out {args.out} --k {args.k}"
-    out = report(
-        args.shards, args.out, k=args.k, max_bases=args.max_bases, command=command,
-        machine=machine(),
-    )  # fmt: skip
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    try:
+        options = None
+        if args.topology or args.topology_only:
+            options = TopologyOptions(
+                windows=args.topology_windows, length=args.topology_len,
+                points=args.topology_points, records=args.topology_records, seed=args.seed,
+            )  # fmt: skip
+            command += (
+                f" --topology{'-only' if args.topology_only else ''} --topology-windows "
+                f"{options.windows} --topology-len {options.length} --topology-points "
+                f"{options.points} --topology-records {options.records} --seed {options.seed}"
+            )
+        if args.topology_only:
+            write_topology(topology(args.shards, options, log), args.out, command, log)
+            out = args.out
+        else:
+            out = report(
+                args.shards, args.out, k=args.k, max_bases=args.max_bases, command=command,
+                machine=machine(), topology=options, log=log,
+            )  # fmt: skip
+    except TopologyError as err:
+        raise UserError(f"{TOPOLOGY_FLAGS[err.option]}: {err}") from None
     print(f"wrote {out}")
     return 0
 
@@ -158,6 +189,14 @@ def _add_shard_options(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.8,
         help="k-mer Jaccard (MinHash) above which records share a split; 0: off",
+    )
+    p.add_argument(
+        "--mask",
+        choices=("none", "dust", "windowmasker"),
+        default="none",
+        help="soft-mask records that arrive with no lower case: dust (low-complexity; "
+        "pydustmasker or NCBI dustmasker) or windowmasker (NCBI); records with their own "
+        "mask keep it",
     )
 
 
@@ -219,6 +258,40 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--k", type=at_least(1), default=6, help="k of the k-mer entropy")
     p.add_argument(
         "--max-bases", type=at_least(1), default=20_000_000, help="bases read per kingdom"
+    )
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
+        "--topology",
+        action="store_true",
+        help="add persistence-diagram distances of the records' CGR clouds (records, "
+        "species, kingdoms, noise floor): a report section, CSV/JSON, two figures",
+    )
+    how.add_argument(
+        "--topology-only",
+        action="store_true",
+        help="only the topology: its files, and its section put into the report "
+        "(the rest of an existing report is left as it is)",
+    )
+    p.add_argument(
+        "--topology-windows", type=at_least(2), default=8, help="windows drawn per record"
+    )
+    p.add_argument(
+        "--topology-len", type=at_least(4), default=2048, metavar="BASES", help="bases per window"
+    )
+    p.add_argument(
+        "--topology-points", type=at_least(4), default=128, help="chaos-game points per window"
+    )
+    p.add_argument(
+        "--topology-records",
+        type=at_least(1),
+        default=6,
+        help="records per kingdom, spread over its species",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="which records and windows are drawn (default: %(default)s)",
     )
     p.set_defaults(func=cmd_data_stats)
     p = data.add_parser("verify", help="check shard checksums against the manifest")
