@@ -176,6 +176,7 @@ def measure_rungs(
 ) -> list[Rung]:
     """Every rung of every family with N and FLOPs per token; with ``time_steps`` > 0, also
     the seconds of one optimizer step (the median of that many, after one warm-up step)."""
+    import torch
 
     from data_pipeline.tokenizers import build_tokenizer
     from nucleo.train.components import build_model
@@ -187,7 +188,9 @@ def measure_rungs(
         for shape in ladder:
             cfg = _point_config(spec, family, shape)
             tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_options)
-            model = build_model(cfg.arch, cfg.model, tokenizer)
+            # shapes are all the counts need: a GPU-scale ladder is built without memory
+            with torch.device("cpu" if time_steps > 0 else "meta"):
+                model = build_model(cfg.arch, cfg.model, tokenizer)
             objective = Objective.build(cfg.losses, cfg.loss, model, tokenizer)
             passes = objective.passes_at(None)
             counter = ComputeCounter(model, cfg.train.micro_batch_size)
