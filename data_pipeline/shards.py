@@ -8,6 +8,9 @@ Format 2 (``nucleo-shards/2``, the default) keeps the inputs' soft mask: bases t
 masker wrote in lower case (RefSeq's eukaryotic FASTA, WindowMasker) stay lower case ``acgtn``
 in the chunks, so the loader can down-weight repeats (``data.repeat_weight``). Format 1 shards
 (all upper case, no mask) still read; ``ShardOptions.soft_mask=False`` writes upper case only.
+``ShardOptions.mask`` (``--mask dust|windowmasker``) soft-masks the records that arrive with no
+lower case at all, with an established tool (``data_pipeline.masking``); each record's
+``mask_source`` says where its mask came from.
 
 Two passes over the inputs, each streaming one record at a time:
 
@@ -43,6 +46,7 @@ from typing import Any
 import webdataset as wds
 
 from data_pipeline.dedup import SketchOptions, cluster_sketches, sketch
+from data_pipeline.masking import MASKS, Masker, RecordMasker, get_masker
 from data_pipeline.readers import SequenceRecord, read_sequences
 from nucleo.core.alphabet import reverse_complement_bytes
 
@@ -111,6 +115,8 @@ class ShardOptions:
     minhash_k, minhash_scale, minhash_perm: k-mer length, 1-in-scale k-mer subsampling and
         permutations of the sketches.
     soft_mask: keep the inputs' lower-case (repeat-masked) bases lower case in the chunks.
+    mask: soft-mask the records that arrive with no lower case: "none", "dust" (low-complexity
+        sequence) or "windowmasker" (NCBI's repeat masker); see ``data_pipeline.masking``.
     """
 
     chunk_len: int = 65536
@@ -123,8 +129,13 @@ class ShardOptions:
     minhash_scale: int = 100
     minhash_perm: int = 128
     soft_mask: bool = True
+    mask: str = "none"
 
     def __post_init__(self) -> None:
+        if self.mask not in MASKS:
+            raise ValueError(f"mask {self.mask!r} is not a masker; valid: {', '.join(MASKS)}")
+        if self.mask != "none" and not self.soft_mask:
+            raise ValueError(f"mask {self.mask!r} needs soft_mask=True (the mask is lower case)")
         if self.chunk_len < 64:
             raise ValueError(f"chunk_len must be >= 64 bases, got {self.chunk_len}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -152,6 +163,7 @@ class RecordInfo:
     n_fraction: float
     digest: str
     repeat_fraction: float = 0.0
+    mask_source: str = ""  # "input" (its own lower case), "dust"/"windowmasker", "" (none)
     description: str = ""
     organism: str = ""
     split: str = ""
@@ -298,15 +310,26 @@ def _filtered_out(src: SourceFile) -> str:
     )
 
 
+def _masked_records(
+    src: SourceFile, index: int, options: ShardOptions, masking: RecordMasker
+) -> Iterator[tuple[SequenceRecord, str]]:
+    """(record, where its mask came from) of input ``index``, masked as ``options.mask`` says;
+    both passes read through here, so their masks agree."""
+    for ordinal, rec in enumerate(src.records(options.soft_mask)):
+        yield rec, masking.apply((index, ordinal), rec)
+
+
 def _scan(
     sources: list[SourceFile],
     log: Callable[[str], None],
     verbose: bool,
     options: ShardOptions | None = None,
+    masking: RecordMasker | None = None,
 ) -> list[RecordInfo]:
     """Pass 1: one RecordInfo per input record, exact duplicates marked, and (unless the
     threshold is 0) near-duplicate clusters of the kept records (``cluster`` etc.)."""
     options = options or ShardOptions()
+    masking = masking or RecordMasker(get_masker(options.mask), log)
     sketch_options = options.sketch_options()
     sketches: dict[str, Any] = {}
     infos: list[RecordInfo] = []
@@ -314,7 +337,7 @@ def _scan(
     digest_of_key: dict[str, str] = {}
     for index, src in enumerate(sources):
         count = 0
-        for rec in src.records(options.soft_mask):
+        for rec, mask_source in _masked_records(src, index, options, masking):
             count += 1
             masked = rec.seq
             rec.seq = rec.seq.upper()  # duplicates, sketches and counts ignore the mask
@@ -338,6 +361,7 @@ def _scan(
                 n_fraction=round(n_count / length, 4),
                 digest=digest,
                 repeat_fraction=round(lower / length, 4),
+                mask_source=mask_source,
                 description=rec.description[:200],
                 organism=rec.organism,
                 group=src.group,
@@ -478,7 +502,9 @@ def build_shards(
     check_output(out, sources, overwrite)
     warn_kingdom_typos(sources, log)
     started = time.time()
-    infos = _scan(sources, log, verbose, options)
+    masker = get_masker(options.mask)  # a missing tool fails here, before any reading
+    masking = RecordMasker(masker, log)
+    infos = _scan(sources, log, verbose, options, masking)
     warn_mostly_n(infos, log)
     assign_splits(infos, options)
     kept = {i.key: i for i in infos if i.duplicate_of is None}
@@ -506,7 +532,7 @@ def build_shards(
         try:
             for index, src in enumerate(sources):
                 keys_in_file = iter([i for i in infos if i.input == index])
-                for rec in src.records(options.soft_mask):
+                for rec, _ in _masked_records(src, index, options, masking):
                     info = next(keys_in_file)
                     if info.duplicate_of is not None:
                         continue
@@ -517,6 +543,7 @@ def build_shards(
             for writer in writers.values():
                 writer.close()
         manifest = _manifest(infos, plan, shard_stats, partial, options, sources)
+        manifest["masking"] = _masking_entry(infos, options, masker)
         manifest["build_seconds"] = round(time.time() - started, 2)
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         _swap_in(partial, out)
@@ -704,6 +731,23 @@ def _manifest(
     }
 
 
+def _masking_entry(
+    infos: list[RecordInfo], options: ShardOptions, masker: Masker | None
+) -> dict[str, Any]:
+    """The manifest's ``masking``: the mask asked for, the tool that ran (name, version,
+    settings), and records and repeat bases by where their mask came from."""
+    entry: dict[str, Any] = masker.describe() if masker is not None else {"mask": options.mask}
+    records: dict[str, int] = {}
+    bases: dict[str, int] = {}
+    for info in infos:
+        source = info.mask_source or "none"
+        records[source] = records.get(source, 0) + 1
+        bases[source] = bases.get(source, 0) + round(info.length * info.repeat_fraction)
+    entry["records"] = dict(sorted(records.items()))
+    entry["repeat_bases"] = dict(sorted(bases.items()))
+    return entry
+
+
 def summary(manifest: dict[str, Any]) -> str:
     """A per-kingdom table of records, bases and shards."""
     lines = [
@@ -727,6 +771,14 @@ def summary(manifest: dict[str, Any]) -> str:
         lines.append("repeats: soft-masked (lower-case) bases kept as a mask (format 2)")
     else:
         lines.append("repeats: no mask kept (all bases upper case)")
+    masking = manifest.get("masking", {})
+    if masking.get("mask", "none") != "none":
+        records = masking.get("records", {})
+        lines.append(
+            f"masking: {masking['mask']} ({masking.get('tool')} {masking.get('version')}) masked "
+            f"{records.get(masking['mask'], 0)} records; {records.get('input', 0)} kept their "
+            "own soft mask"
+        )
     if "near_duplicates" in manifest:
         lines.append(
             f"near-duplicates kept, clustered into one split: {manifest['near_duplicates']}"
