@@ -100,7 +100,7 @@ def cmd_scaling_plan(args: argparse.Namespace) -> int:
     spec = isoflop.load_study(args.study)
     print(f"measuring {sum(len(v) for v in spec.families.values())} shapes ...", flush=True)
     rungs = isoflop.measure_rungs(spec, args.time_steps)
-    runs = isoflop.plan(spec, rungs, isoflop.tokens_per_step(spec))
+    runs = isoflop.plan(spec, rungs)
     out = Path(args.out)
     command = f"nucleo scaling plan {args.study} --out {args.out}"
     if args.time_steps:

@@ -10,6 +10,8 @@ A study spec is YAML::
     sizes: 5                          # models per budget and family
     tokens_per_parameter: 20          # first guess of the optimum: the centre of each curve
     min_steps: 100                    # no run shorter than this (its curve shifts to smaller N)
+    micro_batch_sizes: [8, 16, 32]    # optional: per run the largest that still gives
+    target_steps: 1000                #   target_steps (tiny models stream many tokens)
     warmup_fraction: 0.1              # train.warmup_steps = this x train.max_steps
     seeds: [0]
     families:                         # each family's ladder of shapes, smallest first
@@ -41,7 +43,8 @@ from nucleo.train.config import read_yaml
 
 STUDY_KEYS = (
     "name", "experiment", "base", "config", "budgets", "sizes", "tokens_per_parameter",
-    "min_steps", "warmup_fraction", "seeds", "families", "set",
+    "min_steps", "warmup_fraction", "seeds", "families", "set", "micro_batch_sizes",
+    "target_steps",
 )  # fmt: skip
 #: the run tag that names a run's planned budget (FLOPs, as written in the plan)
 BUDGET_TAG = "budget"
@@ -62,19 +65,22 @@ class StudySpec:
     min_steps: int = 100
     warmup_fraction: float = 0.1
     seeds: list[int] = field(default_factory=lambda: [0])
+    micro_batch_sizes: list[int] = field(default_factory=list)  # empty: the config's
+    target_steps: int = 1000
 
 
 @dataclass
 class Rung:
     """One shape of a family's ladder: N (non-embedding parameters) and training FLOPs per
-    token at the study's window length (all views the losses need); seconds_per_step when
-    measured (one optimizer step of the study's batch on this machine, plain PyTorch)."""
+    token at the study's window length (all views the losses need); seconds_per_token when
+    measured (optimizer steps of the config's batch on this machine, plain PyTorch: a larger
+    micro-batch is usually faster per token, so estimates from it err long)."""
 
     family: str
     overrides: dict[str, Any]
     non_embedding: int
     flops_per_token: float
-    seconds_per_step: float | None = None
+    seconds_per_token: float | None = None
 
     @property
     def label(self) -> str:
@@ -83,13 +89,15 @@ class Rung:
 
 @dataclass
 class PlannedRun:
-    """One point of the study: a rung trained for ``steps`` optimizer steps at ``budget``."""
+    """One point of the study: a rung trained for ``steps`` optimizer steps of
+    ``micro_batch`` windows at ``budget``."""
 
     rung: Rung
     budget: float
     steps: int
     tokens: int
     flops: float
+    micro_batch: int = 0
 
     @property
     def tokens_per_parameter(self) -> float:
@@ -130,6 +138,11 @@ def load_study(path: str | Path) -> StudySpec:
             raise _error(
                 path, f"families.{family}", f"{len(ladder)} shapes, fewer than sizes={sizes}"
             )
+    batches = raw.get("micro_batch_sizes", [])
+    if not isinstance(batches, list) or not all(isinstance(b, int) and b >= 1 for b in batches):
+        raise _error(
+            path, "micro_batch_sizes", f"need a list of positive integers, got {batches!r}"
+        )
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
         raise _error(path, "seeds", f"expected a list of integers, got {seeds!r}")
@@ -145,6 +158,8 @@ def load_study(path: str | Path) -> StudySpec:
         min_steps=int(raw.get("min_steps", 100)),
         warmup_fraction=float(raw.get("warmup_fraction", 0.1)),
         seeds=list(seeds),
+        micro_batch_sizes=sorted(batches),
+        target_steps=int(raw.get("target_steps", 1000)),
     )
     if spec.tokens_per_parameter <= 0:
         raise _error(path, "tokens_per_parameter", "must be > 0")
@@ -201,11 +216,15 @@ def measure_rungs(
                 counter.per_token(cfg.data.seq_len, passes),
             )
             if time_steps > 0:
-                rung.seconds_per_step = _time_step(model, objective, cfg, tokenizer, time_steps)
+                rung.seconds_per_token = _time_step(model, objective, cfg, tokenizer, time_steps)
             log(
                 f"{family:<12} {rung.label:<40} N={rung.non_embedding:>10,} "
                 f"FLOPs/token={rung.flops_per_token:.3g}"
-                + (f" {rung.seconds_per_step:.3f} s/step" if rung.seconds_per_step else "")
+                + (
+                    f" {rung.seconds_per_token * 1e6:.2f} us/token"
+                    if rung.seconds_per_token
+                    else ""
+                )
             )
             rungs.append(rung)
             del model, objective
@@ -213,8 +232,9 @@ def measure_rungs(
 
 
 def _time_step(model: Any, objective: Any, cfg: Any, tokenizer: Any, repeats: int) -> float:
-    """Median seconds of one optimizer step (forward, losses, backward, AdamW) on random bases,
-    the run's micro-batch x grad_accum windows of its seq_len (plain PyTorch, no DeepSpeed)."""
+    """Seconds per token of an optimizer step (forward, losses, backward, AdamW; the median of
+    ``repeats``) on random bases, the run's micro-batch x grad_accum windows of its seq_len
+    (plain PyTorch, no DeepSpeed)."""
     import statistics
 
     import torch
@@ -235,24 +255,38 @@ def _time_step(model: Any, objective: Any, cfg: Any, tokenizer: Any, repeats: in
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - started)
-    return statistics.median(times[1:])
+    return statistics.median(times[1:]) / (shape[0] * shape[1] * cfg.train.grad_accum)
 
 
-def tokens_per_step(spec: StudySpec) -> int:
-    """Training tokens of one optimizer step in one process (micro-batch x accumulation x
-    window length); the study runs in one process, as the sweep launches it."""
+def step_layout(spec: StudySpec) -> tuple[int, list[int]]:
+    """(tokens a step takes per window of the micro-batch: grad_accum x seq_len, the micro-batch
+    sizes a run may use); the study runs in one process, as the sweep launches it."""
     cfg = _point_config(spec, next(iter(spec.families)), next(iter(spec.families.values()))[0])
-    return int(cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.data.seq_len)
+    batches = spec.micro_batch_sizes or [int(cfg.train.micro_batch_size)]
+    return int(cfg.train.grad_accum * cfg.data.seq_len), batches
 
 
-def plan(spec: StudySpec, rungs: list[Rung], step_tokens: int) -> list[PlannedRun]:
-    """Every (budget, rung) of the study; see the module docstring for the choice of rungs."""
+def _batch_for(spec: StudySpec, tokens: float, per_window: int, batches: list[int]) -> int:
+    """The largest micro-batch that still gives ``target_steps`` steps (else the smallest)."""
+    fits = [b for b in batches if tokens / (b * per_window) >= spec.target_steps]
+    return max(fits) if fits else min(batches)
+
+
+def plan(
+    spec: StudySpec, rungs: list[Rung], layout: tuple[int, list[int]] | None = None
+) -> list[PlannedRun]:
+    """Every (budget, rung) of the study; see the module docstring for the choice of rungs.
+    layout: ``step_layout(spec)`` (computed when not given)."""
+    per_window, batches = layout or step_layout(spec)
+    smallest = min(batches)
     runs = []
     for budget in spec.budgets:  # the cheapest budget of every family first
         for family in spec.families:
             ladder = [r for r in rungs if r.family == family]
             feasible = [
-                r for r in ladder if budget / (r.flops_per_token * step_tokens) >= spec.min_steps
+                r
+                for r in ladder
+                if budget / (r.flops_per_token * smallest * per_window) >= spec.min_steps
             ]
             if len(feasible) < spec.sizes:
                 raise ConfigError(
@@ -270,9 +304,14 @@ def plan(spec: StudySpec, rungs: list[Rung], step_tokens: int) -> list[PlannedRu
             centre = ratios.index(min(ratios))
             first = min(max(0, centre - spec.sizes // 2), len(feasible) - spec.sizes)
             for rung in feasible[first : first + spec.sizes]:
-                steps = round(budget / (rung.flops_per_token * step_tokens))
+                tokens_wanted = budget / rung.flops_per_token
+                batch = _batch_for(spec, tokens_wanted, per_window, batches)
+                step_tokens = batch * per_window
+                steps = round(tokens_wanted / step_tokens)
                 tokens = steps * step_tokens
-                runs.append(PlannedRun(rung, budget, steps, tokens, tokens * rung.flops_per_token))
+                runs.append(
+                    PlannedRun(rung, budget, steps, tokens, tokens * rung.flops_per_token, batch)
+                )
     return runs
 
 
@@ -288,6 +327,8 @@ def sweep_spec(spec: StudySpec, runs: list[PlannedRun]) -> dict[str, Any]:
     extra = []
     for run in runs:
         point = {"arch": run.rung.family, **run.rung.overrides}
+        if spec.micro_batch_sizes:
+            point["train.micro_batch_size"] = run.micro_batch
         point["train.max_steps"] = run.steps
         point["train.warmup_steps"] = max(1, round(spec.warmup_fraction * run.steps))
         point[f"tracking.tags.{BUDGET_TAG}"] = budget_label(run.budget)
@@ -300,16 +341,17 @@ def sweep_spec(spec: StudySpec, runs: list[PlannedRun]) -> dict[str, Any]:
 def plan_table(runs: list[PlannedRun], overhead_s: float = 0.0) -> str:
     """The plan as markdown: per run its N, tokens, D/N, steps and (when measured) hours."""
     lines = [
-        "| family | budget | shape | N | FLOPs/token | steps | tokens | D/N | est. min |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| family | budget | shape | N | FLOPs/token | batch | steps | tokens | D/N | est. min |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         est = ""
-        if r.rung.seconds_per_step is not None:
-            est = f"{(r.steps * r.rung.seconds_per_step + overhead_s) / 60:.1f}"
+        if r.rung.seconds_per_token is not None:
+            est = f"{(r.tokens * r.rung.seconds_per_token + overhead_s) / 60:.1f}"
         lines.append(
             f"| {r.rung.family} | {budget_label(r.budget)} | {r.rung.label} | "
-            f"{r.rung.non_embedding:,} | {r.rung.flops_per_token:.3g} | {r.steps} | "
+            f"{r.rung.non_embedding:,} | {r.rung.flops_per_token:.3g} | {r.micro_batch} | "
+            f"{r.steps} | "
             f"{r.tokens:,} | {r.tokens_per_parameter:.0f} | {est} |"
         )
     return "\n".join(lines) + "\n"
@@ -317,7 +359,7 @@ def plan_table(runs: list[PlannedRun], overhead_s: float = 0.0) -> str:
 
 def estimated_hours(runs: list[PlannedRun], seeds: int, overhead_s: float) -> float | None:
     """Wall-clock hours of the whole plan from the measured step times (None: not measured)."""
-    if any(r.rung.seconds_per_step is None for r in runs):
+    if any(r.rung.seconds_per_token is None for r in runs):
         return None
-    seconds = sum(r.steps * (r.rung.seconds_per_step or 0) + overhead_s for r in runs)
+    seconds = sum(r.tokens * (r.rung.seconds_per_token or 0) + overhead_s for r in runs)
     return seeds * seconds / 3600

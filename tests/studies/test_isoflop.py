@@ -55,9 +55,10 @@ def test_the_plan_spends_each_budget_with_the_familys_own_flops(tmp_path):
     model = build_model("hyena", cfg.model, CharTokenizer())
     assert first.non_embedding == count_parameters(model)["non_embedding"]
     assert first.flops_per_token == pytest.approx(ComputeCounter(model, 4).per_token(128))
-    step = isoflop.tokens_per_step(spec)
-    assert step == 4 * 128
-    runs = isoflop.plan(spec, rungs, step)
+    per_window, batches = isoflop.step_layout(spec)
+    assert (per_window, batches) == (128, [4])
+    step = 4 * 128
+    runs = isoflop.plan(spec, rungs)
     assert [r.budget for r in runs] == [3e11] * 6 + [1e12] * 6  # cheapest budget first
     for run in runs:
         assert abs(run.flops - run.budget) <= run.rung.flops_per_token * step / 2
@@ -79,6 +80,20 @@ def test_the_plan_spends_each_budget_with_the_familys_own_flops(tmp_path):
     assert points[0].config.train.warmup_steps == round(0.1 * points[0].config.train.max_steps)
 
 
+def test_runs_with_many_tokens_take_larger_micro_batches(tmp_path):
+    """micro_batch_sizes: each run takes the largest that still gives target_steps steps."""
+    spec = isoflop.load_study(_study(tmp_path, micro_batch_sizes=[16, 4, 8], target_steps=400))
+    runs = isoflop.plan(spec, isoflop.measure_rungs(spec, log=lambda _: None))
+    assert len({r.micro_batch for r in runs}) >= 2
+    for run in runs:
+        wanted = run.budget / run.rung.flops_per_token
+        fits = [b for b in (4, 8, 16) if wanted / (b * 128) >= 400]
+        assert run.micro_batch == (max(fits) if fits else 4)
+        assert run.tokens == run.steps * run.micro_batch * 128
+    points = isoflop.sweep_spec(spec, runs)["extra"]
+    assert [p["train.micro_batch_size"] for p in points] == [r.micro_batch for r in runs]
+
+
 def test_bad_study_specs_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="budgets"):
         isoflop.load_study(_study(tmp_path, budgets=["lots"]))
@@ -91,7 +106,7 @@ def test_bad_study_specs_name_the_key(tmp_path):
     spec = isoflop.load_study(_study(tmp_path, min_steps=10**6))
     rungs = isoflop.measure_rungs(spec, log=lambda _: None)
     with pytest.raises(ConfigError, match="min_steps"):
-        isoflop.plan(spec, rungs, isoflop.tokens_per_step(spec))
+        isoflop.plan(spec, rungs)
 
 
 def _rows(a: float, noise: float, seed: int = 0) -> list[RunRow]:
