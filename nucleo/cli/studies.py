@@ -3,6 +3,8 @@
 nucleo sweep run SPEC.yaml [--slurm]          every point of a sweep (skips finished ones)
 nucleo sweep status SPEC.yaml                 each point's state and result
 nucleo scaling fit --experiment NAME          scaling laws, plots and a report from MLflow
+nucleo scaling plan STUDY.yaml | isoflop ...  an isoFLOP study: its sweep, then its fits
+nucleo ablation plan SPEC.yaml | report ...   a compute-matched loss ablation and its intervals
 nucleo compare [--experiment NAME] [--tag k=v] [--format md|csv]   a table of runs
 """
 
@@ -166,6 +168,95 @@ def cmd_scaling_isoflop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablation_plan(args: argparse.Namespace) -> int:
+    import yaml
+
+    from nucleo.core.machine import summary as machine
+    from nucleo.studies import ablation
+
+    spec = ablation.load_ablation(args.spec)
+    planned = ablation.plan(spec)
+    out = Path(args.out)
+    header = (
+        f"# Planned by: nucleo ablation plan {args.spec} --out {args.out}\n"
+        f"# {time.strftime('%Y-%m-%d %H:%M %Z')} on {machine()}\n"
+        f"# {len(planned)} runs x {len(spec.seeds)} seeds at {spec.budget:.3g} FLOPs each; "
+        f"run with: nucleo sweep run {out}\n"
+    )
+    out.write_text(header + yaml.safe_dump(ablation.sweep_spec(spec, planned), sort_keys=False))
+    print("| family | variant | backbone passes | FLOPs/token | steps |\n|---|---|---|---|---|")
+    for p in planned:
+        print(f"| {p.family} | {p.variant} | {p.passes} | {p.flops_per_token:.3g} | {p.steps} |")
+    print(f"wrote {out} ({len(planned) * len(spec.seeds)} runs)")
+    return 0
+
+
+def cmd_ablation_report(args: argparse.Namespace) -> int:
+    import json
+
+    from nucleo.core.machine import summary as machine
+    from nucleo.studies import ablation
+    from nucleo.studies.compare import collect
+    from nucleo.train.store import resolve_uri
+
+    uri = resolve_uri(args.tracking_uri, args.runs_root)
+    tags = {"nucleo.sweep": args.sweep} if args.sweep else {}
+    rows = [r for r in collect(uri, [args.experiment], tags) if ablation.VARIANT_TAG in r.tags]
+    if not rows:
+        raise ValueError(
+            f"no finished run with a {ablation.VARIANT_TAG!r} tag in experiment "
+            f"{args.experiment!r} of {uri}: run the plan first (nucleo sweep run PLAN.yaml)"
+        )
+    variants = {r.tags[ablation.VARIANT_TAG] for r in rows}
+    if args.baseline not in variants:
+        raise ValueError(f"--baseline {args.baseline!r}: no such variant; found {sorted(variants)}")
+    extra: dict[str, dict[str, float]] = {}
+    for path in args.regions or []:
+        for name, values in ablation.region_figures(json.loads(Path(path).read_text())).items():
+            extra.setdefault(name, {}).update(values)
+    diffs = ablation.differences(rows, args.baseline, extra)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure = ablation.forest(diffs, out.with_suffix(".png"), args.baseline)
+    labels = [label for label, _ in ablation.metric_keys(rows)]
+    main_figures = [f for f in labels if f in ("all bases", "repeats", "non-repeats")]
+    kingdoms = [f for f in labels if f not in main_figures]
+    regions = sorted({f for values in extra.values() for f in values})
+    command = f"nucleo ablation report --experiment {args.experiment} --out {args.out}"
+    command += f" --sweep {args.sweep}" if args.sweep else ""
+    command += f" --baseline {args.baseline}"
+    command += "".join(f" --regions {r}" for r in args.regions or [])
+    seeds = sorted({ablation.seed_of(r) for r in rows})
+    text = (
+        f"# Loss ablation\n\n- command: `{command}`\n"
+        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}\n- machine: {machine()}\n"
+        f"- MLflow: experiment `{args.experiment}` in `{uri}`\n"
+        f"- runs: {len(rows)} ({len(variants)} variants, seeds {seeds}); differences are "
+        f"variant - {args.baseline} in validation bits per base, paired by seed (negative: "
+        "better), with 95% Student t intervals over seeds\n\n"
+        "## Overall, repeats and the rest\n\n" + ablation.table(diffs, main_figures)
+        + f"\n![forest plot]({figure.name})\n"
+    )  # fmt: skip
+    if kingdoms:
+        text += "\n## Per kingdom\n\n" + ablation.table(diffs, kingdoms)
+    if regions:
+        text += "\n## Per region class (nucleo evaluate)\n\n" + ablation.table(diffs, regions)
+    if args.notes:
+        text += "\n" + Path(args.notes).read_text()
+    out.write_text(text)
+    payload = {
+        family: {
+            variant: {f: vars(d) for f, d in values.items()}
+            for variant, values in variants_.items()
+        }
+        for family, variants_ in diffs.items()
+    }
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+    print(ablation.table(diffs, main_figures[:1]))
+    print(f"wrote {out}, {out.with_suffix('.json')} and {figure}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from nucleo.studies.compare import collect, parse_tags, table
     from nucleo.train.store import resolve_uri
@@ -183,7 +274,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    """Register ``sweep``, ``scaling`` and ``compare``."""
+    """Register ``sweep``, ``scaling``, ``ablation`` and ``compare``."""
     sweep = sub.add_parser("sweep", help="run a grid of configs as one tracked sweep")
     sweep_sub = sweep.add_subparsers(dest="sweep_command", required=True)
     p = sweep_sub.add_parser("run", help="run (or resume) every point, or submit them to Slurm")
@@ -241,6 +332,23 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--notes", help="markdown file appended to the report (the discussion)")
     add_store(p)
     p.set_defaults(func=cmd_scaling_isoflop)
+    ablation = sub.add_parser("ablation", help="compute-matched loss ablations with intervals")
+    ablation_sub = ablation.add_subparsers(dest="ablation_command", required=True)
+    p = ablation_sub.add_parser("plan", help="an ablation spec -> a sweep at equal FLOPs")
+    p.add_argument("spec", help="ablation spec (YAML; see experiments/sweeps/ablation.yaml)")
+    add_out(p, "the sweep spec to write (YAML)", default="ablation_plan.yaml")
+    p.set_defaults(func=cmd_ablation_plan)
+    p = ablation_sub.add_parser("report", help="paired differences with 95% intervals")
+    p.add_argument("--experiment", required=True, help="MLflow experiment of the runs")
+    p.add_argument("--sweep", help="only the runs of this sweep (tag nucleo.sweep)")
+    p.add_argument("--baseline", default="ce", help="the variant to compare with (default: ce)")
+    p.add_argument("--regions", action="append", metavar="JSON",
+                   help="a nucleo evaluate .json of the runs' exports (repeatable)")  # fmt: skip
+    add_out(p, "report file (markdown); .json and forest plot .png beside it",
+            default="ablation.md")  # fmt: skip
+    p.add_argument("--notes", help="markdown file appended to the report (the discussion)")
+    add_store(p)
+    p.set_defaults(func=cmd_ablation_report)
     p = sub.add_parser("compare", help="a table of tracked runs (markdown or CSV)")
     p.add_argument("--experiment", action="append", help="MLflow experiment (repeatable; all)")
     p.add_argument("--filter", help='an MLflow filter, e.g. "metrics.`val/bits_per_base` < 1.9"')
