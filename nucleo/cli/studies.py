@@ -125,6 +125,19 @@ def cmd_scaling_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+FLOOR_HELP = "a nucleo baseline markov .json: its best order is shown beside"
+
+
+def _floor(path: str | None) -> tuple[str, float | None]:
+    """(report line, bits/base) of a Markov floor .json (``--floor``), or ("", None)."""
+    if not path:
+        return "", None
+    from nucleo.studies.markov import floor_line
+
+    line, bits = floor_line(path)
+    return line + "\n", bits
+
+
 def cmd_scaling_isoflop(args: argparse.Namespace) -> int:
     import json
 
@@ -136,6 +149,11 @@ def cmd_scaling_isoflop(args: argparse.Namespace) -> int:
     uri = resolve_uri(args.tracking_uri, args.runs_root)
     tags = {"nucleo.sweep": args.sweep} if args.sweep else {}
     rows = collect(uri, [args.experiment], tags)
+    if args.plan:  # runs of earlier plans (other shapes, batches) stay out of the fits
+        from nucleo.studies.sweep import expand, load_spec
+
+        names = {p.name for p in expand(load_spec(args.plan))}
+        rows = [r for r in rows if r.name in names]
     fits = isoflop_fit.fit_all(rows, args.bootstrap, args.seed)
     if not fits:
         raise ValueError(
@@ -144,9 +162,12 @@ def cmd_scaling_isoflop(args: argparse.Namespace) -> int:
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure = isoflop_fit.plot(fits, out.with_suffix(".png"))
+    floor_text, floor = _floor(args.floor)
+    figure = isoflop_fit.plot(fits, out.with_suffix(".png"), floor)
     command = f"nucleo scaling isoflop --experiment {args.experiment} --out {args.out}"
     command += f" --sweep {args.sweep}" if args.sweep else ""
+    command += f" --floor {args.floor}" if args.floor else ""
+    command += f" --plan {args.plan}" if args.plan else ""
     command += f" --bootstrap {args.bootstrap} --seed {args.seed}"
     runs = sum(len(c.runs) for f in fits for c in f.curves)
     text = (
@@ -154,7 +175,7 @@ def cmd_scaling_isoflop(args: argparse.Namespace) -> int:
         f"- machine: {machine()}\n- MLflow: experiment `{args.experiment}` in `{uri}`"
         f"{f', tags {tags}' if tags else ''}\n- runs: {runs} finished runs with a budget tag\n"
         f"- fit: a parabola in log10 N per budget; {args.bootstrap} residual-bootstrap "
-        f"resamples (seed {args.seed}); see nucleo/studies/isoflop_fit.py\n\n"
+        f"resamples (seed {args.seed}); see nucleo/studies/isoflop_fit.py\n{floor_text}\n"
         "## Loss-optimal size per budget\n\n" + isoflop_fit.curve_table(fits)
         + "\n## Compute-optimal exponents\n\n" + isoflop_fit.exponent_table(fits)
         + f"\n![isoFLOP curves]({figure.name})\n"
@@ -215,6 +236,7 @@ def cmd_ablation_report(args: argparse.Namespace) -> int:
         for name, values in ablation.region_figures(json.loads(Path(path).read_text())).items():
             extra.setdefault(name, {}).update(values)
     diffs = ablation.differences(rows, args.baseline, extra)
+    floor_text, _ = _floor(args.floor)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure = ablation.forest(diffs, out.with_suffix(".png"), args.baseline)
@@ -225,6 +247,7 @@ def cmd_ablation_report(args: argparse.Namespace) -> int:
     command = f"nucleo ablation report --experiment {args.experiment} --out {args.out}"
     command += f" --sweep {args.sweep}" if args.sweep else ""
     command += f" --baseline {args.baseline}"
+    command += f" --floor {args.floor}" if args.floor else ""
     command += "".join(f" --regions {r}" for r in args.regions or [])
     seeds = sorted({ablation.seed_of(r) for r in rows})
     text = (
@@ -233,7 +256,7 @@ def cmd_ablation_report(args: argparse.Namespace) -> int:
         f"- MLflow: experiment `{args.experiment}` in `{uri}`\n"
         f"- runs: {len(rows)} ({len(variants)} variants, seeds {seeds}); differences are "
         f"variant - {args.baseline} in validation bits per base, paired by seed (negative: "
-        "better), with 95% Student t intervals over seeds\n\n"
+        "better), with 95% Student t intervals over seeds\n" + floor_text + "\n"
         "## Overall, repeats and the rest\n\n" + ablation.table(diffs, main_figures)
         + f"\n![forest plot]({figure.name})\n"
     )  # fmt: skip
@@ -330,6 +353,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--bootstrap", type=at_least(0), default=1000, help="resamples")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--notes", help="markdown file appended to the report (the discussion)")
+    p.add_argument("--floor", metavar="JSON", help=FLOOR_HELP)
+    p.add_argument("--plan", help="only the runs of this plan's points (its sweep spec YAML)")
     add_store(p)
     p.set_defaults(func=cmd_scaling_isoflop)
     ablation = sub.add_parser("ablation", help="compute-matched loss ablations with intervals")
@@ -347,6 +372,7 @@ def add_commands(sub: Any) -> None:
     add_out(p, "report file (markdown); .json and forest plot .png beside it",
             default="ablation.md")  # fmt: skip
     p.add_argument("--notes", help="markdown file appended to the report (the discussion)")
+    p.add_argument("--floor", metavar="JSON", help=FLOOR_HELP)
     add_store(p)
     p.set_defaults(func=cmd_ablation_report)
     p = sub.add_parser("compare", help="a table of tracked runs (markdown or CSV)")

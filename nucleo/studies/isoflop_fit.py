@@ -226,9 +226,10 @@ def exponent_table(fits: Sequence[FamilyFit]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(fits: Sequence[FamilyFit], out: Path) -> Path:
-    """One panel per family: bits per base vs N at each budget, the parabolas and minima;
-    and a last panel of N_opt vs C per family with its fitted line."""
+def plot(fits: Sequence[FamilyFit], out: Path, floor: float | None = None) -> Path:
+    """One panel per family: bits per base vs N at each budget, the parabolas and minima (and
+    the k-mer Markov ``floor``, dashed); and a last panel of N_opt vs C per family with its
+    fitted line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,6 +251,8 @@ def plot(fits: Sequence[FamilyFit], out: Path) -> Path:
                 ax.plot([c.n_opt], [c.bits_opt], marker="*", color=colour, ms=11, mec="k")
                 if c.n_ci is not None:
                     ax.hlines(c.bits_opt, *c.n_ci, color=colour, lw=2, alpha=0.6)
+        if floor is not None:
+            ax.axhline(floor, ls="--", color="grey", lw=1, label="Markov floor")
         ax.set_xscale("log")
         ax.set_title(f"{fit.family}: isoFLOP curves")
         ax.set_xlabel("non-embedding parameters N")

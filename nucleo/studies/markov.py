@@ -457,3 +457,28 @@ def score_records(
     for record in read_sequences(path):
         nats, scored = model.total_nats(record.seq, order)
         yield record.id, len(record.seq), scored, nats
+
+
+def best_floor(report: dict[str, Any], kingdom: str = "all") -> tuple[int, float]:
+    """(order, bits per base) of the best order of a ``nucleo baseline markov`` .json report,
+    overall (``kingdom="all"``) or for one kingdom: the floor printed beside a network's
+    figures. Choosing the order on the same windows flatters the floor slightly."""
+    by_order = report["validation"]["bits_per_base"]
+    found = [(float(v[kingdom]), int(k)) for k, v in by_order.items() if v.get(kingdom) is not None]
+    if not found:
+        raise ValueError(f"the Markov report has no bits per base for {kingdom!r}")
+    bits, order = min(found)
+    return order, bits
+
+
+def floor_line(path: str | Path) -> tuple[str, float]:
+    """A report line naming the floor of a Markov .json report, and the floor's bits/base."""
+    report = json.loads(Path(path).read_text())
+    order, bits = best_floor(report)
+    windows = report["validation"]
+    line = (
+        f"- k-mer Markov floor: {bits:.4f} bits/base (order {order}, fit on the training split, "
+        f"scored on the same {windows['seq_len']}-base validation windows, "
+        f"{windows['windows_per_kingdom']} per kingdom, seed {windows['seed']}; {path})"
+    )
+    return line, bits

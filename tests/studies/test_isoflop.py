@@ -180,9 +180,14 @@ def test_scaling_isoflop_reads_the_store_and_writes_the_report(tmp_path, capsys)
         client.set_terminated(rid, "FINISHED")
     out = tmp_path / "iso.md"
     args = ["scaling", "isoflop", "--experiment", "iso", "--tracking-uri", uri, "--out", str(out)]
-    assert main([*args, "--sweep", "iso", "--bootstrap", "100"]) == 0
+    floor = tmp_path / "markov.json"
+    bits = {"0": {"all": 1.99}, "3": {"all": 1.95}, "5": {"all": 1.97}}
+    window = {"seq_len": 512, "windows_per_kingdom": 32, "seed": 0}
+    floor.write_text(json.dumps({"validation": {**window, "bits_per_base": bits}}))
+    assert main([*args, "--sweep", "iso", "--bootstrap", "100", "--floor", str(floor)]) == 0
     text = out.read_text()
     assert "| hyena | 3 of 3 |" in text and "![isoFLOP curves](iso.png)" in text
+    assert "k-mer Markov floor: 1.9500 bits/base (order 3" in text
     assert json.loads(out.with_suffix(".json").read_text())["hyena"]["a"]["value"] == (
         pytest.approx(0.5, abs=0.05)
     )
