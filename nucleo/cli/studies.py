@@ -363,7 +363,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("spec", help="ablation spec (YAML; see experiments/sweeps/ablation.yaml)")
     add_out(p, "the sweep spec to write (YAML)", default="ablation_plan.yaml")
     p.set_defaults(func=cmd_ablation_plan)
-    p = ablation_sub.add_parser("report", help="paired differences with 95% intervals")
+    p = ablation_sub.add_parser("report", help="paired differences with 95%% intervals")
     p.add_argument("--experiment", required=True, help="MLflow experiment of the runs")
     p.add_argument("--sweep", help="only the runs of this sweep (tag nucleo.sweep)")
     p.add_argument("--baseline", default="ce", help="the variant to compare with (default: ce)")
