@@ -200,13 +200,14 @@ class LanguageModel:
         order, name), e.g. a nucleo.studies.markov model. A ``regions.Report``: ``.to_dict()``
         (every number), ``.markdown()``, ``.save("x.md")`` (also writes x.json and x.png)."""
         from nucleo.downstream import regions
+        from nucleo.downstream.region_classes import targets_from_files, targets_from_shards
 
         net = regions.as_network(self.path, self.model, self.tokenizer, self.config, window,
                                  stride)  # fmt: skip
         if annotations:
-            targets = regions.targets_from_files(annotations, kingdom)
+            targets = targets_from_files(annotations, kingdom)
         else:
-            targets = regions.targets_from_shards(shards or "data/offline/shards", split, log)
+            targets = targets_from_shards(shards or "data/offline/shards", split, log)
         return regions.evaluate([net], targets, self.device, max_bases_per_kingdom, batch_size,
                                 floor, log=log)  # fmt: skip
 

@@ -133,6 +133,7 @@ def _evaluate_command(args: argparse.Namespace) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from nucleo.core.device import resolve
     from nucleo.downstream import regions
+    from nucleo.downstream.region_classes import targets_from_files, targets_from_shards
 
     if args.annotations and args.shards:
         raise UserError("--annotations and --shards: give one (annotated files, or a shard set)")
@@ -146,9 +147,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve(args.device)
     networks = [regions.load_network(m, device, args.window, args.stride) for m in args.model]
     if args.annotations:
-        targets = regions.targets_from_files(args.annotations, args.kingdom or "unspecified")
+        targets = targets_from_files(args.annotations, args.kingdom or "unspecified")
     else:
-        targets = regions.targets_from_shards(args.shards or "data/offline/shards", args.split)
+        targets = targets_from_shards(args.shards or "data/offline/shards", args.split)
     command = _evaluate_command(args)
     report = regions.evaluate(networks, targets, device, args.max_bases_per_kingdom,
                               args.batch_size, floor, command)  # fmt: skip

@@ -17,7 +17,7 @@ from data_pipeline.readers import read_sequences
 from data_pipeline.tokenizers import CharTokenizer
 from nucleo.cli.main import main
 from nucleo.core.alphabet import reverse_complement_bytes
-from nucleo.downstream import regions
+from nucleo.downstream import region_classes, regions
 from nucleo.downstream.inference import log_likelihood
 from nucleo.studies.precision import TINY
 from nucleo.train.components import build_model
@@ -78,7 +78,7 @@ def test_genbank_codons_hold_no_stop_but_the_last():
     path = sample_file("plasmid/NC_005816.gb.gz")
     (record,) = read_sequences(path)
     seq = bytes(record.seq)
-    notes = regions.genbank_annotations(path)[record.id]
+    notes = region_classes.genbank_annotations(path)[record.id]
     assert len(notes.coding) >= 5
     stops = {b"TAA", b"TAG", b"TGA"}
     for part in notes.coding:
@@ -113,11 +113,11 @@ ORIGIN
 def test_each_base_gets_the_class_that_takes_precedence(tmp_path):
     path = tmp_path / "toy.gb"
     path.write_text(GENBANK.format(seq="a" * 100))
-    note = regions.genbank_annotations(path)["TOY1"]
+    note = region_classes.genbank_annotations(path)["TOY1"]
     letters = {"cds1": "1", "cds2": "2", "cds3": "3", "cds_frames": "X", "utr": "U",
                "intron": "I", "rrna": "R", "trna": "T", "ncrna": "N", "other": "O",
                "intergenic": "."}  # fmt: skip
-    got = "".join(letters[regions.CLASSES[c]] for c in regions.classify(100, note))
+    got = "".join(letters[region_classes.CLASSES[c]] for c in region_classes.classify(100, note))
     expected = (
         "...." + "OOOOO" + "UUUUU" + "123123" + "IIIIIIIII"  # 0-28: gene, UTR exon, CDS, intron
         + "1231231231" + "XX1XX1" + "UUUUU"  # 29-49: CDS (frames clash with the - CDS), UTR
@@ -128,8 +128,8 @@ def test_each_base_gets_the_class_that_takes_precedence(tmp_path):
     # a record with UTR features: only they are UTR, other exon bases stay "other feature"
     with_utr = GENBANK.replace("     tRNA ", "     5'UTR           10..12\n     tRNA ")
     path.write_text(with_utr.format(seq="a" * 100))
-    got = regions.classify(100, regions.genbank_annotations(path)["TOY1"])
-    assert [regions.CLASSES[c] for c in got[9:15]] == ["utr"] * 3 + ["other"] * 2 + ["cds1"]
+    got = region_classes.classify(100, region_classes.genbank_annotations(path)["TOY1"])
+    assert [region_classes.CLASSES[c] for c in got[9:15]] == ["utr"] * 3 + ["other"] * 2 + ["cds1"]
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -200,25 +200,25 @@ def test_bits_per_class_are_the_mean_of_the_per_base_likelihoods(export, genome)
     gff, text = genome
     net = regions.load_network(f"A={path.parent}", CPU, window=WINDOW)
     assert (net.name, net.window, net.path) == ("A", WINDOW, path)
-    targets = regions.targets_from_files([gff], "fungi")
+    targets = region_classes.targets_from_files([gff], "fungi")
     floor = Previous()
     report = regions.evaluate([net], targets, CPU, 10**6, 3, (floor, 1, "prev"), log=lambda _: 0)
     tally, low = report.tallies[0], report.floors[0]
 
     seq = text.upper().encode()
     nats = _by_hand(model, seq)
-    classes = regions.classify(len(seq), targets[0].annotation)
+    classes = region_classes.classify(len(seq), targets[0].annotation)
     repeat = np.array([c.islower() for c in text])
     whole = floor.nats(seq, 1)
-    for klass in regions.CLASSES:
-        where = (classes == regions.CODE[klass]) & np.isfinite(nats)
+    for klass in region_classes.CLASSES:
+        where = (classes == region_classes.CODE[klass]) & np.isfinite(nats)
         bases, got = tally.cell("fungi", klass, "all")
         assert bases == where.sum()
         if bases:
             assert got / bases == pytest.approx(nats[where].mean(), rel=1e-5)
             assert low.cell("fungi", klass, "all")[1] / bases == pytest.approx(whole[where].mean())
     assert {"cds1", "cds3", "utr", "intron", "trna", "intergenic"} <= {
-        k for k in regions.CLASSES if tally.cell("fungi", k, "all")[0]
+        k for k in region_classes.CLASSES if tally.cell("fungi", k, "all")[0]
     }
     # the repeat flag: the soft-masked bases, across classes
     assert tally.cell("all", "all", "repeat")[0] == (repeat & np.isfinite(nats)).sum() > 0
@@ -241,7 +241,7 @@ def test_the_python_api_gives_the_commands_numbers(export, genome):
     lm = nucleo.load(path.parent, device="cpu")
     report = lm.evaluate_regions(annotations=[gff], kingdom="fungi", window=WINDOW, log=print)
     net = regions.load_network(path, CPU, window=WINDOW)
-    again = regions.evaluate([net], regions.targets_from_files([gff], "fungi"), CPU)
+    again = regions.evaluate([net], region_classes.targets_from_files([gff], "fungi"), CPU)
     assert report.networks[0]["name"] == "run-a" and report.kingdoms == ["fungi"]
     assert np.array_equal(report.tallies[0].bases, again.tallies[0].bases)
     assert np.allclose(report.tallies[0].nats, again.tallies[0].nats)
