@@ -140,6 +140,7 @@ def _floor(path: str | None) -> tuple[str, float | None]:
 
 def cmd_scaling_isoflop(args: argparse.Namespace) -> int:
     import json
+    import math
 
     from nucleo.core.machine import summary as machine
     from nucleo.studies import isoflop_fit
@@ -170,10 +171,13 @@ def cmd_scaling_isoflop(args: argparse.Namespace) -> int:
     command += f" --plan {args.plan}" if args.plan else ""
     command += f" --bootstrap {args.bootstrap} --seed {args.seed}"
     runs = sum(len(c.runs) for f in fits for c in f.curves)
+    hours = sum(r.seconds for f in fits for c in f.curves for r in c.runs
+                if math.isfinite(r.seconds)) / 3600  # fmt: skip
     text = (
         f"# IsoFLOP fits\n\n- command: `{command}`\n- date: {time.strftime('%Y-%m-%d %H:%M %Z')}\n"
         f"- machine: {machine()}\n- MLflow: experiment `{args.experiment}` in `{uri}`"
-        f"{f', tags {tags}' if tags else ''}\n- runs: {runs} finished runs with a budget tag\n"
+        f"{f', tags {tags}' if tags else ''}\n- runs: {runs} finished runs with a budget tag, "
+        f"{hours:.1f} h of wall clock in all (start to end of each run, as the store has them)\n"
         f"- fit: a parabola in log10 N per budget; {args.bootstrap} residual-bootstrap "
         f"resamples (seed {args.seed}); see nucleo/studies/isoflop_fit.py\n{floor_text}\n"
         "## Loss-optimal size per budget\n\n" + isoflop_fit.curve_table(fits)
@@ -250,11 +254,13 @@ def cmd_ablation_report(args: argparse.Namespace) -> int:
     command += f" --floor {args.floor}" if args.floor else ""
     command += "".join(f" --regions {r}" for r in args.regions or [])
     seeds = sorted({ablation.seed_of(r) for r in rows})
+    hours = sum(r.seconds for r in rows if r.seconds == r.seconds) / 3600  # NaN: still running
     text = (
         f"# Loss ablation\n\n- command: `{command}`\n"
         f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}\n- machine: {machine()}\n"
         f"- MLflow: experiment `{args.experiment}` in `{uri}`\n"
-        f"- runs: {len(rows)} ({len(variants)} variants, seeds {seeds}); differences are "
+        f"- runs: {len(rows)} ({len(variants)} variants, seeds {seeds}; {hours:.1f} h of wall "
+        "clock in all); differences are "
         f"variant - {args.baseline} in validation bits per base, paired by seed (negative: "
         "better), with 95% Student t intervals over seeds\n" + floor_text + "\n"
         "## Overall, repeats and the rest\n\n" + ablation.table(diffs, main_figures)

@@ -23,7 +23,8 @@ KINGDOM_PREFIX = "val/bits_per_base/"
 class RunRow:
     """One finished training run. params: total; non_embedding: N of the scaling laws;
     tokens: D, training tokens seen; flops: C, training compute (nucleo.train.compute);
-    bits: final validation bits per base; kingdoms: the same per kingdom."""
+    bits: final validation bits per base; kingdoms: the same per kingdom; seconds: the run's
+    wall clock in the store (start to end; NaN while it runs)."""
 
     run_id: str
     name: str
@@ -39,6 +40,7 @@ class RunRow:
     kingdoms: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    seconds: float = math.nan
 
     @property
     def group(self) -> str:
@@ -124,6 +126,9 @@ def _row(run: Any, experiment: str) -> RunRow | None:
         },
         metrics=dict(metrics),
         tags=dict(tags),
+        seconds=(run.info.end_time - run.info.start_time) / 1000
+        if run.info.end_time and run.info.start_time
+        else math.nan,
     )
 
 
