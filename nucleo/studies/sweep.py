@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import os
 import re
 import shlex
 import shutil
@@ -275,7 +276,10 @@ class Sweep:
         return run_id
 
     def status(self, point: Point) -> str:
-        """``finished``, ``interrupted`` (a checkpoint to resume), or ``new``."""
+        """``finished``, ``running`` (another live sweep process on this machine holds its lock:
+        ``sweep run --point`` in parallel), ``interrupted`` (a checkpoint to resume), or ``new``."""
+        if self.holder(point) is not None:
+            return "running"
         summary = point.run_dir / "summary.json"
         if summary.is_file():
             done = json.loads(summary.read_text())
@@ -284,6 +288,26 @@ class Sweep:
         if latest_tag(point.run_dir / "checkpoints") is not None:
             return "interrupted"
         return "new"
+
+    @staticmethod
+    def lock_path(point: Point) -> Path:
+        return point.run_dir.parent / f".{point.run_dir.name}.lock"
+
+    def holder(self, point: Point) -> int | None:
+        """The live process (pid) that runs ``point``, or None (a stale lock is ignored)."""
+        try:
+            pid = int(self.lock_path(point).read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if pid == os.getpid():
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return pid
 
     def point_config(self, point: Point, parent_run_id: str) -> Path:
         """Write the point's run config (tracked as a child of the sweep); returns its path."""
@@ -328,6 +352,9 @@ class Sweep:
             if state == "finished":
                 self.say(f"{head}: finished, skipped")
                 continue
+            if state == "running":
+                self.say(f"{head}: running in process {self.holder(point)}, skipped")
+                continue
             if state == "new" and point.run_dir.exists() and not dry_run:
                 shutil.rmtree(point.run_dir)  # a start that died before its first checkpoint
             cmd = self.command(point, parent)
@@ -335,7 +362,13 @@ class Sweep:
             self.say("  " + shlex.join(cmd))
             if dry_run:
                 continue
-            code = subprocess.run(cmd, check=False).returncode
+            lock = self.lock_path(point)
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            lock.write_text(f"{os.getpid()}\n")
+            try:
+                code = subprocess.run(cmd, check=False).returncode
+            finally:
+                lock.unlink(missing_ok=True)
             ran += 1
             if code != 0:
                 failed += 1
@@ -343,7 +376,7 @@ class Sweep:
                 if fail_fast:
                     break
             elapsed = time.perf_counter() - started
-            left = sum(1 for p in chosen[n:] if self.status(p) != "finished")
+            left = sum(1 for p in chosen[n:] if self.status(p) not in ("finished", "running"))
             eta = elapsed / ran * left
             self.say(
                 f"[sweep {self.spec.name}] {n}/{len(chosen)} points, {failed} failed, "

@@ -84,6 +84,25 @@ def test_bad_specs_name_the_key_and_the_spec(tmp_path, change, message):
 
 
 @pytest.mark.slow
+def test_a_point_another_live_sweep_process_runs_is_skipped(tmp_path):
+    """``sweep run --point`` in parallel: a point whose lock names a live process is
+    ``running`` (and neither restarted nor deleted); a stale lock is ignored."""
+    import subprocess
+    import sys
+
+    sweep = Sweep(load_spec(_write(tmp_path, _spec(tmp_path))))
+    point = sweep.points[0]
+    point.run_dir.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        sweep.lock_path(point).write_text(f"{other.pid}\n")
+        assert sweep.status(point) == "running" and sweep.holder(point) == other.pid
+    finally:
+        other.kill()
+        other.wait()
+    assert sweep.status(point) == "new"  # the holder died: the lock is stale
+
+
 def test_a_sweep_runs_each_point_as_a_child_run_skips_finished_ones_and_resumes(
     sample_shards, tmp_path, capfd
 ):
