@@ -122,6 +122,7 @@ def test_registry_suggests_and_refuses_duplicates():
 
 def test_every_shipped_config_and_sweep_spec_resolves():
     """The YAML files under experiments/ stay valid as the configs evolve."""
+    from nucleo.studies.ablation import load_ablation
     from nucleo.studies.isoflop import load_study
     from nucleo.studies.sweep import expand, load_spec
     from nucleo.train.config import read_yaml
@@ -133,8 +134,11 @@ def test_every_shipped_config_and_sweep_spec_resolves():
     specs = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
     assert specs
     studies = [p for p in specs if "families" in read_yaml(p)]  # isoFLOP study specs
-    assert studies
+    ablations = [p for p in specs if "variants" in read_yaml(p)]  # loss ablation specs
+    assert studies and ablations
     for path in studies:
         assert load_study(path).budgets
-    for path in sorted(set(specs) - set(studies)):
+    for path in ablations:
+        assert load_ablation(path).variants
+    for path in sorted(set(specs) - set(studies) - set(ablations)):
         assert expand(load_spec(path))
