@@ -197,7 +197,7 @@ class LanguageModel:
         """Bits per base by region class, repeat flag and kingdom, as ``nucleo evaluate``
         computes them (nucleo.downstream.regions), of the ``split`` records of ``shards`` or of
         ``annotations`` files (of one ``kingdom``); ``floor``: (model with ``nats(seq, order)``,
-        order, name), e.g. a nucleo.studies.markov model. A ``regions.Report``: ``.to_dict()``
+        order, name), e.g. a data_pipeline.markov model. A ``regions.Report``: ``.to_dict()``
         (every number), ``.markdown()``, ``.save("x.md")`` (also writes x.json and x.png)."""
         from nucleo.downstream import regions
         from nucleo.downstream.region_classes import targets_from_files, targets_from_shards

@@ -17,7 +17,7 @@ from typing import Any
 
 from nucleo.cli.common import UserError, add_out, add_shards, at_least
 
-#: orders a model may hold (nucleo.studies.markov.MAX_ORDER; repeated here so that building
+#: orders a model may hold (data_pipeline.markov.MAX_ORDER; repeated here so that building
 #: the parser imports no numpy)
 MAX_ORDER = 12
 
@@ -53,6 +53,7 @@ def _command(args: argparse.Namespace) -> str:
 def cmd_markov(args: argparse.Namespace) -> int:
     import json
 
+    from data_pipeline import markov as model_of
     from nucleo.core.machine import describe, summary
     from nucleo.studies import markov
 
@@ -61,9 +62,9 @@ def cmd_markov(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".md":
         raise UserError(f"--out {out}: name a markdown file (.md; the .json goes beside it)")
-    cap = markov.DEFAULT_MAX_BASES if args.max_bases is None else args.max_bases or None
+    cap = model_of.DEFAULT_MAX_BASES if args.max_bases is None else args.max_bases or None
     print(f"fitting orders 0..{args.max_order} on the training split of {args.shards} ...")
-    model = markov.fit_from_shards(args.shards, args.max_order, args.kingdom, cap, print)
+    model = model_of.fit_from_shards(args.shards, args.max_order, args.kingdom, cap, print)
     if args.save:
         print(f"saved the model to {model.save(args.save)}")
     print(f"scoring the validation windows (seed {args.seed}) ...", flush=True)
@@ -102,7 +103,7 @@ def cmd_markov(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     import math
 
-    from nucleo.studies.markov import MarkovModel, score_records
+    from data_pipeline.markov import MarkovModel, score_records
 
     try:
         model = MarkovModel.load(args.model)

@@ -108,9 +108,9 @@ def _floor(args: argparse.Namespace) -> tuple[Any, int, str] | None:
     if args.markov_order is None:
         raise UserError("--markov: give its order too (--markov-order K)")
     try:
-        from nucleo.studies.markov import MarkovModel
+        from data_pipeline.markov import MarkovModel
     except ImportError as err:
-        raise UserError(f"--markov: cannot import nucleo.studies.markov ({err})") from None
+        raise UserError(f"--markov: cannot import data_pipeline.markov ({err})") from None
     return MarkovModel.load(args.markov), args.markov_order, f"markov order {args.markov_order}"
 
 
@@ -246,7 +246,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument(
         "--markov",
         metavar="MODEL.npz",
-        help="a nucleo.studies.markov model, scored on the same bases as a floor",
+        help="a data_pipeline.markov model, scored on the same bases as a floor",
     )
     p.add_argument("--markov-order", type=at_least(0), metavar="K", help="its order")
     add_out(p, "markdown table to write; the .json and .png go beside it", default="regions.md")

@@ -24,7 +24,7 @@ model was trained with). Bases that are N are not counted. For k-mer and BPE tok
 token's nats are spread evenly over the bases it covers.
 
 **A floor**: any object with ``nats(seq: bytes, order: int) -> [len(seq)]`` per-base nats (NaN
-at N), such as ``nucleo.studies.markov.MarkovModel``, is scored on the same bases as each
+at N), such as ``data_pipeline.markov.MarkovModel``, is scored on the same bases as each
 network (each window's bases with ``order`` bases of context before them).
 """
 
@@ -53,7 +53,7 @@ REPEATS = ("all", "repeat", "non-repeat")
 
 
 class Floor(Protocol):
-    """A reference model scored beside the networks (nucleo.studies.markov.MarkovModel)."""
+    """A reference model scored beside the networks (data_pipeline.markov.MarkovModel)."""
 
     def nats(self, seq: bytes, order: int) -> np.ndarray: ...
 

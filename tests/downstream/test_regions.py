@@ -136,7 +136,7 @@ def test_each_base_gets_the_class_that_takes_precedence(tmp_path):
 
 
 class Previous:
-    """A stand-in for nucleo.studies.markov.MarkovModel: 1 nat when a base repeats the one
+    """A stand-in for data_pipeline.markov.MarkovModel: 1 nat when a base repeats the one
     before it, 2 nats otherwise, NaN without context or at N."""
 
     def __init__(self) -> None:
@@ -254,7 +254,7 @@ def test_a_budget_scores_evenly_spaced_whole_windows():
 
 
 def test_evaluate_command_writes_table_json_and_plot(export, genome, tmp_path):
-    from nucleo.studies.markov import MarkovModel
+    from data_pipeline.markov import MarkovModel
 
     path, _ = export
     gff, text = genome

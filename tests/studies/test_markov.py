@@ -1,6 +1,6 @@
-"""k-mer Markov baselines (nucleo.studies.markov, nucleo baseline): counts against a plain
-loop, smoothed probabilities, backoff, case and N, save/load, and the commands on a tiny shard
-set whose validation windows are the ones training draws."""
+"""k-mer Markov baselines (data_pipeline.markov, nucleo.studies.markov, nucleo baseline): counts
+against a plain loop, smoothed probabilities, backoff, case and N, save/load, and the commands
+on a tiny shard set whose validation windows are the ones training draws."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_pipeline import markov
 from data_pipeline.loader import DataConfig, validation_set, validation_windows
+from data_pipeline.markov import MarkovModel, fit_from_shards
 from data_pipeline.shards import ShardOptions, SourceFile, build_shards
 from data_pipeline.tokenizers import CharTokenizer
 from nucleo.cli import baseline
 from nucleo.cli.main import main
-from nucleo.studies import markov
-from nucleo.studies.markov import MarkovModel, fit_from_shards, validation_bits
+from nucleo.studies.markov import validation_bits
 
 LN2 = math.log(2)
 
