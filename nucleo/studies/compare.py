@@ -17,6 +17,9 @@ from typing import Any
 from nucleo.train import store
 
 KINGDOM_PREFIX = "val/bits_per_base/"
+#: the k-mer Markov floor a run logs beside its figures (``eval.floor``): the overall one is a
+#: column; its per-kingdom and repeat figures (``val/floor/...``) stay in MLflow
+FLOOR = "val/floor/bits_per_base"
 
 
 @dataclass
@@ -143,18 +146,20 @@ def _si(value: float) -> str:
 
 
 def columns(rows: list[RunRow]) -> list[str]:
-    """Metric columns present in ``rows``: validation losses, then kingdoms."""
+    """Metric columns present in ``rows``: the Markov floor (when a run logged one),
+    validation losses, then kingdoms."""
     losses = sorted(
         {
             k
             for r in rows
             for k in r.metrics
-            if k.startswith("val/") and not k.startswith(KINGDOM_PREFIX)
+            if k.startswith("val/") and not k.startswith((KINGDOM_PREFIX, "val/floor/"))
             if k not in ("val/bits_per_base", "val/seconds")
         }
     )
+    floor = [FLOOR] if any(FLOOR in r.metrics for r in rows) else []
     kingdoms = sorted({k for r in rows for k in r.kingdoms})
-    return losses + [KINGDOM_PREFIX + k for k in kingdoms]
+    return floor + losses + [KINGDOM_PREFIX + k for k in kingdoms]
 
 
 def table(rows: list[RunRow], fmt: str = "md") -> str:

@@ -29,7 +29,7 @@ from nucleo.core.schema import ConfigError, check, from_dict, parse_override, se
 from nucleo.train.checkpoint import CheckpointConfig
 from nucleo.train.components import ARCHITECTURES, LOSSES, TOKENIZERS
 from nucleo.train.engine import EngineConfig, TrainConfig, check_compile
-from nucleo.train.evaluation import EvalConfig
+from nucleo.train.evaluation import EvalConfig, check_floor_tokenizer
 from nucleo.train.tracking import TrackingConfig
 
 
@@ -132,6 +132,7 @@ def resolve(raw: dict[str, Any]) -> RunConfig:
     from_dict(
         TOKENIZERS.get(data.tokenizer).config, data.tokenizer_options, "data.tokenizer_options"
     )
+    check_floor_tokenizer(sections["eval"], data.tokenizer)
     check_compile(sections["train"], sections["engine"])
     return RunConfig(
         arch=arch,

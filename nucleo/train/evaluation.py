@@ -8,6 +8,14 @@ mask, on repeat and non-repeat bases apart (``val/repeat/bits_per_base``,
 ``val/non_repeat/bits_per_base``; a token counts toward each by its share of masked bases).
 Random views (MLM masks) are drawn from a generator seeded per batch, so every evaluation
 scores the same masked positions.
+
+With ``eval.floor`` (a k-mer Markov model saved by ``nucleo baseline markov --save``), the
+floor's bits per base on the same windows, scored the same way (``data_pipeline.markov``:
+positions 1..L-1, pads excluded, N targets left out), is logged beside every figure:
+``val/floor/bits_per_base``, ``val/floor/bits_per_base/<kingdom>`` and, with the mask,
+``val/floor/repeat/bits_per_base`` and ``val/floor/non_repeat/bits_per_base``. It is computed
+once (each rank its share, summed across ranks at the first validation) and is the same at
+every step.
 """
 
 from __future__ import annotations
@@ -20,9 +28,10 @@ from typing import Any
 import torch
 
 from data_pipeline.loader import DataConfig, validation_set
+from data_pipeline.markov import MAX_ORDER, MarkovModel, WindowNats, score_windows
 from losses.ce import next_token_nll
 from nucleo.core.protocols import Tokenizer
-from nucleo.core.schema import check
+from nucleo.core.schema import ConfigError, check
 from nucleo.core.types import Batch
 from nucleo.train.engine import DistInfo
 from nucleo.train.objective import Objective
@@ -32,16 +41,54 @@ from nucleo.train.objective import Objective
 class EvalConfig:
     """every: optimizer steps between validations (0: only at the end).
     windows_per_kingdom: validation windows drawn from each kingdom's val split.
-    batch_size: windows per forward during validation."""
+    batch_size: windows per forward during validation.
+    floor: a k-mer Markov model (.npz of ``nucleo baseline markov --save``) whose bits per base
+    on the same windows is logged beside the network's (``val/floor/...``; char tokenizer only).
+    floor_order: the Markov order to score (None: the model's highest)."""
 
     every: int = 100
     windows_per_kingdom: int = 32
     batch_size: int = 32
+    floor: str | None = None
+    floor_order: int | None = None
 
     def __post_init__(self) -> None:
         check(self.every >= 0, "every", "must be >= 0")
         check(self.windows_per_kingdom >= 1, "windows_per_kingdom", "must be >= 1")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.floor is None or bool(self.floor.strip()), "floor", "must name a file")
+        if self.floor_order is not None:
+            check(self.floor is not None, "floor_order", "needs eval.floor (a Markov model)")
+            check(0 <= self.floor_order <= MAX_ORDER, "floor_order", f"must be in 0..{MAX_ORDER}")
+
+
+def check_floor_tokenizer(cfg: EvalConfig, tokenizer: str) -> None:
+    """Refuse ``eval.floor`` unless the run's tokenizer (its registry name) is char."""
+    if cfg.floor is not None and tokenizer != "char":
+        raise ConfigError(
+            "eval.floor",
+            "a k-mer Markov floor scores one base per token: it needs data.tokenizer: char, "
+            f"not {tokenizer!r}",
+        )
+
+
+def load_floor(cfg: EvalConfig, tokenizer: Tokenizer) -> tuple[MarkovModel, int] | None:
+    """The Markov model of ``eval.floor`` and the order to score, or None when unset; a
+    missing or bad file, an order the model lacks or a tokenizer other than char is a
+    ConfigError naming the key."""
+    if cfg.floor is None:
+        return None
+    check_floor_tokenizer(cfg, getattr(tokenizer, "name", type(tokenizer).__name__))
+    try:
+        model = MarkovModel.load(cfg.floor)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError("eval.floor", str(err)) from None
+    order = model.max_order if cfg.floor_order is None else cfg.floor_order
+    if order > model.max_order:
+        raise ConfigError(
+            "eval.floor_order", f"{order}: {cfg.floor} holds orders 0..{model.max_order}"
+        )
+    return model, order
 
 
 class Validator:
@@ -56,6 +103,7 @@ class Validator:
         dist: DistInfo,
         seed: int,
     ) -> None:
+        floor = load_floor(cfg, tokenizer)  # a bad eval.floor fails before any data is read
         found = validation_set(data, tokenizer, cfg.windows_per_kingdom, seed)
         tokens, kingdom, self.kingdoms = found.tokens, found.kingdom, found.kingdoms
         self.total_windows = len(tokens)
@@ -72,6 +120,33 @@ class Validator:
         self.dist = dist
         self.bases_per_token = torch.tensor(tokenizer.bases_per_token)
         self.seed = seed
+        # the Markov floor on this rank's windows (summed across ranks at the first validation)
+        self.floor_order = None if floor is None else floor[1]
+        self.floor_sums: WindowNats | None = None
+        self.floor_metrics: dict[str, float] | None = None
+        if floor is not None:
+            model, order = floor
+            self.floor_sums = score_windows(
+                model, self.tokens, self.kingdom, len(self.kingdoms), self.repeat, order
+            )
+
+    def _floor(self) -> dict[str, float]:
+        """``val/floor/...`` of the floor's order, the same on every rank (computed once)."""
+        if self.floor_sums is None or self.floor_order is None:
+            return {}
+        if self.floor_metrics is None:
+            sums = torch.tensor(self.floor_sums.flat(), device=self.dist.device)
+            if self.dist.world_size > 1:
+                torch.distributed.all_reduce(sums)
+            orders = self.floor_order + 1
+            found = WindowNats.from_flat(sums.cpu().numpy(), orders, len(self.kingdoms))
+            bits = found.bits_per_base(self.floor_order, self.kingdoms)
+            names = {"all": "val/floor/bits_per_base"}
+            names.update({p: f"val/floor/{p}/bits_per_base" for p in ("repeat", "non_repeat")})
+            names.update({k: f"val/floor/bits_per_base/{k}" for k in self.kingdoms})
+            scored = found.bases.sum() > 0
+            self.floor_metrics = {names[k]: v for k, v in bits.items()} if scored else {}
+        return self.floor_metrics
 
     def _batch(self, index: int) -> tuple[Batch, bool]:
         """Batch ``index`` of this rank, and whether it holds real windows (else a stand-in)."""
@@ -154,5 +229,7 @@ class Validator:
                     metrics[f"val/{name}/bits_per_base"] = float(n / b / math.log(2))
             if bases.sum() > 0:
                 metrics["val/repeat_fraction"] = float(by_mask[1] / bases.sum())
+        if bases.sum() > 0:  # beside the network's bits per base (causal models)
+            metrics.update(self._floor())
         metrics["val/seconds"] = time.perf_counter() - started
         return metrics

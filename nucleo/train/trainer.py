@@ -139,15 +139,15 @@ class Trainer:
             cfg.losses, cfg.loss, self.model, self.tokenizer, cfg.data.repeat_weight
         )
         check_repeat_mask(self.objective, self.loader.manifest, cfg.data.shards)
+        self.validator = Validator(
+            cfg.eval, cfg.data, self.tokenizer, self.objective, dist, cfg.train.seed
+        )  # reads the validation windows and eval.floor (a bad one stops the run here)
         self.run_dir, resume_tag = prepare_run_dir(cfg, dist, resume, self.say)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.config_yaml = self.run_dir / "config.yaml"
         if dist.is_main:
             save_config(cfg, self.config_yaml)
             self.tokenizer.save(self.run_dir)  # the run's exact vocabulary (and its HF twin)
-        self.validator = Validator(
-            cfg.eval, cfg.data, self.tokenizer, self.objective, dist, cfg.train.seed
-        )
         self.engine = build_engine(self.model, cfg.train, cfg.engine, dist)
         self.tokens_per_step = self.loader.windows_per_step * cfg.data.seq_len  # at full length
         self.state = TrainState()
@@ -391,7 +391,11 @@ class Trainer:
                 if k.startswith("val/bits_per_base/")
             )
             headline = val.get("val/bits_per_base", val.get("val/loss", math.nan))
-            self.say(f"val step {self.state.step} | bits/base {headline:.4f} | {per_kingdom}")
+            floor, order = val.get("val/floor/bits_per_base"), self.validator.floor_order
+            beside = "" if floor is None else f" (Markov-{order} floor {floor:.4f})"
+            self.say(
+                f"val step {self.state.step} | bits/base {headline:.4f}{beside} | {per_kingdom}"
+            )
         trained = self.progress.train_seconds
         if not self._warned_slow_eval and trained > 60 and self.val_seconds > 0.1 * trained:
             self._warned_slow_eval = True
