@@ -155,7 +155,7 @@ def cmd_scaling_isoflop(args: argparse.Namespace) -> int:
 
         names = {p.name for p in expand(load_spec(args.plan))}
         rows = [r for r in rows if r.name in names]
-    fits = isoflop_fit.fit_all(rows, args.bootstrap, args.seed)
+    fits = isoflop_fit.fit_all(rows, args.bootstrap, args.seed, args.seed_noise)
     if not fits:
         raise ValueError(
             f"no finished run with a {isoflop_fit.BUDGET_TAG!r} tag in experiment "
@@ -170,6 +170,7 @@ def cmd_scaling_isoflop(args: argparse.Namespace) -> int:
     command += f" --floor {args.floor}" if args.floor else ""
     command += f" --plan {args.plan}" if args.plan else ""
     command += f" --bootstrap {args.bootstrap} --seed {args.seed}"
+    command += f" --seed-noise {args.seed_noise:g}" if args.seed_noise else ""
     runs = sum(len(c.runs) for f in fits for c in f.curves)
     hours = sum(r.seconds for f in fits for c in f.curves for r in c.runs
                 if math.isfinite(r.seconds)) / 3600  # fmt: skip
@@ -179,7 +180,10 @@ def cmd_scaling_isoflop(args: argparse.Namespace) -> int:
         f"{f', tags {tags}' if tags else ''}\n- runs: {runs} finished runs with a budget tag, "
         f"{hours:.1f} h of wall clock in all (start to end of each run, as the store has them)\n"
         f"- fit: a parabola in log10 N per budget; {args.bootstrap} residual-bootstrap "
-        f"resamples (seed {args.seed}); see nucleo/studies/isoflop_fit.py\n{floor_text}\n"
+        f"resamples (seed {args.seed})"
+        + (f", noise topped up to {args.seed_noise:g} bits/base (seed-to-seed)"
+           if args.seed_noise else "")
+        + f"; see nucleo/studies/isoflop_fit.py\n{floor_text}\n"
         "## Loss-optimal size per budget\n\n" + isoflop_fit.curve_table(fits)
         + "\n## Compute-optimal exponents\n\n" + isoflop_fit.exponent_table(fits)
         + f"\n![isoFLOP curves]({figure.name})\n"
@@ -361,6 +365,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--notes", help="markdown file appended to the report (the discussion)")
     p.add_argument("--floor", metavar="JSON", help=FLOOR_HELP)
     p.add_argument("--plan", help="only the runs of this plan's points (its sweep spec YAML)")
+    p.add_argument(
+        "--seed-noise", type=float, default=0.0, metavar="BITS",
+        help="seed-to-seed SD of bits/base: resamples carry at least this much noise",
+    )  # fmt: skip
     add_store(p)
     p.set_defaults(func=cmd_scaling_isoflop)
     ablation = sub.add_parser("ablation", help="compute-matched loss ablations with intervals")

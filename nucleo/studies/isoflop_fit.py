@@ -7,9 +7,13 @@ the curve's runs; N_opt = 10^(-p1 / 2 p2) when the parabola opens upward (p2 > 0
 curve has no interior minimum and the budget says so. Intervals come from a residual
 bootstrap (each resample: the fitted curve plus the residuals drawn with replacement, scaled
 by sqrt(n / (n - 3)), refitted): five points per curve are too few to resample the points
-themselves. D_opt = C / f(N_opt), f the family's training FLOPs per token, interpolated in log
-N across its runs. The exponents are least-squares lines of log10 N_opt and log10 D_opt on
-log10 C; their intervals pair each budget's r-th resample.
+themselves. With two residual degrees of freedom the residuals can understate how much a run
+moves with its seed, so ``seed_noise`` (bits per base: the seed-to-seed standard deviation
+measured elsewhere, e.g. the ablation's repeated baseline) adds Gaussian noise of that size to
+every resample when it is larger than the residuals' own spread. D_opt = C / f(N_opt), f the
+family's training FLOPs per token, interpolated in log N across its runs. The exponents are
+least-squares lines of log10 N_opt and log10 D_opt on log10 C; their intervals pair each
+budget's r-th resample.
 """
 
 from __future__ import annotations
@@ -95,7 +99,13 @@ def tokens_at(budget: float, log_n: float, table: tuple[np.ndarray, np.ndarray])
     return float(budget / 10 ** (ys[i] + slope * (log_n - xs[i])))
 
 
-def fit_curve(curve: Curve, table: tuple[np.ndarray, np.ndarray], bootstrap: int, seed: int):
+def fit_curve(
+    curve: Curve,
+    table: tuple[np.ndarray, np.ndarray],
+    bootstrap: int,
+    seed: int,
+    seed_noise: float = 0.0,
+):
     """Fill ``curve``'s parabola, minimum and intervals (see the module docstring)."""
     x = np.log10([r.non_embedding for r in curve.runs])
     y = np.array([r.bits for r in curve.runs])
@@ -107,9 +117,12 @@ def fit_curve(curve: Curve, table: tuple[np.ndarray, np.ndarray], bootstrap: int
     rng = np.random.default_rng([seed, int(math.log10(curve.budget) * 1000)])
     fitted = np.polyval(coef, x)
     residuals = (y - fitted) * math.sqrt(len(x) / max(1, len(x) - 3))
+    extra = math.sqrt(max(0.0, seed_noise**2 - float(np.mean(residuals**2))))
     samples = np.full(bootstrap, np.nan)
     for i in range(bootstrap):
         drawn = fitted + rng.choice(residuals, size=len(x), replace=True)
+        if extra > 0:  # the residuals' spread topped up to the measured seed noise
+            drawn = drawn + rng.normal(0.0, extra, size=len(x))
         found = _minimum(_parabola(x, drawn))
         if found is not None:
             samples[i] = found
@@ -142,7 +155,9 @@ def _exponent(log_c: np.ndarray, values: np.ndarray, draws: np.ndarray) -> Expon
     return Exponent(value, (float(low), float(high)), len(usable))
 
 
-def fit_family(family: str, runs: Sequence[RunRow], bootstrap: int, seed: int) -> FamilyFit:
+def fit_family(
+    family: str, runs: Sequence[RunRow], bootstrap: int, seed: int, seed_noise: float = 0.0
+) -> FamilyFit:
     """Every curve of one family (runs grouped by their budget tag) and its exponents."""
     table = _flops_per_token(runs)
     budgets = sorted({float(r.tags[BUDGET_TAG]) for r in runs})
@@ -152,7 +167,7 @@ def fit_family(family: str, runs: Sequence[RunRow], bootstrap: int, seed: int) -
             (r for r in runs if float(r.tags[BUDGET_TAG]) == budget), key=lambda r: r.non_embedding
         )
         curve = Curve(family, budget, members)
-        fit_curve(curve, table, bootstrap, seed)
+        fit_curve(curve, table, bootstrap, seed, seed_noise)
         curves.append(curve)
     found = [c for c in curves if c.n_opt is not None]
     log_c = np.log10([c.budget for c in found])
@@ -172,11 +187,16 @@ def fit_family(family: str, runs: Sequence[RunRow], bootstrap: int, seed: int) -
     )
 
 
-def fit_all(rows: Sequence[RunRow], bootstrap: int = 1000, seed: int = 0) -> list[FamilyFit]:
+def fit_all(
+    rows: Sequence[RunRow], bootstrap: int = 1000, seed: int = 0, seed_noise: float = 0.0
+) -> list[FamilyFit]:
     """Every family of an isoFLOP sweep's finished runs (those with a budget tag)."""
     tagged = [r for r in rows if BUDGET_TAG in r.tags and math.isfinite(r.bits)]
     families = sorted({r.arch for r in tagged})
-    return [fit_family(f, [r for r in tagged if r.arch == f], bootstrap, seed) for f in families]
+    return [
+        fit_family(f, [r for r in tagged if r.arch == f], bootstrap, seed, seed_noise)
+        for f in families
+    ]
 
 
 # ----------------------------------------------------------------------------- report

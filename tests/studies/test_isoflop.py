@@ -152,6 +152,15 @@ def test_the_fit_recovers_the_optimal_sizes_and_exponents():
     assert fit.b.value == pytest.approx(0.5, abs=0.05)  # C = 6 N D: a + b = 1
 
 
+def test_seed_noise_widens_intervals_that_residuals_alone_make_too_narrow():
+    exact = isoflop_fit.fit_all(_rows(0.5, 0.0), bootstrap=200, seed=0)[0].curves[0]
+    noisy = isoflop_fit.fit_all(_rows(0.5, 0.0), bootstrap=200, seed=0, seed_noise=0.003)
+    curve = noisy[0].curves[0]
+    assert curve.n_opt == pytest.approx(exact.n_opt)  # the point estimate does not move
+    width = math.log10(curve.n_ci[1] / curve.n_ci[0])
+    assert width > 0.05 and width > 10 * math.log10(exact.n_ci[1] / exact.n_ci[0])
+
+
 def test_a_curve_without_a_minimum_says_so():
     rows = [r for r in _rows(0.5, 0.0) if r.tags["budget"] == "1e11"]
     for r in rows:  # bigger is always worse: a downward-opening or monotone curve
