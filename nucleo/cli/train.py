@@ -70,10 +70,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from nucleo.train.trainer import fit
 
     cfg = config_from_args(args)
+    finished = False
     try:
         fit(cfg, resume=args.resume, model_writer=_write_pyfunc)
+        finished = True
     finally:
-        shutdown_distributed()
+        shutdown_distributed(together=finished)
     return 0
 
 

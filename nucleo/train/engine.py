@@ -18,6 +18,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -245,11 +246,22 @@ def setup_distributed(cfg: EngineConfig) -> DistInfo:
     )
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(together: bool = False) -> None:
     """Tear down the process group before the interpreter exits: left to exit-time
     destructors, gloo's threads can abort the process ("terminate called without an active
-    exception", exit code 6) after training has finished."""
+    exception", exit code 6) after training has finished.
+
+    together: the run ended normally on every rank, so the ranks first meet (gloo: a monitored
+    barrier that gives up after a minute rather than hang), then tear down at once; a rank that
+    tore down while a peer still talked to it could abort the same way. After an error, a peer
+    may be anywhere, so there is no meeting."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if together and torch.distributed.get_world_size() > 1:
+            with contextlib.suppress(Exception):  # a peer that is gone: tear down anyway
+                if torch.distributed.get_backend() == "gloo":
+                    torch.distributed.monitored_barrier(timeout=timedelta(seconds=60))
+                else:
+                    torch.distributed.barrier()
         with contextlib.suppress(Exception):  # a peer may already be gone
             torch.distributed.destroy_process_group()
         _forget_deepspeed_groups()
