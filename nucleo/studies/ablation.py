@@ -40,7 +40,7 @@ import numpy as np
 
 from nucleo.core.schema import ConfigError
 from nucleo.studies.compare import RunRow
-from nucleo.studies.isoflop import budget_label
+from nucleo.studies.isoflop import budget_label, sweep_part
 from nucleo.train.config import read_yaml
 
 SPEC_KEYS = (
@@ -132,10 +132,7 @@ def plan(spec: AblationSpec) -> list[PlannedVariant]:
     from nucleo.train.config import resolve
     from nucleo.train.objective import Objective
 
-    keep = {k: spec.raw[k] for k in ("base", "config", "set") if k in spec.raw}
-    if "base" in keep:
-        keep["base"] = str((spec.path.parent / str(keep["base"])).resolve())
-    sweep = load_spec_from({**keep, "name": spec.name}, spec.path)
+    sweep = load_spec_from({**sweep_part(spec.raw, spec.path), "name": spec.name}, spec.path)
     out = []
     for family, shape in spec.models.items():
         for variant, overrides in spec.variants.items():
@@ -163,7 +160,7 @@ def plan(spec: AblationSpec) -> list[PlannedVariant]:
 def sweep_spec(spec: AblationSpec, planned: list[PlannedVariant]) -> dict[str, Any]:
     """The plan as a sweep spec: one ``extra`` point per (family, variant), crossed with seeds."""
     raw = {"name": spec.name, "experiment": spec.experiment}
-    raw |= {k: spec.raw[k] for k in ("base", "config", "set") if k in spec.raw}
+    raw |= sweep_part(spec.raw, spec.path)
     raw["extra"] = [
         {
             "arch": p.family,

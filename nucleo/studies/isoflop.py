@@ -168,13 +168,13 @@ def load_study(path: str | Path) -> StudySpec:
     return spec
 
 
-def _sweep_raw(spec: StudySpec) -> dict[str, Any]:
-    """The sweep spec's shared part (everything but the points)."""
-    keep = ("base", "config", "set")
-    raw = {k: spec.raw[k] for k in keep if k in spec.raw}
-    if "base" in raw:  # relative to the study file, as the sweep reads it
-        raw["base"] = str((spec.path.parent / str(raw["base"])).resolve())
-    return raw
+def sweep_part(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The sweep-spec part of a study or ablation spec read from ``path``: its ``base``
+    (resolved against ``path``, as the sweep would read it), ``config`` and ``set``."""
+    out = {k: raw[k] for k in ("base", "config", "set") if k in raw}
+    if "base" in out:
+        out["base"] = str((path.parent / str(out["base"])).resolve())
+    return out
 
 
 def _point_config(spec: StudySpec, family: str, shape: dict[str, Any]) -> Any:
@@ -182,7 +182,7 @@ def _point_config(spec: StudySpec, family: str, shape: dict[str, Any]) -> Any:
     from nucleo.studies.sweep import _apply, load_spec_from
     from nucleo.train.config import resolve
 
-    sweep = load_spec_from({**_sweep_raw(spec), "name": spec.name}, spec.path)
+    sweep = load_spec_from({**sweep_part(spec.raw, spec.path), "name": spec.name}, spec.path)
     return resolve(_apply(sweep.base, {**sweep.overrides, "arch": family, **shape}))
 
 
@@ -323,7 +323,7 @@ def budget_label(budget: float) -> str:
 
 def sweep_spec(spec: StudySpec, runs: list[PlannedRun]) -> dict[str, Any]:
     """The plan as a sweep spec (YAML-ready): the study's config, one ``extra`` point a run."""
-    raw = {"name": spec.name, "experiment": spec.experiment, **_sweep_raw(spec)}
+    raw = {"name": spec.name, "experiment": spec.experiment, **sweep_part(spec.raw, spec.path)}
     extra = []
     for run in runs:
         point = {"arch": run.rung.family, **run.rung.overrides}
