@@ -86,7 +86,7 @@ if want ablation; then
         --out "$RESULTS/ablation.md"
 fi
 if want downstream; then
-    say "downstream MCC of the baseline and the best variant (seed 0 exports)"
+    say "downstream MCC of the baseline and the best variant, every pretraining seed"
     build() {  # task train-per-class test-per-class
         [ -f "data/tasks/$1/task.json" ] || "$PY" -m nucleo tasks build "$1" \
             --corpus data/offline --out "data/tasks/$1" --train-per-class "$2" \
@@ -98,10 +98,13 @@ if want downstream; then
     for FAMILY in hyena mamba; do
         OUT="$RESULTS/ablation_downstream_$FAMILY.md"
         [ -f "$OUT" ] && continue
-        read -r BASE BEST < <("$PY" experiments/study_report.py --pick "$FAMILY")
+        EXPORTS=()
+        for PAIR in $("$PY" experiments/study_report.py --pick "$FAMILY"); do
+            EXPORTS+=(--export "$PAIR")
+        done
         "$PY" -m nucleo finetune data/tasks/kingdom data/tasks/plasmid_vs_chromosome \
-            data/tasks/coding_vs_intergenic --export "baseline=$BASE" --export "best=$BEST" \
-            --compare --no-scratch --mode probe --seeds 0,1,2 --experiment nucleo-ablation-downstream \
+            data/tasks/coding_vs_intergenic "${EXPORTS[@]}" --compare --no-scratch --seeds 0 \
+            --experiment nucleo-ablation-downstream \
             --table "$OUT"
     done
 fi

@@ -42,7 +42,9 @@ def best_variant(family: str, ablation: dict[str, Any]) -> str:
 
 
 def pick(family: str) -> str:
-    """Seed-0 exports of the baseline (ce) and the best variant of ``family``."""
+    """``LABEL=EXPORT`` of the baseline (ce) and the best variant of ``family`` for every seed
+    (``baseline-s0=... best-s0=... baseline-s1=...``): the downstream comparison pairs them by
+    pretraining seed."""
     ablation = _load("ablation.json")
     if ablation is None:
         raise SystemExit("run the ablation first (experiments/results/ablation.json)")
@@ -53,9 +55,52 @@ def pick(family: str) -> str:
     points = expand(load_spec(ROOT / "experiments" / "sweeps" / "ablation_plan.yaml"))
     found = {}
     for p in points:
-        if p.config.arch == family and p.config.train.seed == 0:
-            found[p.config.tracking.tags["variant"]] = p.run_dir / "export"
-    return f"{found['ce']} {found[best]}"
+        if p.config.arch == family:
+            found[p.config.tracking.tags["variant"], p.config.train.seed] = p.run_dir / "export"
+    seeds = sorted({seed for _, seed in found})
+    return " ".join(
+        f"{label}-s{seed}={found[variant, seed]}"
+        for seed in seeds
+        for label, variant in (("baseline", "ce"), ("best", best))
+    )
+
+
+def downstream_section(family: str, best: str) -> str:
+    """Best variant minus baseline in test MCC per task and mode, paired by pretraining seed."""
+    table = _load(f"ablation_downstream_{family}.json")
+    if table is None:
+        return _missing(f"downstream MCC of {family}", "downstream")
+    sys.path.insert(0, str(ROOT))
+    from nucleo.studies.ablation import paired
+
+    mcc: dict[tuple[str, str, str], dict[int, float]] = {}
+    for row in table["rows"]:
+        label, _, seed = row["label"].rpartition("-s")
+        if label in ("baseline", "best") and seed.isdigit():
+            mcc.setdefault((row["task"], row["mode"], label), {})[int(seed)] = row["summary"][
+                "mcc"
+            ][0]
+    lines = [
+        f"Downstream, {family}: `{best}` minus `ce` in test MCC, paired by pretraining seed "
+        f"(one fine-tuning seed each; [ablation_downstream_{family}.md]"
+        f"(ablation_downstream_{family}.md)).\n",
+        "| task | mode | ce MCC | difference [95%] | per seed | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task, mode in dict.fromkeys((t, m) for t, m, _ in mcc):
+        base, other = mcc.get((task, mode, "baseline"), {}), mcc.get((task, mode, "best"), {})
+        seeds = sorted(set(base) & set(other))
+        if not seeds:
+            continue
+        d = paired([other[s] for s in seeds], [base[s] for s in seeds])
+        interval = "" if math.isnan(d.low) else f" [{d.low:+.3f}, {d.high:+.3f}]"
+        per_seed = ", ".join(f"{x:+.3f}" for x in d.per_seed)
+        verdict = {"better": "worse", "worse": "better"}.get(d.verdict, d.verdict)  # MCC: up
+        lines.append(
+            f"| {task} | {mode} | {d.baseline:.3f} | {d.mean:+.3f}{interval} | {per_seed} | "
+            f"{verdict} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def floor_section() -> str:
@@ -147,12 +192,7 @@ def ablation_section() -> str:
             "[ablation_regions.md](ablation_regions.md).\n"
         )
     for family in diffs:
-        table = RESULTS / f"ablation_downstream_{family}.md"
-        if table.is_file():
-            lines += [f"Downstream ({family}: baseline vs best variant, linear probe, 3 seeds):\n",
-                      table.read_text()]  # fmt: skip
-        else:
-            lines.append(_missing(f"downstream MCC of {family}", "downstream"))
+        lines.append(downstream_section(family, best_variant(family, diffs)))
     return "\n".join(lines)
 
 
