@@ -89,14 +89,21 @@ def _flops_per_token(runs: Sequence[RunRow]) -> tuple[np.ndarray, np.ndarray]:
     return np.log10(ns), np.log10([by_n[n] for n in ns])
 
 
-def tokens_at(budget: float, log_n: float, table: tuple[np.ndarray, np.ndarray]) -> float:
-    """D = C / f(N), f interpolated (and extrapolated linearly) in log-log across the runs."""
+def log_tokens_at(budget: float, log_n: float, table: tuple[np.ndarray, np.ndarray]) -> float:
+    """log10 D, D = C / f(N), f interpolated (and extrapolated linearly) in log-log across the
+    runs; in logs, so that a bootstrap draw far outside the sizes trained stays finite."""
     xs, ys = table
     if len(xs) == 1:  # one size: f proportional to N
-        return float(budget / 10 ** (ys[0] + log_n - xs[0]))
+        return float(math.log10(budget) - (ys[0] + log_n - xs[0]))
     i = int(np.clip(np.searchsorted(xs, log_n) - 1, 0, len(xs) - 2))
     slope = (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
-    return float(budget / 10 ** (ys[i] + slope * (log_n - xs[i])))
+    return float(math.log10(budget) - (ys[i] + slope * (log_n - xs[i])))
+
+
+def tokens_at(budget: float, log_n: float, table: tuple[np.ndarray, np.ndarray]) -> float:
+    """D = C / f(N) (see log_tokens_at); inf past the float range."""
+    log_d = log_tokens_at(budget, log_n, table)
+    return float(10**log_d) if log_d < 308 else math.inf
 
 
 def fit_curve(
@@ -178,7 +185,7 @@ def fit_family(
     for j, c in enumerate(found):
         for i, value in enumerate(draws_n[:, j]):
             if np.isfinite(value):
-                draws_d[i, j] = math.log10(tokens_at(c.budget, float(value), table))
+                draws_d[i, j] = log_tokens_at(c.budget, float(value), table)
     return FamilyFit(
         family,
         curves,

@@ -161,6 +161,16 @@ def test_seed_noise_widens_intervals_that_residuals_alone_make_too_narrow():
     assert width > 0.05 and width > 10 * math.log10(exact.n_ci[1] / exact.n_ci[0])
 
 
+def test_token_counts_of_draws_far_outside_the_sizes_stay_finite():
+    """A bootstrap draw of N_opt at 10^400 (a nearly flat parabola) gives log10 D, not a
+    math domain error from 10**400 overflowing (found on the real CPU study's 1,000 draws)."""
+    table = (np.array([3.0, 4.0, 5.0]), np.array([4.5, 5.4, 6.3]))
+    assert isoflop_fit.log_tokens_at(1e12, 400.0, table) == pytest.approx(12 - (6.3 + 0.9 * 395))
+    assert isoflop_fit.log_tokens_at(1e12, -400.0, table) > 300
+    assert isoflop_fit.tokens_at(1e12, -400.0, table) == math.inf
+    assert isoflop_fit.tokens_at(1e12, 4.0, table) == pytest.approx(1e12 / 10**5.4)
+
+
 def test_a_curve_without_a_minimum_says_so():
     rows = [r for r in _rows(0.5, 0.0) if r.tags["budget"] == "1e11"]
     for r in rows:  # bigger is always worse: a downward-opening or monotone curve
