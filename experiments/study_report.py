@@ -21,6 +21,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 NOTES = ROOT / "experiments" / "study_notes.md"
+sys.path.insert(0, str(ROOT))  # nucleo, imported where a section needs it
 
 
 def _load(name: str) -> Any | None:
@@ -49,7 +50,6 @@ def pick(family: str) -> str:
     if ablation is None:
         raise SystemExit("run the ablation first (experiments/results/ablation.json)")
     best = best_variant(family, ablation)
-    sys.path.insert(0, str(ROOT))
     from nucleo.studies.sweep import expand, load_spec
 
     points = expand(load_spec(ROOT / "experiments" / "sweeps" / "ablation_plan.yaml"))
@@ -70,7 +70,6 @@ def downstream_section(family: str, best: str) -> str:
     table = _load(f"ablation_downstream_{family}.json")
     if table is None:
         return _missing(f"downstream MCC of {family}", "downstream")
-    sys.path.insert(0, str(ROOT))
     from nucleo.studies.ablation import paired
 
     mcc: dict[tuple[str, str, str], dict[int, float]] = {}
@@ -92,13 +91,12 @@ def downstream_section(family: str, best: str) -> str:
         seeds = sorted(set(base) & set(other))
         if not seeds:
             continue
-        d = paired([other[s] for s in seeds], [base[s] for s in seeds])
+        d = paired([other[s] for s in seeds], [base[s] for s in seeds], lower_is_better=False)
         interval = "" if math.isnan(d.low) else f" [{d.low:+.3f}, {d.high:+.3f}]"
         per_seed = ", ".join(f"{x:+.3f}" for x in d.per_seed)
-        verdict = {"better": "worse", "worse": "better"}.get(d.verdict, d.verdict)  # MCC: up
         lines.append(
             f"| {task} | {mode} | {d.baseline:.3f} | {d.mean:+.3f}{interval} | {per_seed} | "
-            f"{verdict} |"
+            f"{d.verdict} |"
         )
     return "\n".join(lines) + "\n"
 

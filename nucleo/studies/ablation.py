@@ -189,33 +189,37 @@ def t95(df: int) -> float:
 @dataclass
 class Difference:
     """Mean paired difference (variant - baseline) over seeds, its 95% t interval, the
-    per-seed differences, and the baseline's mean (for scale)."""
+    per-seed differences, the baseline's mean (for scale), and which way is better (bits per
+    base: lower; MCC and other scores: higher)."""
 
     mean: float
     low: float
     high: float
     per_seed: list[float]
     baseline: float
+    lower_is_better: bool = True
 
     @property
     def verdict(self) -> str:
         if len(self.per_seed) < 2:
             return "one seed"
         if self.high < 0:
-            return "better"
+            return "better" if self.lower_is_better else "worse"
         if self.low > 0:
-            return "worse"
+            return "worse" if self.lower_is_better else "better"
         return "no difference resolved"
 
 
-def paired(variant: Sequence[float], baseline: Sequence[float]) -> Difference:
+def paired(
+    variant: Sequence[float], baseline: Sequence[float], lower_is_better: bool = True
+) -> Difference:
     """Paired difference of two equally long per-seed lists (seed i with seed i)."""
     diffs = np.asarray(variant, dtype=float) - np.asarray(baseline, dtype=float)
-    mean = float(diffs.mean())
+    mean, base = float(diffs.mean()), float(np.mean(baseline))
     if len(diffs) < 2:
-        return Difference(mean, math.nan, math.nan, diffs.tolist(), float(np.mean(baseline)))
+        return Difference(mean, math.nan, math.nan, diffs.tolist(), base, lower_is_better)
     half = t95(len(diffs) - 1) * float(diffs.std(ddof=1)) / math.sqrt(len(diffs))
-    return Difference(mean, mean - half, mean + half, diffs.tolist(), float(np.mean(baseline)))
+    return Difference(mean, mean - half, mean + half, diffs.tolist(), base, lower_is_better)
 
 
 def _metric(row: RunRow, key: str) -> float | None:
