@@ -236,8 +236,10 @@ def build_corpus(
     options: ShardOptions | None = None,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """Fetch, unpack, write manifests and (unless ``shards`` is False) shard the corpus.
+    """Fetch, unpack, write manifests and (unless ``shards`` is False) shard the corpus
+    (``workers``: local Dask worker processes of the build; None: in this process).
 
     Returns {"sources": [...], "manifests": folder, "shards": folder or None,
     "manifest": the shard manifest or None}."""
@@ -270,7 +272,8 @@ def build_corpus(
     if shards:
         shard_dir = out / "shards"
         result["manifest"] = build_shards(
-            sources, shard_dir, options, overwrite=overwrite, log=log, verbose=True
-        )
+            sources, shard_dir, options, overwrite=overwrite, log=log, verbose=True,
+            workers=workers, progress=sys.stderr,
+        )  # fmt: skip
         result["shards"] = shard_dir
     return result

@@ -11,6 +11,11 @@ a pure function of the seed and the layout (world size, workers, micro-batch). T
 position is the number of micro-batches consumed; restoring it replays the stream without
 tokenizing and drops what was already seen, so a resumed run sees exactly the batches the
 uninterrupted run would have seen.
+
+Shards may be read from a URL (``data.shards: s3://bucket/shards``, ``gs://``, ``https://``):
+each is streamed through ``data_pipeline.storage`` (webdataset's own opener knows no ``s3://``
+and shells out to curl for http), into the same tar iteration, with the same errors, splits,
+shuffles and resume as local shards.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline import storage
 from data_pipeline.shards import (
     DEFAULT_MAX_N_FRACTION,
     load_manifest,
@@ -50,7 +56,8 @@ from nucleo.core.types import Batch
 class DataConfig:
     """Where the shards are and how windows are cut from them.
 
-    shards: a directory built by ``nucleo data build`` (holds manifest.json).
+    shards: a directory built by ``nucleo data build`` (holds manifest.json), or its URL
+        (``s3://bucket/shards``; credentials from the environment, e.g. AWS_ACCESS_KEY_ID).
     kingdoms: kingdoms to train and validate on (null: all in the manifest).
     tokenizer: tokenizer registry name. tokenizer_options: its settings (``kmer``: ``k``).
     seq_len: window length in tokens; windows are cut seq_len x (the tokenizer's most bases
@@ -62,8 +69,8 @@ class DataConfig:
     on_bad_shard: a missing or corrupt training shard stops the run with an error naming it
         ("error"), or is skipped with a warning and counted (``data/skipped_shards``).
     verify_shards: hash each shard against the manifest the first time a reader opens it
-        (reads it twice, the second time from the page cache), so altered bytes are refused
-        rather than trained on.
+        (reads it twice, the second time from the page cache; twice over the network for
+        shards at a URL), so altered bytes are refused rather than trained on.
     mixture: how training draws kingdoms: "natural" (in proportion to their bases, one pass
         over the shards per epoch), "uniform" (each kingdom equally often), "temperature"
         (p_k ~ n_k^mixture_alpha, n_k the kingdom's training chunks; alpha 1 = natural,
@@ -223,7 +230,7 @@ def tar_samples(
     """
     if sha256 is not None and path not in VERIFIED_SHARDS:
         try:
-            same = sha256_file(Path(path)) == sha256
+            same = sha256_file(path) == sha256
             problem = None if same else "its bytes do not match the manifest's SHA-256 (corrupted)"
         except OSError as err:
             problem = f"{type(err).__name__}: {err}"
@@ -235,14 +242,34 @@ def tar_samples(
 
 
 def _samples(path: str, on_bad: str) -> Iterator[dict[str, Any]]:
-    pipeline = wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples())
     try:
-        for sample in pipeline:
+        for sample in _tar_stream(path):
             if "seq" not in sample or "json" not in sample:
                 raise ValueError(f"sample {sample.get('__key__')!r} lacks .seq or .json")
             yield sample
     except (OSError, tarfile.TarError, ValueError) as err:
-        _bad_shard(path, f"{type(err).__name__}: {err}", on_bad, err)
+        _bad_shard(path, f"{type(err).__name__}: {_reason(err, path)}", on_bad, err)
+
+
+def _tar_stream(path: str) -> Iterator[dict[str, Any]]:
+    """The samples of one shard: a local file through webdataset's own pipeline; a URL
+    streamed by ``storage.open_stream`` (its read failures one-line OSErrors) into the same
+    tar expansion and grouping by key."""
+    if not storage.is_url(path):
+        yield from wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples())
+        return
+    with storage.open_stream(path) as stream:
+        files = wds.tariterators.tar_file_expander([{"url": path, "stream": stream}])
+        yield from wds.tariterators.group_by_keys(files)
+
+
+def _reason(err: BaseException, path: str) -> str:
+    """An error's message for a bad-shard line: webdataset appends the stream and the URL to
+    the arguments of what it re-raises; only the message is kept, without credentials."""
+    text = str(err.args[0]) if len(err.args) > 1 and isinstance(err.args[0], str) else str(err)
+    if not storage.is_url(path):
+        return text
+    return storage.scrub(text, path).removeprefix(f"{storage.redact(path)}: ")  # named already
 
 
 def split_chunks(
@@ -258,7 +285,7 @@ def split_chunks(
     (then repeats stay lower case, where the shards keep them)."""
     chunks = []
     for shard in manifest["kingdoms"][kingdom].get(split, {}).get("shards", []):
-        samples = tar_samples(str(Path(shard_dir) / shard["path"]), on_bad="strict")
+        samples = tar_samples(storage.join(shard_dir, shard["path"]), on_bad="strict")
         for sample in sorted(samples, key=lambda s: s["__key__"]):
             meta = json.loads(sample["json"])
             bases = sample["seq"] if soft_mask else sample["seq"].upper()
@@ -269,9 +296,12 @@ def split_chunks(
 def _bad_shard(path: str, reason: str, on_bad: str, cause: Exception | None = None) -> None:
     """Raise BadShardError naming ``path``, or (``on_bad="skip"``) warn once and record it."""
     skip = " or set data.on_bad_shard=skip" if on_bad != "strict" else ""
+    shown = storage.redact(path) if storage.is_url(path) else path
+    folder = storage.parent(storage.parent(path))
+    folder = storage.redact(folder) if storage.is_url(folder) else folder
     message = (
-        f"shard {path} is unreadable ({reason}); re-check the folder with `nucleo data "
-        f"verify --shards {Path(path).parent.parent}` and rebuild it{skip}"
+        f"shard {shown} is unreadable ({reason}); re-check the folder with `nucleo data "
+        f"verify --shards {folder}` and rebuild it{skip}"
     )
     if on_bad != "skip":
         raise BadShardError(message) from cause
@@ -463,7 +493,8 @@ class WindowStream(IterableDataset):
                 raise self.no_windows(consumer, shards, bases)
 
     def no_windows(self, consumer: int, shards: list[tuple[str, int]], bases: int) -> Exception:
-        names = ", ".join(path for path, _ in shards[:4]) + (" ..." if len(shards) > 4 else "")
+        names = ", ".join(_shown(path) for path, _ in shards[:4])
+        names += " ..." if len(shards) > 4 else ""
         return NoWindowsError(
             f"reader {consumer}: its {len(shards)} shard(s) ({names}) give no training window of "
             f"{bases} bases with at most data.max_n_fraction={self.cfg.max_n_fraction} of N: "
@@ -540,21 +571,22 @@ class TrainLoader:
         self.cfg = cfg
         self.grad_accum = grad_accum
         self.manifest = load_manifest(cfg.shards)
+        self.where = shown = _shown(cfg.shards)  # as messages name it: no URL credentials
         chunk_len = self.manifest["options"]["chunk_len"]
         bases = window_bases(cfg, tokenizer)
         if bases > chunk_len:
             raise ValueError(
                 f"data.seq_len={cfg.seq_len} tokens of {cfg.tokenizer} need {bases} bases, more "
-                f"than the chunks of {cfg.shards} ({chunk_len} bases): rebuild the shards with "
+                f"than the chunks of {shown} ({chunk_len} bases): rebuild the shards with "
                 f"--chunk-len >= {bases} or lower data.seq_len"
             )
         self.shards = shard_paths(cfg.shards, self.manifest, "train", cfg.kingdoms)
         if not self.shards:
-            raise ValueError(f"{cfg.shards}: no training shards for kingdoms {cfg.kingdoms}")
+            raise ValueError(f"{shown}: no training shards for kingdoms {cfg.kingdoms}")
         readers = world_size * max(1, cfg.num_workers)
         if len(self.shards) < readers:
             raise ValueError(
-                f"{len(self.shards)} training shards in {cfg.shards} cannot feed {readers} "
+                f"{len(self.shards)} training shards in {shown} cannot feed {readers} "
                 f"readers ({world_size} ranks x {max(1, cfg.num_workers)} workers): rebuild the "
                 "shards with more (--min-shards) or lower data.num_workers"
             )
@@ -666,6 +698,11 @@ class TrainLoader:
                 yield batch
         except (BadShardError, NoWindowsError) as err:
             raise type(err)(worker_message(err)) from None
+
+
+def _shown(path: str | Path) -> str:
+    """A shard set's path as messages show it: a URL without its credentials."""
+    return storage.redact(path) if storage.is_url(path) else str(path)
 
 
 def worker_message(err: Exception) -> str:

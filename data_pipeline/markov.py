@@ -288,7 +288,10 @@ def check_order(order: int) -> int:
 
 def manifest_digest(shard_dir: str | Path) -> str:
     """SHA-256 of the shard set's manifest.json (names the exact shard set fit on)."""
-    return hashlib.sha256((Path(shard_dir) / "manifest.json").read_bytes()).hexdigest()
+    from data_pipeline import storage
+
+    manifest = storage.read_bytes(storage.join(shard_dir, "manifest.json"))
+    return hashlib.sha256(manifest).hexdigest()
 
 
 def fit_from_shards(
@@ -305,6 +308,7 @@ def fit_from_shards(
     round-robin to a kingdom's shards, so its first shards sample all its records). The
     metadata records the bases read per kingdom. progress: receives a line now and then.
     """
+    from data_pipeline import storage
     from data_pipeline.loader import tar_samples
     from data_pipeline.shards import load_manifest, shard_paths
 
@@ -326,7 +330,7 @@ def fit_from_shards(
         for shard in manifest["kingdoms"][kingdom].get("train", {}).get("shards", []):
             if read[kingdom] >= quota:
                 break
-            for sample in tar_samples(str(Path(shard_dir) / shard["path"]), on_bad="strict"):
+            for sample in tar_samples(storage.join(shard_dir, shard["path"]), on_bad="strict"):
                 chunk = sample["seq"][: quota - read[kingdom]]
                 counter.add(chunk)
                 read[kingdom] += len(chunk)

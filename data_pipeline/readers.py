@@ -6,20 +6,26 @@ Normalisation upper-cases soft-masked bases, maps IUPAC ambiguity codes to ``N``
 ``T``; anything else is an error naming the file, the line and the character. With
 ``soft_mask=True`` the case is kept instead (``acgtn``: bases a repeat masker marked, as RefSeq's
 eukaryotic genomes mark WindowMasker's repeats; ambiguity codes become ``N`` or ``n``).
-Compression is recognised by its magic bytes, not the file name.
+Compression is recognised by its magic bytes, not the file name. A path may be a URL
+(``s3://``, ``gs://``, ``https://``: ``data_pipeline.storage``), streamed, never downloaded whole;
+messages name it without credentials.
 """
 
 from __future__ import annotations
 
 import bz2
 import gzip
+import io
+import itertools
 import lzma
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
+
+from data_pipeline import storage
 
 Format = Literal["fasta", "genbank"]
 
@@ -70,7 +76,7 @@ class SequenceFormatError(ValueError):
     """A malformed genome file; the message starts with ``path:line:``."""
 
     def __init__(self, path: str | Path, line: int | None, message: str) -> None:
-        self.path = str(path)
+        self.path = _where(path)
         self.line = line
         self.message = message
         where = f"{self.path}:{line}" if line else self.path
@@ -103,18 +109,58 @@ class SequenceRecord:
 _MAGIC = {b"\x1f\x8b": "gzip", b"\xfd7zXZ\x00": "xz", b"BZh": "bzip2"}
 
 
-def compression_of(path: str | Path) -> str | None:
-    """``"gzip"``, ``"xz"``, ``"bzip2"`` or None, from the file's first bytes."""
-    with open(path, "rb") as fh:
-        head = fh.read(6)
+def _where(path: str | Path) -> str:
+    """``path`` as messages and records name it: a URL without its credentials."""
+    return storage.redact(path) if storage.is_url(path) else str(path)
+
+
+def _compression(head: bytes) -> str | None:
     for magic, name in _MAGIC.items():
         if head.startswith(magic):
             return name
     return None
 
 
+def compression_of(path: str | Path) -> str | None:
+    """``"gzip"``, ``"xz"``, ``"bzip2"`` or None, from the file's first bytes."""
+    return _compression(storage.head(path, 6))
+
+
+class _Decompressing(io.BufferedReader):
+    """A decompressing reader of a remote stream that also closes the stream (``GzipFile``,
+    ``LZMAFile`` and ``BZ2File`` given a file object leave it open)."""
+
+    def __init__(self, reader: IO[bytes], stream: IO[bytes]) -> None:
+        super().__init__(reader)  # type: ignore[arg-type]
+        self._stream = stream
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._stream.close()
+
+
 def open_binary(path: str | Path) -> IO[bytes]:
-    """Open ``path`` for reading bytes, decompressing gzip, xz or bzip2 transparently."""
+    """Open ``path`` for reading bytes, decompressing gzip, xz or bzip2 transparently.
+
+    A URL is opened once and streamed (``storage.open_stream``): its first bytes, peeked
+    from the stream, tell the compression."""
+    if storage.is_url(path):
+        stream = storage.open_stream(path)
+        try:
+            kind = _compression(stream.peek(6)[:6])  # type: ignore[attr-defined]
+            if kind is None:
+                return stream
+            reader: Any
+            if kind == "gzip":
+                reader = gzip.GzipFile(fileobj=stream, mode="rb")
+            else:
+                reader = (lzma.LZMAFile if kind == "xz" else bz2.BZ2File)(stream, "rb")
+            return _Decompressing(reader, stream)
+        except BaseException:
+            stream.close()
+            raise
     kind = compression_of(path)
     if kind == "gzip":
         return gzip.open(path, "rb")
@@ -128,13 +174,19 @@ def open_binary(path: str | Path) -> IO[bytes]:
 _DECOMPRESS_ERRORS = (EOFError, OSError, lzma.LZMAError, zlib.error)
 
 
-def _lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
-    """(line number, line) pairs; decompression failures become SequenceFormatError."""
+def _lines(
+    path: str | Path, fh: IO[bytes] | None = None
+) -> Generator[tuple[int, bytes], None, None]:
+    """(line number, line) pairs of ``path`` (read from ``fh`` when given, which is closed at
+    the end); decompression failures become SequenceFormatError, a remote store's failures
+    (``storage.StorageError``) stay what they are."""
     number = 0
-    with open_binary(path) as fh:
+    with fh if fh is not None else open_binary(path) as stream:
         try:
-            for number, line in enumerate(fh, start=1):
+            for number, line in enumerate(stream, start=1):
                 yield number, line
+        except (storage.StorageError, storage.StorageNotFoundError):
+            raise
         except _DECOMPRESS_ERRORS as err:
             raise SequenceFormatError(
                 path, number + 1, f"corrupt or truncated compressed data ({err})"
@@ -173,10 +225,16 @@ def _bad_character(
 def read_fasta(path: str | Path, soft_mask: bool = False) -> Iterator[SequenceRecord]:
     """Stream the records of a FASTA file (``>header`` lines, then sequence lines);
     ``soft_mask``: keep lower-case (repeat-masked) bases lower case."""
+    return _fasta(path, _lines(path), soft_mask)
+
+
+def _fasta(
+    path: str | Path, lines: Iterable[tuple[int, bytes]], soft_mask: bool
+) -> Iterator[SequenceRecord]:
     table = NORMALISE_SOFT if soft_mask else NORMALISE
     record: SequenceRecord | None = None
     invalid = bytes([_INVALID])
-    for number, line in _lines(path):
+    for number, line in lines:
         if line.startswith(b">"):
             if record is not None:
                 yield _finish(record, path)
@@ -189,7 +247,7 @@ def read_fasta(path: str | Path, soft_mask: bool = False) -> Iterator[SequenceRe
                 accession=accession_of(ident),
                 description=description.strip(),
                 seq=bytearray(),
-                source=str(path),
+                source=_where(path),
                 line=number,
             )
             continue
@@ -217,6 +275,10 @@ def _finish(record: SequenceRecord, path: str | Path) -> SequenceRecord:
 def read_genbank(path: str | Path) -> Iterator[SequenceRecord]:
     """Stream the records of a GenBank flat file (LOCUS ... ORIGIN ... //), upper case (GenBank
     prints every base in lower case, which marks no repeat)."""
+    return _genbank(path, _lines(path))
+
+
+def _genbank(path: str | Path, lines: Iterable[tuple[int, bytes]]) -> Iterator[SequenceRecord]:
     invalid = bytes([_INVALID])
     fields: dict[str, str] = {}
     seq = bytearray()
@@ -224,7 +286,7 @@ def read_genbank(path: str | Path) -> Iterator[SequenceRecord]:
     declared = -1
     section = "outside"  # outside | header | origin
     last_key = ""
-    for number, line in _lines(path):
+    for number, line in lines:
         if section == "outside":
             if not line.strip():
                 continue
@@ -285,7 +347,7 @@ def read_genbank(path: str | Path) -> Iterator[SequenceRecord]:
                     accession=ident,
                     description=fields.get("DEFINITION", "").rstrip("."),
                     seq=seq,
-                    source=str(path),
+                    source=_where(path),
                     line=start,
                     organism=fields.get("ORGANISM", ""),
                 )
@@ -301,23 +363,29 @@ def read_genbank(path: str | Path) -> Iterator[SequenceRecord]:
         )
 
 
+def _format_of(path: str | Path, number: int, line: bytes) -> Format:
+    """The format that first non-blank ``line`` starts."""
+    if line.startswith(b">"):
+        return "fasta"
+    if line.startswith(b"LOCUS"):
+        return "genbank"
+    snippet = line[:40].decode("latin-1").rstrip()
+    raise SequenceFormatError(
+        path,
+        number,
+        f"neither FASTA ('>' header) nor GenBank (LOCUS line): starts with {snippet!r}",
+    )
+
+
 def detect_format(path: str | Path) -> Format:
     """``"fasta"`` or ``"genbank"`` from the first non-blank line of the (decompressed) file."""
     with open_binary(path) as fh:
         try:
             for number, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                if line.startswith(b">"):
-                    return "fasta"
-                if line.startswith(b"LOCUS"):
-                    return "genbank"
-                snippet = line[:40].decode("latin-1").rstrip()
-                raise SequenceFormatError(
-                    path,
-                    number,
-                    f"neither FASTA ('>' header) nor GenBank (LOCUS line): starts with {snippet!r}",
-                )
+                if line.strip():
+                    return _format_of(path, number, line)
+        except (storage.StorageError, storage.StorageNotFoundError):
+            raise
         except _DECOMPRESS_ERRORS as err:
             raise SequenceFormatError(path, None, f"corrupt compressed data ({err})") from None
     raise SequenceFormatError(path, None, "file is empty")
@@ -329,8 +397,11 @@ def read_sequences(
     """Stream the records of a FASTA or GenBank file; the format is detected when not given.
 
     soft_mask: keep soft-masked bases lower case (FASTA). GenBank flat files print every base
-    in lower case, which marks nothing, so their records always come upper case.
+    in lower case, which marks nothing, so their records always come upper case. A URL is
+    opened once: the format is detected from the stream the records are then read from.
     """
+    if storage.is_url(path):
+        return _read_url(str(path), fmt, soft_mask)
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such genome file")
     fmt = fmt or detect_format(path)
@@ -339,3 +410,29 @@ def read_sequences(
     if fmt == "genbank":
         return read_genbank(path)
     raise ValueError(f"{path}: unknown format {fmt!r}; valid: fasta, genbank")
+
+
+def _read_url(url: str, fmt: Format | None, soft_mask: bool) -> Iterator[SequenceRecord]:
+    """``read_sequences`` of a URL: one stream, its first lines peeked for the format."""
+    if fmt not in (None, "fasta", "genbank"):
+        raise ValueError(f"{_where(url)}: unknown format {fmt!r}; valid: fasta, genbank")
+    try:
+        stream = open_binary(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{_where(url)}: no such genome file") from None
+    lines = _lines(url, stream)
+    peeked: list[tuple[int, bytes]] = []
+    if fmt is None:
+        try:
+            for number, line in lines:
+                peeked.append((number, line))
+                if line.strip():
+                    fmt = _format_of(url, number, line)
+                    break
+            else:
+                raise SequenceFormatError(url, None, "file is empty")
+        except BaseException:
+            lines.close()
+            raise
+    everything = itertools.chain(peeked, lines)
+    return _fasta(url, everything, soft_mask) if fmt == "fasta" else _genbank(url, everything)

@@ -24,6 +24,10 @@ when complete: a failed build never leaves a half-written shard set behind a val
 manifest, nor a partial folder. ``overwrite`` replaces only a folder that holds a nucleo shard
 set (its manifest says so) and never one that holds an input: nucleo deletes nothing it did not
 make.
+
+Inputs and shard sets may be URLs (``s3://``, ``gs://``, ``https://``: ``data_pipeline.storage``):
+a shard's path is then ``storage.join(shard_dir, rel)``, a URL too, and messages name URLs
+without their credentials.
 """
 
 from __future__ import annotations
@@ -31,22 +35,20 @@ from __future__ import annotations
 import csv
 import difflib
 import hashlib
+import io
 import json
-import math
 import os
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
-
-from data_pipeline.dedup import SketchOptions, cluster_sketches, sketch
-from data_pipeline.masking import MASKS, Masker, RecordMasker, get_masker
+from data_pipeline import storage
+from data_pipeline.dedup import SketchOptions
+from data_pipeline.masking import MASKS, Masker
 from data_pipeline.readers import SequenceRecord, read_sequences
 from nucleo.core.alphabet import reverse_complement_bytes
 
@@ -74,9 +76,11 @@ class SourceFile:
     forces "fasta" or "genbank"; ``package`` records where the file came from. A filter that
     keeps none of a file's records is an error, unless ``matched`` (the file is one of several
     a glob matched, so the filter picks among them: it is then skipped with a line).
+    ``path`` is a local Path or a URL string (``s3://...``; a local path given as a string
+    becomes a Path).
     """
 
-    path: Path
+    path: str | Path
     kingdom: str
     group: str = ""
     include: str = ""
@@ -84,6 +88,15 @@ class SourceFile:
     fmt: str | None = None
     package: str = ""
     matched: bool = False
+
+    def __post_init__(self) -> None:
+        if not storage.is_url(self.path) and not isinstance(self.path, Path):
+            object.__setattr__(self, "path", storage.local(self.path))
+
+    @property
+    def name(self) -> str:
+        """The path as messages show it: a URL without its credentials."""
+        return storage.redact(self.path) if storage.is_url(self.path) else str(self.path)
 
     def records(self, soft_mask: bool = False) -> Iterator[SequenceRecord]:
         """The file's records whose header (id and description) matches ``include`` (a regex,
@@ -189,22 +202,42 @@ SOURCE_COLUMNS = (
 )  # fmt: skip
 
 
+def _row_path(cell: str, base: str, remote: bool) -> str | Path:
+    """A TSV row's path: a URL as written, else relative to the TSV's folder ``base`` (a URL
+    folder when the TSV is at a URL; an absolute path in such a TSV stays local)."""
+    if storage.is_url(cell):
+        return cell
+    file = Path(cell)
+    if file.is_absolute():
+        return file
+    return storage.join(base, cell) if remote else Path(base) / file
+
+
 def read_sources_tsv(path: str | Path) -> list[SourceFile]:
     """Inputs from a TSV whose header names its columns: ``path`` and ``kingdom`` (required),
     ``group``, ``include``, ``exclude``, ``format``, ``package`` and ``matched`` (optional; see
     SourceFile).
 
-    Paths are relative to the TSV; rows starting with ``#`` are comments.
+    Paths are relative to the TSV, or URLs; the TSV may itself be at a URL (relative rows then
+    resolve against its URL folder). Rows starting with ``#`` are comments.
     """
-    path = Path(path)
-    base = path.parent
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh, delimiter="\t"))
+    remote = storage.is_url(path)
+    if remote:
+        base = storage.parent(path)
+        text = storage.read_bytes(path).decode("utf-8")
+        where = storage.redact(path)
+    else:
+        path = Path(path)
+        base = str(path.parent)
+        with open(path, newline="") as fh:
+            text = fh.read()
+        where = str(path)
+    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t"))
     header = [c.strip() for c in rows[0]] if rows else []
     unknown = [c for c in header if c not in SOURCE_COLUMNS]
     if header[:2] != ["path", "kingdom"] or unknown or len(set(header)) != len(header):
         raise ValueError(
-            f"{path}:1: the header must start with 'path<TAB>kingdom', then any of "
+            f"{where}:1: the header must start with 'path<TAB>kingdom', then any of "
             f"{', '.join(SOURCE_COLUMNS[2:])} once each; got {header}"
         )
     sources = []
@@ -212,21 +245,20 @@ def read_sources_tsv(path: str | Path) -> list[SourceFile]:
         if not row or not "".join(row).strip() or row[0].startswith("#"):
             continue
         if not 2 <= len(row) <= len(header):
-            raise ValueError(f"{path}:{number}: expected {'<TAB>'.join(header)}, got {row}")
+            raise ValueError(f"{where}:{number}: expected {'<TAB>'.join(header)}, got {row}")
         cells = {name: value.strip() for name, value in zip(header, row, strict=False)}
         fmt = cells.get("format") or None
         if fmt not in (None, "fasta", "genbank"):
-            raise ValueError(f"{path}:{number}: format {fmt!r}; valid: fasta, genbank (or empty)")
+            raise ValueError(f"{where}:{number}: format {fmt!r}; valid: fasta, genbank (or empty)")
         for column in ("include", "exclude"):
             try:
                 re.compile(cells.get(column, ""))
             except re.error as err:
                 message = f"{column} is not a valid regex ({err})"
-                raise ValueError(f"{path}:{number}: {message}") from None
-        file = Path(cells["path"])
+                raise ValueError(f"{where}:{number}: {message}") from None
         sources.append(
             SourceFile(
-                file if file.is_absolute() else base / file,
+                _row_path(cells["path"], base, remote),
                 cells["kingdom"],
                 cells.get("group", ""),
                 cells.get("include", ""),
@@ -248,33 +280,53 @@ def write_sources_tsv(sources: Iterable[SourceFile], path: str | Path) -> Path:
         writer = csv.writer(fh, delimiter="\t", lineterminator="\n")  # quotes what needs it
         writer.writerow(SOURCE_COLUMNS)
         for src in sources:
-            try:
-                rel = str(src.path.resolve().relative_to(path.parent.resolve()))
-            except ValueError:
-                rel = str(src.path.resolve())
+            if storage.is_url(src.path):
+                rel = str(src.path)
+            else:
+                try:
+                    rel = str(Path(src.path).resolve().relative_to(path.parent.resolve()))
+                except ValueError:
+                    rel = str(Path(src.path).resolve())
             matched = "yes" if src.matched else ""
             writer.writerow([rel, src.kingdom, src.group, src.include, src.exclude,
                              src.fmt or "", src.package, matched])  # fmt: skip
     return path
 
 
+#: URL inputs checked at once (each check is a request to the store)
+_CHECKS_AT_ONCE = 16
+
+
 def check_sources(sources: Iterable[SourceFile]) -> list[SourceFile]:
+    """``sources`` as a list, after checking that each is there once (a local path resolved,
+    a URL as written), with a valid kingdom; a URL that cannot be checked (no credentials,
+    no bucket, access denied) is a one-line error naming it, credentials removed."""
     sources = list(sources)
     if not sources:
         raise ValueError("no input genome files given")
-    seen: set[tuple[Path, str, str]] = set()
+    seen: set[tuple[str, str, str]] = set()
     for src in sources:
-        entry = (src.path.resolve(), src.include, src.exclude)
+        entry = (storage.place(src.path), src.include, src.exclude)
         if entry in seen:
-            raise ValueError(f"{src.path}: listed twice in the inputs (with the same filters)")
+            raise ValueError(f"{src.name}: listed twice in the inputs (with the same filters)")
         seen.add(entry)
         if not _KINGDOM_NAME.match(src.kingdom):
             raise ValueError(
-                f"{src.path}: kingdom {src.kingdom!r} is not a valid name (lower-case letters, "
+                f"{src.name}: kingdom {src.kingdom!r} is not a valid name (lower-case letters, "
                 f"digits, '_'); the RefSeq kingdoms are: {', '.join(REFSEQ_KINGDOMS)}"
             )
-        if not src.path.is_file():
-            raise FileNotFoundError(f"{src.path}: no such genome file (kingdom {src.kingdom})")
+    remote = [src for src in sources if storage.is_url(src.path)]
+    found: dict[str, bool] = {}
+    if remote:
+        from concurrent.futures import ThreadPoolExecutor
+
+        urls = sorted({str(src.path) for src in remote})
+        with ThreadPoolExecutor(min(_CHECKS_AT_ONCE, len(urls))) as pool:
+            found = dict(zip(urls, pool.map(storage.is_file, urls), strict=True))
+    for src in sources:
+        there = found[str(src.path)] if storage.is_url(src.path) else Path(src.path).is_file()
+        if not there:
+            raise FileNotFoundError(f"{src.name}: no such genome file (kingdom {src.kingdom})")
     return sources
 
 
@@ -305,104 +357,9 @@ def _filtered_out(src: SourceFile) -> str:
             break
     seen = "; its records begin: " + " | ".join(headers) if headers else "; it has no record"
     return (
-        f"{src.path}: include {src.include!r} / exclude {src.exclude!r} kept none of its "
+        f"{src.name}: include {src.include!r} / exclude {src.exclude!r} kept none of its "
         f"records{seen}"
     )
-
-
-def _masked_records(
-    src: SourceFile, index: int, options: ShardOptions, masking: RecordMasker
-) -> Iterator[tuple[SequenceRecord, str]]:
-    """(record, where its mask came from) of input ``index``, masked as ``options.mask`` says;
-    both passes read through here, so their masks agree."""
-    for ordinal, rec in enumerate(src.records(options.soft_mask)):
-        yield rec, masking.apply((index, ordinal), rec)
-
-
-def _scan(
-    sources: list[SourceFile],
-    log: Callable[[str], None],
-    verbose: bool,
-    options: ShardOptions | None = None,
-    masking: RecordMasker | None = None,
-) -> list[RecordInfo]:
-    """Pass 1: one RecordInfo per input record, exact duplicates marked, and (unless the
-    threshold is 0) near-duplicate clusters of the kept records (``cluster`` etc.)."""
-    options = options or ShardOptions()
-    masking = masking or RecordMasker(get_masker(options.mask), log)
-    sketch_options = options.sketch_options()
-    sketches: dict[str, Any] = {}
-    infos: list[RecordInfo] = []
-    by_digest: dict[str, RecordInfo] = {}
-    digest_of_key: dict[str, str] = {}
-    for index, src in enumerate(sources):
-        count = 0
-        for rec, mask_source in _masked_records(src, index, options, masking):
-            count += 1
-            masked = rec.seq
-            rec.seq = rec.seq.upper()  # duplicates, sketches and counts ignore the mask
-            digest = canonical_digest(rec.seq)
-            key = rec.accession
-            if key in digest_of_key and digest_of_key[key] != digest:
-                key = f"{rec.accession}#{digest[:12]}"  # same id, different sequence
-            digest_of_key.setdefault(key, digest)
-            length = len(rec.seq)
-            n_count = rec.seq.count(b"N")
-            gc = rec.seq.count(b"G") + rec.seq.count(b"C")
-            lower = length - sum(masked.count(b) for b in (b"A", b"C", b"G", b"T", b"N"))
-            info = RecordInfo(
-                key=key,
-                id=rec.id,
-                kingdom=src.kingdom,
-                source=str(src.path),
-                input=index,
-                length=length,
-                gc=round(gc / max(1, length - n_count), 4),
-                n_fraction=round(n_count / length, 4),
-                digest=digest,
-                repeat_fraction=round(lower / length, 4),
-                mask_source=mask_source,
-                description=rec.description[:200],
-                organism=rec.organism,
-                group=src.group,
-                package=src.package,
-            )
-            first = by_digest.get(digest)
-            if first is not None:
-                info.duplicate_of = first.key
-                log(f"duplicate: {info.key} ({src.path}) has the same bases as {first.key}")
-            else:
-                by_digest[digest] = info
-                if sketch_options.threshold > 0:
-                    sketches[key] = sketch(rec.seq, sketch_options)
-            infos.append(info)
-            del rec, masked
-        if not count and (src.include or src.exclude):
-            if not src.matched:
-                raise ValueError(_filtered_out(src))
-            log(f"skipped: {_filtered_out(src)}")
-        if verbose:
-            log(f"read {src.path}: {count} records ({src.kingdom})")
-    log(f"read {len(sources)} files: {len(infos)} records, {sum(i.length for i in infos):,} bases")
-    if sketches:
-        kept = {i.key: i for i in infos if i.duplicate_of is None}
-        clusters = cluster_sketches(
-            sketches, {k: kept[k].length for k in sketches}, sketch_options.threshold
-        )
-        for cluster in clusters:
-            rep = cluster.members[0]
-            for key in cluster.members:
-                kept[key].cluster = rep
-                kept[key].similarity = cluster.similarity[key]
-                if key != rep:
-                    kept[key].near_duplicate_of = rep
-        near = sum(len(c.members) - 1 for c in clusters)
-        multi = sum(1 for c in clusters if len(c.members) > 1)
-        log(
-            f"near-duplicates: {near} records in {multi} clusters (Jaccard >= "
-            f"{sketch_options.threshold}, k={sketch_options.k}); each cluster stays in one split"
-        )
-    return infos
 
 
 def _join_units(kept: list[RecordInfo]) -> None:
@@ -485,75 +442,14 @@ def _chunks(seq: bytearray, chunk_len: int) -> Iterable[tuple[int, bytes]]:
 
 
 def build_shards(
-    sources: Iterable[SourceFile],
-    out_dir: str | Path,
-    options: ShardOptions | None = None,
-    *,
-    overwrite: bool = False,
-    log: Callable[[str], None] = print,
-    verbose: bool = False,
-) -> dict[str, Any]:
-    """Shard ``sources`` into ``out_dir``; returns the manifest (also written as manifest.json).
+    sources: Iterable[SourceFile], out_dir: str | Path, options: ShardOptions | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """Shard ``sources`` into ``out_dir``: see ``data_pipeline.build.build_shards`` (the stages,
+    workers, resuming) for the keyword arguments."""
+    from data_pipeline.build import build_shards as build
 
-    ``log`` receives the summary (and, when ``verbose``, a line per input file)."""
-    options = options or ShardOptions()
-    sources = check_sources(sources)
-    out = Path(out_dir)
-    check_output(out, sources, overwrite)
-    warn_kingdom_typos(sources, log)
-    started = time.time()
-    masker = get_masker(options.mask)  # a missing tool fails here, before any reading
-    masking = RecordMasker(masker, log)
-    infos = _scan(sources, log, verbose, options, masking)
-    warn_mostly_n(infos, log)
-    assign_splits(infos, options)
-    kept = {i.key: i for i in infos if i.duplicate_of is None}
-
-    # Shards per (kingdom, split), from the chunk counts of pass 1.
-    plan: dict[tuple[str, str], int] = {}
-    chunk_counts: dict[tuple[str, str], int] = {}
-    byte_counts: dict[tuple[str, str], int] = {}
-    for info in kept.values():
-        group = (info.kingdom, info.split)
-        chunk_counts[group] = chunk_counts.get(group, 0) + math.ceil(
-            info.length / options.chunk_len
-        )
-        byte_counts[group] = byte_counts.get(group, 0) + info.length
-    for group, n_chunks in chunk_counts.items():
-        by_size = math.ceil(byte_counts[group] / options.shard_bytes)
-        plan[group] = min(n_chunks, max(options.min_shards, by_size))
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
-    writers: dict[tuple[str, str, int], wds.TarWriter] = {}
-    next_shard: dict[tuple[str, str], int] = dict.fromkeys(plan, 0)
-    shard_stats: dict[tuple[str, str, int], dict[str, int]] = {}
-    try:
-        try:
-            for index, src in enumerate(sources):
-                keys_in_file = iter([i for i in infos if i.input == index])
-                for rec, _ in _masked_records(src, index, options, masking):
-                    info = next(keys_in_file)
-                    if info.duplicate_of is not None:
-                        continue
-                    _write_record(
-                        rec, info, options, plan, next_shard, writers, shard_stats, partial
-                    )
-        finally:
-            for writer in writers.values():
-                writer.close()
-        manifest = _manifest(infos, plan, shard_stats, partial, options, sources)
-        manifest["masking"] = _masking_entry(infos, options, masker)
-        manifest["build_seconds"] = round(time.time() - started, 2)
-        (partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        _swap_in(partial, out)
-    except BaseException as err:  # a failed or interrupted build leaves nothing behind
-        shutil.rmtree(partial, ignore_errors=True)
-        if isinstance(err, OSError) and err.filename is None:  # a write: name where it went
-            raise OSError(err.errno, err.strerror, str(out)) from err
-        raise
-    log(summary(manifest))
-    return manifest
+    return build(list(sources), out_dir, options, **kwargs)
 
 
 def warn_kingdom_typos(sources: list[SourceFile], log: Callable[[str], None]) -> None:
@@ -562,7 +458,7 @@ def warn_kingdom_typos(sources: list[SourceFile], log: Callable[[str], None]) ->
     for kingdom in sorted({s.kingdom for s in sources} - set(REFSEQ_KINGDOMS)):
         close = difflib.get_close_matches(kingdom, REFSEQ_KINGDOMS, n=1, cutoff=0.75)
         if close:
-            where = next(s.path for s in sources if s.kingdom == kingdom)
+            where = next(s.name for s in sources if s.kingdom == kingdom)
             log(
                 f"warning: kingdom {kingdom!r} ({where}) is not a RefSeq kingdom; did you mean "
                 f"{close[0]!r}? As written it becomes a kingdom of its own"
@@ -584,10 +480,12 @@ def warn_mostly_n(infos: list[RecordInfo], log: Callable[[str], None]) -> None:
     )
 
 
-def is_shard_set(folder: Path) -> bool:
-    """Whether ``folder`` holds a nucleo shard set (a manifest.json of this format)."""
+def is_shard_set(folder: str | Path) -> bool:
+    """Whether ``folder`` (a folder or a URL) holds a nucleo shard set (a manifest.json of
+    this format)."""
     try:
-        return json.loads((folder / MANIFEST).read_text()).get("format") in FORMATS
+        manifest = json.loads(storage.read_bytes(storage.join(folder, MANIFEST)))
+        return manifest.get("format") in FORMATS
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -597,7 +495,10 @@ def check_output(out: Path, sources: list[SourceFile], overwrite: bool) -> None:
     but an empty folder or (with ``overwrite``) an earlier nucleo shard set."""
     resolved = out.resolve()
     for src in sources:
-        if resolved == src.path.resolve() or resolved in src.path.resolve().parents:
+        if storage.is_url(src.path):
+            continue  # a URL input is never inside a local folder
+        place = Path(src.path).resolve()
+        if resolved == place or resolved in place.parents:
             raise ValueError(
                 f"{out}: the input {src.path} lies inside this output folder, which the build "
                 "would replace; write the shards somewhere else (--out)"
@@ -628,107 +529,13 @@ def _swap_in(partial: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_record(
-    rec: SequenceRecord,
-    info: RecordInfo,
-    options: ShardOptions,
-    plan: dict[tuple[str, str], int],
-    next_shard: dict[tuple[str, str], int],
-    writers: dict[tuple[str, str, int], wds.TarWriter],
-    shard_stats: dict[tuple[str, str, int], dict[str, int]],
-    root: Path,
-) -> None:
-    group = (info.kingdom, info.split)
-    for index, (offset, chunk) in enumerate(_chunks(rec.seq, options.chunk_len)):
-        shard = next_shard[group]
-        next_shard[group] = (shard + 1) % plan[group]
-        wkey = (info.kingdom, info.split, shard)
-        if wkey not in writers:
-            path = root / info.kingdom / f"{info.split}-{shard:06d}.tar"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            writers[wkey] = wds.TarWriter(str(path), mtime=0)
-            shard_stats[wkey] = {"chunks": 0, "bases": 0}
-        meta = {
-            "record": info.key,
-            "kingdom": info.kingdom,
-            "chunk": index,
-            "offset": offset,
-            "length": len(chunk),
-            "record_length": info.length,
-        }
-        writers[wkey].write(
-            {"__key__": f"{_safe_key(info.key)}-{index:06d}", "seq": chunk, "json": meta}
-        )
-        shard_stats[wkey]["chunks"] += 1
-        shard_stats[wkey]["bases"] += len(chunk)
-
-
 def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file or URL, streamed a MiB at a time."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with storage.open_stream(path) as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _manifest(
-    infos: list[RecordInfo],
-    plan: dict[tuple[str, str], int],
-    shard_stats: dict[tuple[str, str, int], dict[str, int]],
-    root: Path,
-    options: ShardOptions,
-    sources: list[SourceFile],
-) -> dict[str, Any]:
-    kingdoms: dict[str, dict[str, Any]] = {}
-    for kingdom, split in sorted(plan):
-        members = [i for i in infos if i.kingdom == kingdom and i.split == split]
-        shards = []
-        for shard in range(plan[(kingdom, split)]):
-            stats = shard_stats.get((kingdom, split, shard))
-            if stats is None:
-                continue
-            rel = f"{kingdom}/{split}-{shard:06d}.tar"
-            shards.append(
-                {
-                    "path": rel,
-                    "chunks": stats["chunks"],
-                    "bases": stats["bases"],
-                    "bytes": (root / rel).stat().st_size,
-                    "sha256": sha256_file(root / rel),
-                }
-            )
-        kingdoms.setdefault(kingdom, {})[split] = {
-            "records": len(members),
-            "bases": sum(i.length for i in members),
-            "repeat_bases": round(sum(i.length * i.repeat_fraction for i in members)),
-            "chunks": sum(s["chunks"] for s in shards),
-            "shards": shards,
-        }
-    records = []
-    for info in infos:
-        row = asdict(info)
-        row.pop("split_hash")
-        records.append(row)
-    return {
-        "format": FORMAT,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "options": asdict(options),
-        "kingdoms": kingdoms,
-        "records": records,
-        "duplicates": sum(1 for i in infos if i.duplicate_of is not None),
-        "near_duplicates": sum(1 for i in infos if i.near_duplicate_of is not None),
-        "inputs": [
-            {
-                "path": str(s.path),
-                "kingdom": s.kingdom,
-                "package": s.package,
-                "include": s.include,
-                "exclude": s.exclude,
-                "sha256": sha256_file(s.path),
-            }
-            for s in sources
-        ],
-    }
 
 
 def _masking_entry(
@@ -787,19 +594,21 @@ def summary(manifest: dict[str, Any]) -> str:
 
 
 def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
-    """Read and check ``<shard_dir>/manifest.json``."""
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
+    """Read and check ``<shard_dir>/manifest.json`` (``shard_dir`` a folder or a URL: no
+    credentials, no bucket or access denied are one line naming it)."""
+    path = storage.join(shard_dir, MANIFEST)
+    where = storage.redact(path) if storage.is_url(path) else path
+    if not storage.is_file(path):
         raise FileNotFoundError(
-            f"{path}: no shard manifest; build shards first with `nucleo data build`"
+            f"{where}: no shard manifest; build shards first with `nucleo data build`"
         )
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_bytes(path))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        raise ValueError(f"{where}:{err.lineno}: not valid JSON ({err.msg})") from None
     if manifest.get("format") not in FORMATS:
         raise ValueError(
-            f"{path}: format {manifest.get('format')!r}, expected one of {', '.join(FORMATS)} "
+            f"{where}: format {manifest.get('format')!r}, expected one of {', '.join(FORMATS)} "
             "(rebuild it with `nucleo data build`)"
         )
     return manifest
@@ -822,13 +631,13 @@ def shard_paths(
     for k in wanted:
         if k not in manifest["kingdoms"]:
             raise ValueError(
-                f"kingdom {k!r} is not in {Path(shard_dir) / MANIFEST}; available: "
-                + ", ".join(available)
+                f"kingdom {k!r} is not in {_shown(storage.join(shard_dir, MANIFEST))}; "
+                "available: " + ", ".join(available)
             )
     ranked = []
     for k in sorted(wanted):
         for index, shard in enumerate(manifest["kingdoms"][k].get(split, {}).get("shards", [])):
-            ranked.append((index, str(Path(shard_dir) / shard["path"]), int(shard["chunks"])))
+            ranked.append((index, storage.join(shard_dir, shard["path"]), int(shard["chunks"])))
     # Kingdoms interleaved (every kingdom's first shard, then every second, ...) so that the
     # readers striding through this list (rank x worker) each get a mix of kingdoms.
     return [(path, chunks) for _, path, chunks in sorted(ranked)]
@@ -837,7 +646,7 @@ def shard_paths(
 def shard_checksums(shard_dir: str | Path, manifest: dict[str, Any]) -> dict[str, str]:
     """{shard path (as ``shard_paths`` gives it): SHA-256 from the manifest}."""
     return {
-        str(Path(shard_dir) / shard["path"]): shard["sha256"]
+        storage.join(shard_dir, shard["path"]): shard["sha256"]
         for splits in manifest["kingdoms"].values()
         for entry in splits.values()
         for shard in entry["shards"]
@@ -851,9 +660,15 @@ def verify_shards(shard_dir: str | Path) -> list[str]:
     for kingdom, splits in manifest["kingdoms"].items():
         for split, entry in splits.items():
             for shard in entry["shards"]:
-                path = Path(shard_dir) / shard["path"]
-                if not path.is_file():
-                    problems.append(f"{path}: missing ({kingdom}/{split})")
+                path = storage.join(shard_dir, shard["path"])
+                shown = _shown(path)
+                if not storage.is_file(path):
+                    problems.append(f"{shown}: missing ({kingdom}/{split})")
                 elif sha256_file(path) != shard["sha256"]:
-                    problems.append(f"{path}: checksum differs from the manifest (corrupt?)")
+                    problems.append(f"{shown}: checksum differs from the manifest (corrupt?)")
     return problems
+
+
+def _shown(path: str | Path) -> str:
+    """``path`` as a message shows it: a URL without its credentials."""
+    return storage.redact(path) if storage.is_url(path) else str(path)

@@ -2,8 +2,9 @@
 
 Every entry point ends in a list of ``SourceFile`` (path, kingdom) for ``build_shards``:
 
-- ``kingdom_folders``: a local tree ``<root>/<kingdom>/...``, either any FASTA/GenBank files or
-  the NCBI RefSeq release layout (``<root>/<kingdom>/*.genomic.fna.gz``);
+- ``kingdom_folders``: a tree ``<root>/<kingdom>/...``, local or at a URL (``s3://bucket/root``,
+  listed through ``data_pipeline.storage``), either any FASTA/GenBank files or the NCBI RefSeq
+  release layout (``<root>/<kingdom>/*.genomic.fna.gz``);
 - ``download_refseq``: fetches RefSeq release files into that layout, resumably, in parallel,
   each file verified (md5 when the server lists checksums, else a full gzip decode);
 - ``import_table``: parquet files, Arrow files / ``datasets.save_to_disk`` folders or Hugging
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data_pipeline import storage
 from data_pipeline.readers import NORMALISE, VALID_BASES, SequenceFormatError
 from data_pipeline.shards import REFSEQ_KINGDOMS, SourceFile
 
@@ -87,17 +89,23 @@ def _is_genome_file(name: str) -> bool:
 
 def _refseq_files(folder: Path) -> list[Path]:
     """The RefSeq genome files directly in ``folder``; one form per volume (``.fna.gz`` first)."""
-    best: dict[str, tuple[int, Path]] = {}
-    for path in folder.iterdir():
-        if _ignored(path.name) or not path.is_file():
+    files = {p.name: p for p in folder.iterdir() if p.is_file()}
+    return sorted(files[name] for name in _refseq_names(files))
+
+
+def _refseq_names(names: list[str] | dict[str, Any]) -> list[str]:
+    """Of the file ``names`` of one folder, the RefSeq genome files; one form per volume."""
+    best: dict[str, tuple[int, str]] = {}
+    for name in names:
+        if _ignored(name):
             continue
         for rank, suffix in enumerate(REFSEQ_SUFFIXES):
-            if path.name.endswith(suffix):
-                volume = path.name[: -len(suffix)]
+            if name.endswith(suffix):
+                volume = name[: -len(suffix)]
                 if volume not in best or rank < best[volume][0]:
-                    best[volume] = (rank, path)
+                    best[volume] = (rank, name)
                 break
-    return sorted(path for _, path in best.values())
+    return [name for _, name in best.values()]
 
 
 def _genome_files(folder: Path) -> list[Path]:
@@ -119,19 +127,17 @@ def kingdom_folders(root: str | Path, *, refseq: bool = False) -> list[SourceFil
     release layout, ``<root>/<kingdom>/*.genomic.fna.gz`` (or ``*.genomic.fna``,
     ``*.genomic.gbff.gz``; one form per volume, FASTA first, so a volume is never read twice),
     where every kingdom must be a RefSeq kingdom. Hidden entries and ``*.part`` files (unfinished
-    downloads) are ignored; files directly in ``root`` are ignored.
+    downloads) are ignored; files directly in ``root`` are ignored. ``root`` may be a URL
+    (``s3://bucket/genomes``): the files are then URLs, found by one recursive listing.
     """
+    patterns = _patterns(refseq)
+    if storage.is_url(root):
+        return _url_kingdom_folders(str(root), refseq, patterns)
     root = Path(root)
     if not root.is_dir():
         raise ValueError(
             f"{root}: no such folder (expected one sub-folder per kingdom: <root>/<kingdom>/...)"
         )
-    if refseq:
-        patterns = ", ".join(f"*{suffix}" for suffix in REFSEQ_SUFFIXES)
-    else:
-        exts = "|".join(e.lstrip(".") for e in GENOME_EXTENSIONS)
-        comps = "|".join(e.lstrip(".") for e in COMPRESSION_EXTENSIONS)
-        patterns = f"*.{{{exts}}}[.{{{comps}}}]"
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise ValueError(
@@ -148,6 +154,64 @@ def kingdom_folders(root: str | Path, *, refseq: bool = False) -> list[SourceFil
                 "are ignored)"
             )
         sources.extend(SourceFile(path, folder.name) for path in files)
+    return sources
+
+
+def _patterns(refseq: bool) -> str:
+    """The file names ``kingdom_folders`` looks for, for its messages."""
+    if refseq:
+        return ", ".join(f"*{suffix}" for suffix in REFSEQ_SUFFIXES)
+    exts = "|".join(e.lstrip(".") for e in GENOME_EXTENSIONS)
+    comps = "|".join(e.lstrip(".") for e in COMPRESSION_EXTENSIONS)
+    return f"*.{{{exts}}}[.{{{comps}}}]"
+
+
+def _url_kingdom_folders(root: str, refseq: bool, patterns: str) -> list[SourceFile]:
+    """``kingdom_folders`` of a URL: the same rules, applied to one recursive listing (an
+    object store has no empty folders, and listing each one would cost a request)."""
+    where = storage.redact(root)
+    try:
+        files = storage.find(root)
+    except FileNotFoundError:
+        files = []
+    if not files:
+        raise ValueError(
+            f"{where}: no such folder, or nothing in it (expected one sub-folder per kingdom: "
+            "<root>/<kingdom>/...)"
+        )
+    by_kingdom: dict[str, list[str]] = {}
+    for rel in files:
+        parts = rel.split("/")
+        if len(parts) < 2 or parts[0].startswith("."):
+            continue  # files directly in root, hidden kingdoms
+        by_kingdom.setdefault(parts[0], []).append("/".join(parts[1:]))
+    if not by_kingdom:
+        raise ValueError(
+            f"{where}: no kingdom sub-folders, so no genome files found (expected "
+            f"<root>/<kingdom>/{patterns})"
+        )
+    sources: list[SourceFile] = []
+    for kingdom in sorted(by_kingdom):
+        folder = storage.join(root, kingdom)
+        _check_kingdom(kingdom, storage.redact(folder), refseq=refseq)
+        inner = by_kingdom[kingdom]
+        if refseq:
+            names = _refseq_names([rel for rel in inner if "/" not in rel])
+        else:
+            names = [
+                rel
+                for rel in inner
+                if not any(part.startswith(".") for part in rel.split("/")[:-1])
+                and not _ignored(rel.rsplit("/", 1)[-1])
+                and _is_genome_file(rel.rsplit("/", 1)[-1])
+            ]
+        if not names:
+            raise ValueError(
+                f"{storage.redact(folder)}: no genome files found (looked for {patterns}; hidden "
+                "and *.part files are ignored)"
+            )
+        paths = sorted(storage.join(folder, rel) for rel in names)
+        sources.extend(SourceFile(path, kingdom) for path in paths)
     return sources
 
 

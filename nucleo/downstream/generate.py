@@ -321,7 +321,7 @@ def real_windows(
         raise ValueError(
             f"{shards}: no kingdom {kingdom!r}; have {', '.join(manifest['kingdoms'])}"
         )
-    chunks = split_chunks(Path(shards), kingdom, split, manifest)
+    chunks = split_chunks(shards, kingdom, split, manifest)
     if not chunks:
         raise ValueError(f"{shards}: kingdom {kingdom!r} has no {split} shards")
     rng = np.random.default_rng(seed)

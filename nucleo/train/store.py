@@ -250,10 +250,16 @@ def dataset_input(shard_dir: str | Path, context: str = "training") -> Any:
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
+    from data_pipeline import storage
     from data_pipeline.shards import load_manifest
 
-    root = Path(shard_dir).resolve()
-    manifest = load_manifest(root)
+    if storage.is_url(shard_dir):  # a shard set in an object store: its URL, no credentials
+        name, kind, uri = storage.name(shard_dir), "uri", storage.redact(shard_dir)
+        manifest = load_manifest(shard_dir)
+    else:
+        root = Path(shard_dir).resolve()
+        name, kind, uri = root.name, "local", root.as_uri()
+        manifest = load_manifest(root)
     shards = sorted(
         (shard["path"], shard["sha256"])
         for splits in manifest["kingdoms"].values()
@@ -266,7 +272,7 @@ def dataset_input(shard_dir: str | Path, context: str = "training") -> Any:
         parts = [k[split] for k in manifest["kingdoms"].values() if split in k]
         profile[split] = {key: sum(p[key] for p in parts) for key in ("records", "bases")}
     dataset = Dataset(
-        name=root.name, digest=digest[:16], source_type="local",
-        source=json.dumps({"uri": root.as_uri()}), profile=json.dumps(profile),
+        name=name, digest=digest[:16], source_type=kind, source=json.dumps({"uri": uri}),
+        profile=json.dumps(profile),
     )  # fmt: skip
     return DatasetInput(dataset, [InputTag("mlflow.data.context", context)])

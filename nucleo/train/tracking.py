@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.storage import redact
 from nucleo.core.schema import check, flatten
 from nucleo.train import store
 from nucleo.train.sysmetrics import SystemMetrics
@@ -410,7 +411,7 @@ def run_tags(cfg: Any, world_size: int) -> dict[str, str]:
         "nucleo.arch": cfg.arch,
         "nucleo.losses": ",".join(cfg.losses),
         "nucleo.kingdoms": ",".join(cfg.data.kingdoms or ["all"]),
-        "nucleo.shards": str(cfg.data.shards),
+        "nucleo.shards": redact(str(cfg.data.shards)),  # a URL's credentials stay out
         "nucleo.tokenizer": cfg.data.tokenizer,
         "nucleo.world_size": str(world_size),
         "nucleo.precision": cfg.engine.precision,

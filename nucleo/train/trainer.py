@@ -138,7 +138,7 @@ class Trainer:
         self.objective = Objective.build(
             cfg.losses, cfg.loss, self.model, self.tokenizer, cfg.data.repeat_weight
         )
-        check_repeat_mask(self.objective, self.loader.manifest, cfg.data.shards)
+        check_repeat_mask(self.objective, self.loader.manifest, self.loader.where)
         self.validator = Validator(
             cfg.eval, cfg.data, self.tokenizer, self.objective, dist, cfg.train.seed
         )  # reads the validation windows and eval.floor (a bad one stops the run here)

@@ -203,4 +203,4 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_partial(tmp_path, small_disk
     assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
     want = "no space left on device (free some space" if mounted else "file too large"
     assert str(disk) in lines[0] and want in lines[0], lines[0]
-    assert list(disk.iterdir()) == []  # no shards.partial-* left behind
+    assert list(disk.iterdir()) == []  # no shard set, partial or not, and no work folder

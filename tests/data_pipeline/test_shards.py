@@ -172,18 +172,22 @@ def test_overwrite_replaces_a_shard_set_and_an_interrupted_build_leaves_it_whole
     phix = [SourceFile(sample_file("viral/NC_001422.gbk.gz"), "viral")]
     build_shards(lam, out, log=lambda _: None)
     first = _tree(out)
-    import data_pipeline.shards as shards
+    import data_pipeline.build as build
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
+    lines: list[str] = []
     with monkeypatch.context() as m:
-        m.setattr(shards, "_write_record", disk_full)
+        m.setattr(build, "concat_block", disk_full)
         with pytest.raises(OSError, match="No space left"):
-            build_shards(phix, out, overwrite=True, log=lambda _: None)
+            build_shards(phix, out, overwrite=True, log=lines.append)
     assert _tree(out) == first  # the old set is whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]  # and nothing partial
-    manifest = build_shards(phix, out, overwrite=True, log=lambda _: None)
+    # the finished stages wait in the work folder, for the same command to resume
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards", "shards.work"]
+    assert any("shards.work: the same command resumes it" in x for x in lines), lines
+    manifest = build_shards(phix, out, overwrite=True, log=lines.append)
+    assert any(x.startswith("resuming the build") for x in lines)
     assert len(manifest["records"]) == 1 and _tree(out) != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline import storage
 from data_pipeline.loader import split_chunks
 from nucleo.core.registry import TASKS
 from nucleo.downstream.tasks.base import Task, TaskError, grid_fragments, split_from
@@ -28,7 +29,7 @@ def build_kingdom(
     ``val`` records (or too few bases for the asked count) is left out and named in meta."""
     from data_pipeline.shards import load_manifest
 
-    root = Path(shards)
+    root = shards if storage.is_url(shards) else Path(shards)  # a URL stays one
     manifest = load_manifest(root)
     rng = np.random.default_rng(seed)
     names = sorted(kingdoms or manifest["kingdoms"])
