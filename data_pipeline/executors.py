@@ -38,10 +38,13 @@ class Executor:
     workers = 1
     name = "in-process"
 
-    def map(self, fn: Callable[[Any], Any], tasks: list[Any]) -> Iterator[tuple[int, Any]]:
-        """(task index, result), as tasks finish."""
-        for i, task in enumerate(tasks):
-            yield i, fn(task)
+    def map(
+        self, fn: Callable[[Any], Any], tasks: list[Any], sizes: list[int] | None = None
+    ) -> Iterator[tuple[int, Any]]:
+        """(task index, result), as tasks finish; the largest ``sizes`` first, so that the
+        stage does not end waiting on one big task started last."""
+        for i in sorted(range(len(tasks)), key=lambda i: -(sizes or [0] * len(tasks))[i]):
+            yield i, fn(tasks[i])
 
     def close(self) -> None:
         pass
@@ -57,10 +60,16 @@ class DaskExecutor(Executor):
         self.workers = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
         self.name = f"dask ({self.workers} workers, {client.scheduler.address})"
 
-    def map(self, fn: Callable[[Any], Any], tasks: list[Any]) -> Iterator[tuple[int, Any]]:
+    def map(
+        self, fn: Callable[[Any], Any], tasks: list[Any], sizes: list[int] | None = None
+    ) -> Iterator[tuple[int, Any]]:
         from distributed import as_completed
 
-        futures = self.client.map(fn, tasks, pure=False)
+        sizes = sizes or [0] * len(tasks)
+        futures = [
+            self.client.submit(fn, t, pure=False, priority=s)
+            for t, s in zip(tasks, sizes, strict=True)
+        ]
         position = {f.key: i for i, f in enumerate(futures)}
         try:
             for future in as_completed(futures):
@@ -162,7 +171,7 @@ def run_stage(
     bar = StageProgress(stage, len(tasks), sum(sizes), progress)
     results: list[Any] = [None] * len(tasks)
     peak = 0.0
-    for i, result in executor.map(fn, tasks):
+    for i, result in executor.map(fn, tasks, sizes):
         results[i] = result
         peak = max(peak, float(result.get("peak_rss_mb", 0.0)))
         bar.update(result, sizes[i])

@@ -12,7 +12,10 @@ corners) and the complement of a base id ``b < 4`` is ``3 - b``.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where tensors are used: shard-building workers need none
+    import torch
 
 BASES = "ACGT"
 VOCAB: tuple[str, ...] = ("A", "C", "G", "T", "N", "<pad>", "<mask>", "<bos>", "<eos>")
@@ -42,6 +45,8 @@ def reverse_complement(
     character vocabulary's ``COMPLEMENT_IDS``). Trailing ``pad_id`` tokens stay at the end, so a
     padded window's bases are reversed among themselves: rc(rc(x)) == x for any x.
     """
+    import torch
+
     if complement is None:
         complement = torch.tensor(COMPLEMENT_IDS, dtype=torch.long, device=tokens.device)
     comp = complement.to(tokens.device)[tokens]

@@ -50,6 +50,8 @@ def test_members_one_by_one_make_the_archive_one_writer_makes():
         {"__key__": f"rec_{i}-{i:06d}", "seq": b"ACGT" * (i * 37 + 1), "json": {"i": i}}
         for i in range(7)
     ]
+    long = "NZ_" + "x" * 150  # a name over tar's 100 characters: a PAX extended header
+    samples.append({"__key__": f"{long}-000000", "seq": b"acgtN", "json": {"record": long}})
     whole = io.BytesIO()
     with wds.TarWriter(whole, mtime=0) as writer:
         for sample in samples:
