@@ -266,7 +266,8 @@ def concat_block(task: dict[str, Any]) -> dict[str, Any]:
     work, plan, lo, hi = task["work"], task["plan"], int(task["lo"]), int(task["hi"])
     done = concat_path(plan, lo)
     if done.is_file():
-        return {"shards": json.loads(done.read_text()), "skipped": True}
+        stats = json.loads(done.read_text())
+        return {"shards": stats, "bases": sum(v[1] for v in stats.values()), "skipped": True}
     started = time.time()
     pieces: dict[int, list[tuple[str, int, int, int, int, int]]] = {s: [] for s in range(lo, hi)}
     for name in task["names"]:
@@ -304,5 +305,6 @@ def concat_block(task: dict[str, Any]) -> dict[str, Any]:
         for fh in handles.values():
             fh.close()
     _save_atomic(done, lambda fh: fh.write(json.dumps(stats).encode()))
-    return {"shards": stats, "seconds": round(time.time() - started, 3),
+    return {"shards": stats, "bases": sum(v[1] for v in stats.values()),
+            "seconds": round(time.time() - started, 3),
             "peak_rss_mb": round(peak_rss_mb(), 1), "skipped": False}  # fmt: skip

@@ -132,9 +132,10 @@ class StageProgress:
         share = self.done / max(1, self.tasks)
         bar = "#" * round(20 * share) + "." * (20 - round(20 * share))
         resumed = f", {self.skipped} already done" if self.skipped else ""
+        counts = f"{rate(self.records)} records | " if self.records else ""
+        counts += f"{rate(self.bases)}b | " if self.bases else ""
         return (
-            f"{self.stage:<7}[{bar}] {self.done}/{self.tasks}{resumed} | "
-            f"{rate(self.records)} records | {rate(self.bases)}b | "
+            f"{self.stage:<7}[{bar}] {self.done}/{self.tasks}{resumed} | {counts}"
             f"{speed / 1e6:.1f} MB/s | {duration(elapsed)} | ETA {duration(eta)}"
         )
 
