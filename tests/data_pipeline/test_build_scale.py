@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from distributed import Client
 
 from data_pipeline.build import build_shards
 from data_pipeline.build_tasks import tar_member, tar_trailer
@@ -204,6 +205,8 @@ def test_a_running_dask_cluster_builds_the_same_set(tmp_path):
         worker = [str(bin_dir / "dask"), "worker", address, "--nworkers", "2", "--nthreads", "1",
                   "--no-dashboard"]  # fmt: skip
         procs.append(subprocess.Popen(worker, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        with Client(address, timeout=30) as client:  # both workers in before the build counts them
+            client.wait_for_workers(2, timeout=120)
         sources = _some_sources(6)
         tsv = write_sources_tsv(sources, tmp_path / "sources.tsv")
         run = subprocess.run(_cli("--sources", str(tsv), "--out", str(tmp_path / "c"),
