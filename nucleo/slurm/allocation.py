@@ -1,12 +1,13 @@
 """The pure side of the Slurm launcher: the allocation read from Slurm's environment, the
-DeepSpeed hostfile, the master port, the per-task torch.distributed variables and the srun /
-deepspeed command lines. Nothing here starts a process but ``scontrol show hostnames``, so the
-launcher's steps (``nucleo.slurm.launcher``) stay thin and these parts are testable without a
-cluster.
+DeepSpeed hostfile, the master address and port, the per-task torch.distributed variables and
+the srun / deepspeed command lines. Nothing here starts a process but ``scontrol show
+hostnames`` and ``scontrol show node``, so the launcher's steps (``nucleo.slurm.launcher``) stay
+thin and these parts are testable without a cluster.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,7 @@ class Allocation:
     master_port: int
     restart_count: int = 0
     cpus_on_node: int | None = None
+    master_address: str | None = None  # where the first host is reached (default: its name)
 
     @property
     def nodes(self) -> int:
@@ -62,7 +64,7 @@ class Allocation:
 
     @property
     def master_addr(self) -> str:
-        return self.hosts[0]
+        return self.master_address or self.hosts[0]
 
     @property
     def world_size(self) -> int:
@@ -91,6 +93,37 @@ def expand_hostnames(nodelist: str) -> list[str]:
     if len(set(hosts)) != len(hosts):
         raise SlurmError(f"the node list {nodelist!r} names a host twice: {hosts}")
     return hosts
+
+
+def parse_node_addr(text: str, name: str) -> str | None:
+    """NodeAddr of node ``name`` in ``scontrol show node`` output (one- or multi-line records),
+    or None when that record or its address is missing."""
+    for record in re.split(r"(?=\bNodeName=)", text):
+        fields = dict(re.findall(r"(?:^|\s)(\w+)=(\S*)", record))
+        if fields.get("NodeName") == name:
+            addr = fields.get("NodeAddr", "")
+            return addr if addr and addr != "(null)" else None
+    return None
+
+
+def node_address(name: str) -> str:
+    """The address of node ``name`` as Slurm reaches it (its NodeAddr), else the name itself.
+
+    A node name need not resolve (slurm.conf may map ``n1`` to ``NodeAddr=10.0.0.7``); the
+    master address must, on every node, or torch.distributed waits for it until its timeout.
+    """
+    if shutil.which("scontrol") is None:
+        return name
+    try:
+        result = subprocess.run(
+            ["scontrol", "show", "node", name],
+            capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return name
+    if result.returncode != 0:
+        return name
+    return parse_node_addr(result.stdout, name) or name
 
 
 def parse_gpus(value: str) -> int:
@@ -130,7 +163,9 @@ def master_port(job_id: str, env: Mapping[str, str]) -> int:
 
 
 def read_allocation(env: Mapping[str, str], gpus: int | None = None) -> Allocation:
-    """The allocation this process runs in, from the Slurm environment."""
+    """The allocation this process runs in, from the Slurm environment. The master is the
+    first host, at MASTER_ADDR if set (e.g. its address on the fast network), else at its
+    NodeAddr."""
     job_id = require_env(env, "SLURM_JOB_ID", "SLURM_JOBID")
     nodelist = require_env(env, "SLURM_JOB_NODELIST", "SLURM_NODELIST")
     hosts = expand_hostnames(nodelist)
@@ -145,6 +180,7 @@ def read_allocation(env: Mapping[str, str], gpus: int | None = None) -> Allocati
         master_port=master_port(job_id, env),
         restart_count=env_int(env.get("SLURM_RESTART_COUNT") or "0", "SLURM_RESTART_COUNT"),
         cpus_on_node=env_int(cpus, "SLURM_CPUS_ON_NODE") if cpus else None,
+        master_address=env.get("MASTER_ADDR") or node_address(hosts[0]),
     )
 
 

@@ -5,8 +5,9 @@
         -- [CONFIG.yaml | --config CONFIG.yaml] [--arch A] [--losses L] [--set k=v ...]
 
 The batch step (``pretrain``, on the first node of the allocation) expands the node list with
-``scontrol show hostnames``, picks the master (first host, port 20000 + job id % 20000 unless
-MASTER_PORT is set), writes a DeepSpeed hostfile into the run directory and starts one srun:
+``scontrol show hostnames``, picks the master (the first host at its NodeAddr, port 20000 +
+job id % 20000; MASTER_ADDR / MASTER_PORT choose others), writes a DeepSpeed hostfile into the
+run directory and starts one srun:
 
 - ``per-node`` (default): one task per node runs ``python -m nucleo.slurm node``, which execs
   DeepSpeed's launcher with ``--no_ssh --node_rank $SLURM_NODEID``; the launcher starts one
@@ -20,7 +21,8 @@ its id, so it finds its own run directory; when that holds a complete checkpoint
 adds ``--resume RUN_DIR`` (the user's ``--set`` overrides still apply). SIGUSR1 (sent by
 ``#SBATCH --signal=B:USR1@300`` before the time limit) makes the batch step run
 ``scontrol requeue $SLURM_JOB_ID``; SIGTERM is forwarded to srun. ``guard`` does the same for
-any command (the sweep's job-array tasks).
+any command (the sweep's job-array tasks). When the ranks fail (srun ends them all when one
+dies), the batch step says which checkpoint the run resumes from and how.
 
 This module holds the run planning, the signal handling and the steps; the allocation, the
 hostfile and the command lines are in ``nucleo.slurm.allocation``. Imports nothing heavy at
@@ -158,7 +160,7 @@ def plan_run(args: Sequence[str], env: Mapping[str, str]) -> RunPlan:
 def request_requeue(job_id: str, out: TextIO | None = None) -> bool:
     """``scontrol requeue JOB``: Slurm ends the job and queues it again under the same id, and
     the next attempt resumes from the latest checkpoint. Returns whether scontrol agreed."""
-    say(f"time limit near: scontrol requeue {job_id}", out)
+    say(f"USR1 (the time limit is near): scontrol requeue {job_id}", out)
     try:
         result = subprocess.run(
             ["scontrol", "requeue", job_id], capture_output=True, text=True, check=False
@@ -250,9 +252,35 @@ def cmd_pretrain(opts: argparse.Namespace, args: list[str], env: Mapping[str, st
             f"hosts={','.join(alloc.hosts)} gpus_per_node={alloc.gpus_per_node} "
             f"resume={plan.resume_tag or '-'} time={time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n"
         )
-    code = BatchStep(alloc.job_id).run(srun)
+    step = BatchStep(alloc.job_id)
+    code = step.run(srun)
     say(f"srun exited {code}")
+    if code != 0:
+        say(after_failure(code, plan.run_dir, alloc.job_id, step.requeued))
     return code
+
+
+def after_failure(code: int, run_dir: Path, job_id: str, requeued: bool) -> str:
+    """What an ended step leaves: the checkpoint the run resumes from, and how to resume it
+    (srun's own lines above name the node and task that failed)."""
+    from nucleo.train.checkpoint import latest_tag
+
+    tag = latest_tag(run_dir / "checkpoints")
+    if requeued:
+        start = f"from {tag}" if tag else "from the start (no complete checkpoint yet)"
+        return f"job {job_id} requeued: its next attempt resumes run {run_dir} {start}"
+    failed = (
+        f"error: the ranks failed (srun exited {code}: a rank or a node died, or the step was "
+        "cancelled; srun's lines above name them). "
+    )
+    if tag is None:
+        return failed + (
+            f"Run {run_dir} has no complete checkpoint: `scontrol requeue {job_id}` starts it over"
+        )
+    return failed + (
+        f"Run {run_dir} resumes from {tag}: `scontrol requeue {job_id}`, or sbatch the same "
+        f"arguments with --set run.name={run_dir.name}"
+    )
 
 
 def cmd_node(opts: argparse.Namespace, args: list[str], env: Mapping[str, str]) -> int:
@@ -262,7 +290,8 @@ def cmd_node(opts: argparse.Namespace, args: list[str], env: Mapping[str, str]) 
         raise SlurmError(f"SLURM_NODEID={node_rank} is outside 0..{opts.nodes - 1}")
     cmd = node_command(opts.nodes, node_rank, opts.gpus_per_node, opts.master_addr,
                        opts.master_port, opts.hostfile, args, deepspeed_executable())  # fmt: skip
-    say(f"node {node_rank} exec: {shlex.join(cmd)}")
+    host = env.get("SLURMD_NODENAME", "?")  # the Slurm node this task runs on
+    say(f"node {node_rank} ({host}) exec: {shlex.join(cmd)}")
     os.execv(cmd[0], cmd)
     return 0  # not reached
 
@@ -272,7 +301,7 @@ def cmd_task(opts: argparse.Namespace, args: list[str], env: Mapping[str, str]) 
     tenv = task_env(env, opts.master_addr, opts.master_port)
     cmd = [sys.executable, *PRETRAIN, *args]
     if env.get("SLURM_LOCALID") == "0":  # one line per node, not one per rank
-        node = env.get("SLURM_NODEID", "?")
+        node = f"{env.get('SLURM_NODEID', '?')}, {env.get('SLURMD_NODENAME', '?')}"
         shown = " ".join(f"{k}={v}" for k, v in tenv.items())
         say(f"task {tenv['RANK']} (node {node}) exec: {shown} {shlex.join(cmd)}")
     os.execve(cmd[0], cmd, {**env, **tenv})

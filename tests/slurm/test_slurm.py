@@ -1,19 +1,25 @@
-"""Slurm launch without a cluster: the job scripts run as plain bash scripts, with stand-ins for
-scontrol, srun and sbatch (tests/fixtures/slurm/bin) first on PATH. The two "nodes" are two
-names of this machine (localhost, 127.0.0.1); srun starts every task here with the per-task
-Slurm variables set as real srun does, so DeepSpeed and torch.distributed really run across
-them (gloo, world size 2).
+"""Slurm for real: the sbatch scripts submitted with sbatch to a two-node Slurm cluster on
+127.0.0.1 (munge, slurmctld and slurmd "nodes" n1 and n2, started by tests/slurm/conftest.py
+with launch/slurm/local_cluster.sh). One job trains over both nodes in per-node mode (a DeepSpeed
+launcher per node, world size 2 over gloo), is requeued by USR1 to its batch step and resumes
+with the same next batch; the run goes on in a new job in per-task mode, where node n2's ranks
+are killed, the job fails with a message and ``scontrol requeue`` resumes it; a sweep runs as a
+job array. The node names do not resolve here: the master address comes from Slurm's NodeAddr.
+
+Stand-ins remain (tests/fixtures/slurm/bin, ``scontrol`` only) for the unit tests that need no
+cluster and no root, and for what one host's Slurm cannot show: GPU counts and other node names
+and addresses (a dry run of 2 nodes x 4 GPUs, gpu01 and gpu02 at 10.0.0.x), a failing
+``scontrol requeue``, and the guard forwarding SIGTERM to its child (real Slurm signals every
+process of the job itself, so the forwarding could not be told apart).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,13 +29,12 @@ import pytest
 import yaml
 
 from nucleo.slurm import allocation, launcher
-from nucleo.train.checkpoint import complete_tags
+from nucleo.train.checkpoint import complete_tags, latest_tag
 from tests.conftest import ROOT
 
 BIN = ROOT / "tests" / "fixtures" / "slurm" / "bin"
 PRETRAIN_SBATCH = ROOT / "launch" / "slurm" / "pretrain.sbatch"
 SWEEP_SBATCH = ROOT / "nucleo" / "slurm" / "sweep.sbatch"  # package data (launch/slurm links it)
-HOSTS = ["localhost", "127.0.0.1"]
 TINY = {
     "arch": "transformer",
     "losses": ["ce"],
@@ -41,35 +46,25 @@ TINY = {
     "checkpoint": {"every": 0, "export": False},
     "tracking": {"enabled": False},
 }  # fmt: skip
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _job_id() -> str:
-    """A random job id whose derived master port (20000 + id % 20000) is free here."""
-    rng = random.Random()
-    while True:
-        job = rng.randrange(100_000, 999_999)
-        if _free(allocation.master_port(str(job), {})):
-            return str(job)
+#: a CPU job over both nodes: one task and one CPU a node, one rank a node (no GPUs here)
+CPU_JOB = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
+#: the first job checkpoints at EVERY and ends at STEPS < 2 x EVERY, so that the requeue (sent
+#: after step EVERY + 1) always resumes from step EVERY, with room (~4 s of steps) to arrive
+#: before the end; the second job trains on to MORE_STEPS, leaving as much room for its failure
+EVERY, STEPS, MORE_STEPS = 200, 399, 599
+TOKENS_PER_STEP = 2 * 8 * 128  # 2 ranks x micro-batch 8 x 128 bases
+LOSS = re.compile(r"^step (\d+)/\d+ \(\d+%\) \| loss (\S+) ", re.MULTILINE)
 
 
 def stand_ins_path() -> str:
-    """The stand-ins first; this Python's bin last, only as a fallback ``python3`` for them.
+    """The stand-in scontrol first; this Python's bin last, only as a fallback ``python3``.
     (Not earlier: its pip ``ninja`` 1.13 logs other build hashes than Debian's 1.11, and each
     switch between the two rebuilds DeepSpeed's JIT op for every later start, ~60 s.)"""
     return f"{BIN}:{os.environ['PATH']}:{Path(sys.executable).parent}"
 
 
 def sim_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """The environment of a batch step in a 2-node allocation with 1 "GPU" per node."""
+    """A batch step's environment for the stand-in tests: 2 nodes, 1 "GPU" each."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     isolate = "MASTER_ADDR MASTER_PORT RANK LOCAL_RANK WORLD_SIZE LOCAL_SIZE MLFLOW_TRACKING_URI"
     for key in [*isolate.split(), "NUCLEO_SLURM_MODE", "NUCLEO_GPUS_PER_NODE", "NUCLEO_HOME"]:
@@ -77,7 +72,6 @@ def sim_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env.update(
         PATH=stand_ins_path(),
         SLURM_SIM_LOG=str(tmp_path / "slurm-sim.log"),
-        SLURM_SIM_HOSTS=" ".join(HOSTS),
         SLURM_JOB_NODELIST="node[1-2]",
         SLURM_NNODES="2",
         SLURM_GPUS_ON_NODE="1",
@@ -85,8 +79,6 @@ def sim_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         NUCLEO_PYTHON=sys.executable,
         DS_ACCELERATOR="cpu",
         PYTHONUNBUFFERED="1",
-        OMP_NUM_THREADS="1",  # two "nodes" share this machine's cores
-        MKL_NUM_THREADS="1",
     )
     env.update(extra)
     return env
@@ -99,7 +91,7 @@ def run(cmd: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.C
 
 
 def sim_log(tmp_path: Path, tool: str) -> list[list[str]]:
-    """argv of every call of a stand-in (``srun``, ``sbatch``, ``scontrol``), in order."""
+    """argv of every call of a stand-in (``scontrol``), in order."""
     path = tmp_path / "slurm-sim.log"
     lines = path.read_text().splitlines() if path.is_file() else []
     return [shlex.split(line)[1:] for line in lines if line.startswith(tool + " ")]
@@ -109,142 +101,244 @@ def after(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1]
 
 
+def attempts(output: str) -> list[str]:
+    """A job's output, one part per attempt (requeues append to the same file)."""
+    return re.split(r"^(?=nucleo\.slurm: job \d+ \(restart \d+\))", output, flags=re.M)[1:]
+
+
+def losses(text: str) -> dict[int, str]:
+    """The training loss logged at each step (rank 0's progress lines)."""
+    return {int(step): loss for step, loss in LOSS.findall(text)}
+
+
+def kill_node(job: str, node_id: int) -> list[int]:
+    """SIGKILL every process of ``job`` on its node ``node_id``, as if that node died: the
+    step's tasks there, found by SLURM_JOB_ID and SLURM_NODEID in their environment (the batch
+    step runs on node 0)."""
+    killed = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            raw = (proc / "environ").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        env = dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+        if env.get("SLURM_JOB_ID") == job and env.get("SLURM_NODEID") == str(node_id):
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.append(int(proc.name))
+            except ProcessLookupError:
+                pass
+    return killed
+
+
 # ----------------------------------------------------------------------------- training
 
 
 @pytest.fixture(scope="module")
-def per_node_job(sample_shards, tmp_path_factory):
-    """``bash launch/slurm/pretrain.sbatch CONFIG --set ...`` in per-node mode, 10 steps."""
-    tmp = tmp_path_factory.mktemp("slurm")
+def per_node_job(slurm_cluster, sample_shards, tmp_path_factory):
+    """``sbatch launch/slurm/pretrain.sbatch CONFIG --set ...`` over n1 and n2 in per-node mode,
+    sent USR1 (``scancel --signal=USR1 --batch``) one step after its first checkpoint: the
+    batch step requeues the job, whose second attempt resumes and trains to the end."""
+    cluster, tmp = slurm_cluster, tmp_path_factory.mktemp("slurm-jobs")
     config = tmp / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
-    args = [str(config), "--set", f"data.shards={sample_shards}", "--set", f"run.root={tmp}/runs"]
-    job = _job_id()
-    env = sim_env(tmp, SLURM_JOB_ID=job)
-    result = run(["bash", str(PRETRAIN_SBATCH), *args], env)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    return {"tmp": tmp, "job": job, "args": args, "output": output, "run_dir": tmp / "runs"}
+    args = [str(config), "--set", f"data.shards={sample_shards}", "--set", f"run.root={tmp}/runs",
+            "--set", f"train.max_steps={STEPS}", "--set", "train.log_every=1",
+            "--set", f"checkpoint.every={EVERY}"]  # fmt: skip
+    out = tmp / "per-node.out"
+    env = cluster.env(NUCLEO_GPUS_PER_NODE="1")
+    job = cluster.sbatch(
+        [*CPU_JOB, f"--output={out}", "--open-mode=append", str(PRETRAIN_SBATCH), *args], env, tmp
+    )
+    cluster.wait_output(job, out, rf"^step {EVERY + 1}/{STEPS} ", timeout=180)
+    signalled = cluster.run(["scancel", "--signal=USR1", "--batch", job])
+    assert signalled.returncode == 0, signalled.stderr + cluster.logs(job, out)
+    cluster.wait(job, lambda s: s.get("Restarts") == "1", "requeued", 60, out)
+    record = cluster.done(job, out, timeout=180)
+    return {"tmp": tmp, "job": job, "args": args, "output": out.read_text(), "out": out,
+            "run_dir": tmp / "runs" / f"slurm-{job}", "record": record}  # fmt: skip
 
 
 @pytest.mark.slow
-def test_per_node_mode_trains_one_deepspeed_launcher_per_node(per_node_job):
-    tmp, job, output = per_node_job["tmp"], per_node_job["job"], per_node_job["output"]
-    run_dir = per_node_job["run_dir"] / f"slurm-{job}"  # no run.name: named after the job
+def test_per_node_mode_trains_one_deepspeed_launcher_on_each_node(per_node_job):
+    job, run_dir = per_node_job["job"], per_node_job["run_dir"]  # no run.name: named by the job
+    first, second = attempts(per_node_job["output"])
     port = str(20000 + int(job) % 20000)
-    assert f"world size 2, mode per-node, master localhost:{port}" in output
-
-    (srun,) = sim_log(tmp, "srun")
-    assert srun[:3] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1"], srun
+    # n1 and n2 do not resolve here: the master is n1's NodeAddr
+    assert f"world size 2, mode per-node, master 127.0.0.1:{port}" in first, first[-3000:]
+    assert per_node_job["record"]["NodeList"] == "n[1-2]"
+    srun = shlex.split(re.search(r"nucleo\.slurm: srun: (.*)", first).group(1))
+    assert srun[1:4] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1"], srun
     assert srun[srun.index("-m") + 1 : srun.index("-m") + 3] == ["nucleo.slurm", "node"]
 
-    # What each node's step actually exec'd: DeepSpeed's launcher with that node's rank.
-    execs = dict(re.findall(r"nucleo\.slurm: node (\d) exec: (.*)", output))
-    assert sorted(execs) == ["0", "1"], output[-3000:]
-    for rank, line in execs.items():
+    # What each node's task actually exec'd, on which Slurm node: DeepSpeed's launcher with
+    # that node's rank.
+    execs = {rank: (host, line) for rank, host, line in
+             re.findall(r"nucleo\.slurm: node (\d) \((\w+)\) exec: (.*)", first)}  # fmt: skip
+    assert sorted(execs) == ["0", "1"], first[-3000:]
+    assert {rank: host for rank, (host, _) in execs.items()} == {"0": "n1", "1": "n2"}
+    for rank, (_, line) in execs.items():
         cmd = shlex.split(line)
         assert Path(cmd[0]).name == "deepspeed" and "--no_ssh" in cmd
         assert after(cmd, "--node_rank") == rank and after(cmd, "--num_nodes") == "2"
         assert after(cmd, "--num_gpus") == "1"
-        assert after(cmd, "--master_addr") == "localhost" and after(cmd, "--master_port") == port
+        assert after(cmd, "--master_addr") == "127.0.0.1" and after(cmd, "--master_port") == port
         assert after(cmd, "--hostfile") == str(run_dir / "hostfile")
-        assert cmd[cmd.index("--module") :][:4] == [
-            "--module",
-            "--no_local_rank",
-            "nucleo",
-            "pretrain",
-        ]
-    assert (run_dir / "hostfile").read_text() == "localhost slots=1\n127.0.0.1 slots=1\n"
+        assert cmd[cmd.index("--module") :][:4] == ["--module", "--no_local_rank", "nucleo",
+                                                    "pretrain"]  # fmt: skip
+    assert (run_dir / "hostfile").read_text() == "n1 slots=1\nn2 slots=1\n"
 
-    # Both launchers started their rank of one world of two, and both ranks finished.
-    for rank in ("0", "1"):
-        assert f"nnodes=2, num_local_procs=1, node_rank={rank}" in output
-    assert output.count("dist_world_size=2") == 2
-    assert output.count("exits successfully") == 2
-    assert "2 rank(s)" in output and "step 10/10" in output
+    # Both launchers started their rank of one world of two, in both attempts.
+    for attempt in (first, second):
+        for rank in ("0", "1"):
+            assert f"nnodes=2, num_local_procs=1, node_rank={rank}" in attempt
+        assert attempt.count("dist_world_size=2") == 2 and "2 rank(s)" in attempt
+    assert second.count("exits successfully") == 2 and f"step {STEPS}/{STEPS}" in second
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["step"] == 10 and summary["tokens"] == 10 * 2 * 8 * 128  # both ranks' batches
-    assert complete_tags(run_dir / "checkpoints") == ["step_00000010"]
-    assert f"job={job} restart=0 mode=per-node" in (run_dir / "slurm.log").read_text()
+    assert summary["step"] == STEPS and summary["tokens"] == STEPS * TOKENS_PER_STEP
+    assert complete_tags(run_dir / "checkpoints") == [f"step_{EVERY:08d}", f"step_{STEPS:08d}"]
 
 
 @pytest.mark.slow
-def test_requeued_job_resumes_its_run_in_per_task_mode(per_node_job):
-    """The same job id again (a requeue), one Slurm task per GPU this time, with a higher
-    train.max_steps: it finds slurm-<job>, resumes from step 10 and trains to 15."""
-    tmp, job = per_node_job["tmp"], per_node_job["job"]
-    run_dir = per_node_job["run_dir"] / f"slurm-{job}"
-    env = sim_env(tmp, SLURM_JOB_ID=job, SLURM_RESTART_COUNT="1", NUCLEO_SLURM_MODE="per-task")
-    args = [*per_node_job["args"], "--set", "train.max_steps=15"]
-    result = run(["bash", str(PRETRAIN_SBATCH), *args], env)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+def test_usr1_requeues_the_job_and_it_resumes_with_the_same_next_batch(per_node_job):
+    job, run_dir = per_node_job["job"], per_node_job["run_dir"]
+    first, second = attempts(per_node_job["output"])
+    tag = f"step_{EVERY:08d}"
+    assert f"scontrol requeue {job}" in first and "DUE TO JOB REQUEUE" in first, first[-3000:]
+    assert f"job {job} (restart 1)" in second and f"resuming from {tag}" in second
+    assert f"resumed {run_dir} from {tag} (step {EVERY}," in second
 
-    assert f"job {job} (restart 1)" in output and "resuming from step_00000010" in output
-    srun = sim_log(tmp, "srun")[-1]
-    assert srun[:3] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1"], srun
-    assert "task" in srun and after(srun, "--resume") == str(run_dir)
-    assert "train.max_steps=15" in srun  # the user's overrides still apply
-    for rank in ("0", "1"):  # each task turned its Slurm ids into torch.distributed's
-        line = re.search(rf"nucleo\.slurm: task {rank} \(node {rank}\) exec: (.*)", output)
-        assert line, output[-3000:]
-        assert f"RANK={rank} LOCAL_RANK=0 WORLD_SIZE=2 LOCAL_SIZE=1" in line.group(1)
-    assert "exits successfully" not in output  # no DeepSpeed launcher in this mode
-    assert f"resumed {run_dir} from step_00000010 (step 10" in output
-    assert "2 rank(s)" in output and "step 15/15" in output and "step 5/15" not in output
+    # The first attempt went past its checkpoint before it was requeued; the second redid those
+    # steps from the checkpoint, on the same batches: the same losses, to the last digit.
+    before, after_requeue = losses(first), losses(second)
+    assert EVERY + 1 <= max(before) < STEPS and min(after_requeue) == EVERY + 1
+    redone = range(EVERY + 1, max(before) + 1)
+    pairs = [(s, before[s], after_requeue[s]) for s in redone]
+    assert all(a == b for _, a, b in pairs), pairs
+    assert "stream restarts with a new order" not in per_node_job["output"]
+    log = (run_dir / "slurm.log").read_text().splitlines()
+    assert [line.split(" time=")[0] for line in log] == [
+        f"job={job} restart=0 mode=per-node hosts=n1,n2 gpus_per_node=1 resume=-",
+        f"job={job} restart=1 mode=per-node hosts=n1,n2 gpus_per_node=1 resume={tag}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def per_task_job(slurm_cluster, per_node_job):
+    """The same run in a new job (``--set run.name=...``) in per-task mode, trained on to
+    MORE_STEPS: after its first step, node n2's processes are killed; the job fails, and
+    ``scontrol requeue`` resumes it from its latest checkpoint."""
+    cluster, tmp, run_dir = slurm_cluster, per_node_job["tmp"], per_node_job["run_dir"]
+    out = tmp / "per-task.out"
+    args = [*per_node_job["args"], "--set", f"run.name={run_dir.name}",
+            "--set", f"train.max_steps={MORE_STEPS}"]  # fmt: skip
+    env = cluster.env(NUCLEO_GPUS_PER_NODE="1", NUCLEO_SLURM_MODE="per-task")
+    job = cluster.sbatch(
+        [*CPU_JOB, f"--output={out}", "--open-mode=append", str(PRETRAIN_SBATCH), *args], env, tmp
+    )
+    cluster.wait_output(job, out, rf"^step {STEPS + 1}/{MORE_STEPS} ", timeout=180)
+    killed = kill_node(job, 1)
+    assert killed, f"no process of job {job} on node 1\n{cluster.logs(job, out)}"
+    failed = cluster.done(job, out, timeout=60, state="FAILED")
+    failed_output, kept = out.read_text(), latest_tag(run_dir / "checkpoints")
+    requeue = cluster.run(["scontrol", "requeue", job])
+    assert requeue.returncode == 0, requeue.stderr + cluster.logs(job, out)
+    cluster.wait(job, lambda s: s.get("Restarts") == "1" and s.get("JobState") != "FAILED",
+                 "requeued", 30, out)  # fmt: skip
+    cluster.done(job, out, timeout=180)
+    return {"job": job, "run_dir": run_dir, "failed": failed, "failed_output": failed_output,
+            "kept": kept, "output": out.read_text()}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_per_task_mode_continues_the_run_in_a_new_job(per_task_job):
+    job, run_dir = per_task_job["job"], per_task_job["run_dir"]
+    first, second = attempts(per_task_job["output"])
+    assert f"job {job} (restart 0)" in first and f"resuming from step_{STEPS:08d}" in first
+    for attempt in (first, second):
+        srun = shlex.split(re.search(r"nucleo\.slurm: srun: (.*)", attempt).group(1))
+        assert srun[1:4] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1"], srun
+        assert "task" in srun and after(srun, "--resume") == str(run_dir)
+        assert f"train.max_steps={MORE_STEPS}" in srun  # the user's overrides still apply
+        for rank, host in (("0", "n1"), ("1", "n2")):  # Slurm's task ids -> torch.distributed's
+            line = re.search(rf"nucleo\.slurm: task {rank} \(node {rank}, {host}\) exec: (.*)",
+                             attempt)  # fmt: skip
+            assert line, attempt[-3000:]
+            assert f"RANK={rank} LOCAL_RANK=0 WORLD_SIZE=2 LOCAL_SIZE=1" in line.group(1)
+            assert "MASTER_ADDR=127.0.0.1" in line.group(1)
+        assert "exits successfully" not in attempt  # no DeepSpeed launcher in this mode
+        assert "2 rank(s)" in attempt
+    assert f"step {MORE_STEPS}/{MORE_STEPS}" in second
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["step"] == 15 and summary["tokens"] == 15 * 2 * 8 * 128
-    assert complete_tags(run_dir / "checkpoints")[-1] == "step_00000015"
-    attempts = (run_dir / "slurm.log").read_text().splitlines()
-    assert len(attempts) == 2 and "restart=1 mode=per-task" in attempts[1]
-    assert "resume=step_00000010" in attempts[1]
+    assert summary["step"] == MORE_STEPS and summary["tokens"] == MORE_STEPS * TOKENS_PER_STEP
+    assert complete_tags(run_dir / "checkpoints")[-1] == f"step_{MORE_STEPS:08d}"
+    log = (run_dir / "slurm.log").read_text().splitlines()
+    assert len(log) == 4 and f"job={job} restart=0 mode=per-task" in log[2]
+
+
+@pytest.mark.slow
+def test_a_dead_node_fails_the_job_with_a_message_and_requeue_resumes_it(per_task_job):
+    job, run_dir, kept = per_task_job["job"], per_task_job["run_dir"], per_task_job["kept"]
+    output = per_task_job["failed_output"]
+    assert per_task_job["failed"]["ExitCode"] != "0:0"
+    assert re.search(r"srun: error: n2: task 1: Killed", output), output[-3000:]
+    assert kept is not None and int(kept.split("_")[1]) >= STEPS  # where the new job got to
+    message = re.search(r"nucleo\.slurm: error: the ranks failed \(srun exited \d+.*", output)
+    assert message, output[-3000:]
+    assert f"Run {run_dir} resumes from {kept}: `scontrol requeue {job}`" in message.group(0)
+    assert f"--set run.name={run_dir.name}" in message.group(0)
+    assert "Traceback" not in message.group(0)
+
+    _, second = attempts(per_task_job["output"])
+    assert f"job {job} (restart 1)" in second and f"resuming from {kept}" in second
+    step = int(kept.split("_")[1])
+    assert min(losses(second)) == step + 1 and max(losses(second)) == MORE_STEPS
+    log = (run_dir / "slurm.log").read_text().splitlines()
+    assert log[3].startswith(f"job={job} restart=1 mode=per-task") and f"resume={kept}" in log[3]
 
 
 # ----------------------------------------------------------------------------- sweep array
 
 
 @pytest.mark.slow
-def test_sweep_submits_a_job_array_and_a_task_runs_its_point(sample_shards, tmp_path):
+def test_sweep_submits_a_job_array_whose_tasks_train_their_points(
+    slurm_cluster, sample_shards, tmp_path
+):
+    cluster = slurm_cluster
     spec = tmp_path / "tiny-sweep.yaml"
     config = {**{k: v for k, v in TINY.items() if k not in ("arch", "losses")}}
     config["data"] = {**TINY["data"], "shards": str(sample_shards)}
     config["train"] = {**TINY["train"], "max_steps": 5}
     config["run"] = {"root": str(tmp_path / "runs")}
-    spec.write_text(
-        yaml.safe_dump(
-            {
-                "name": "tiny",
-                "config": config,
-                "points": [
-                    {"arch": "transformer", "model.d_model": 32},
-                    {"arch": "transformer", "model.d_model": 16},
-                ],
-            }
-        )
-    )
-    env = sim_env(tmp_path)
-    result = run([sys.executable, "-m", "nucleo", "sweep", "run", str(spec), "--slurm",
-                  "--max-parallel", "2"], env)  # fmt: skip
+    points = [{"arch": "transformer", "model.d_model": 32},
+              {"arch": "transformer", "model.d_model": 16}]  # fmt: skip
+    spec.write_text(yaml.safe_dump({"name": "tiny", "config": config, "points": points}))
+    sbatch_args = ["--sbatch-arg=--gpus-per-node=0", "--sbatch-arg=--cpus-per-task=1"]
+    submit = [sys.executable, "-m", "nucleo", "sweep", "run", str(spec), "--slurm",
+              "--max-parallel", "2", *sbatch_args]  # fmt: skip
+    result = cluster.run(submit, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    (sbatch,) = sim_log(tmp_path, "sbatch")
-    assert "--array=0-1%2" in sbatch and "--job-name=sweep-tiny" in sbatch
-    assert sbatch[-2:] == [str(SWEEP_SBATCH), str(spec.resolve())]
     sweep_dir = tmp_path / "runs" / "sweeps" / "tiny"
     state = json.loads((sweep_dir / "sweep.json").read_text())
-    assert state["slurm_jobs"] == ["4242"] and "submitted job array 4242" in result.stdout
+    (job,) = state["slurm_jobs"]
+    assert f"submitted job array {job} (2 points)" in result.stdout
 
-    # Array task 0, as Slurm would start it: only point 0 runs (and finishes).
-    env = sim_env(tmp_path, SLURM_JOB_ID="4243", SLURM_ARRAY_JOB_ID="4242",
-                  SLURM_ARRAY_TASK_ID="0")  # fmt: skip
-    result = run(["bash", str(SWEEP_SBATCH), str(spec)], env)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    first, second = state["points"]
-    assert f"[sweep tiny 1/1] {first}: starting" in output
-    assert f"{second}: starting" not in output and f"| 1 | {second} | new |" in output
-    summary = json.loads((sweep_dir / first / "summary.json").read_text())
-    assert summary["step"] == 5
-    assert not (sweep_dir / second).exists()
+    hosts = set()
+    for task, point in enumerate(state["points"]):  # each task trains its own point, only
+        out = sweep_dir / f"slurm-{job}_{task}.out"
+        record = cluster.done(f"{job}_{task}", out, timeout=180)
+        hosts.add(record["NodeList"])
+        output = out.read_text()
+        assert f"[sweep tiny 1/1] {point}: starting" in output, output[-3000:]
+        (other,) = set(state["points"]) - {point}
+        assert f"{other}: starting" not in output
+        assert json.loads((sweep_dir / point / "summary.json").read_text())["step"] == 5
+    assert hosts == {"n1", "n2"}  # --max-parallel 2: side by side, a node each
+    status = cluster.run([sys.executable, "-m", "nucleo", "sweep", "status", str(spec)],
+                         cwd=tmp_path)  # fmt: skip
+    assert status.stdout.count("| finished |") == 2, status.stdout + status.stderr
 
 
 def test_sweep_task_outside_an_array_says_so(tmp_path):
@@ -261,7 +355,35 @@ def test_outside_an_allocation_is_a_clear_error(tmp_path):
     result = run(["bash", str(PRETRAIN_SBATCH), "experiments/configs/demo.yaml"], env, 60)
     assert result.returncode == 2
     assert "SLURM_JOB_ID is not set" in result.stderr and "Slurm allocation" in result.stderr
-    assert "Traceback" not in result.stderr and not sim_log(tmp_path, "srun")
+    assert "Traceback" not in result.stderr
+
+
+def test_master_address_is_the_first_nodes_node_addr(tmp_path, monkeypatch):
+    """``scontrol show node`` output as Slurm 22.05 prints it, one-line and multi-line; a
+    missing node or address falls back to the name (it may still resolve)."""
+    shown = (
+        "NodeName=n1 Arch=x86_64 CoresPerSocket=1 \n   CPUAlloc=0 CPUEfctv=1 CPUTot=1\n"
+        "   NodeAddr=127.0.0.1 NodeHostName=vm Version=22.05.8\n"
+        "   OS=Linux 6.1.0 #1 SMP PREEMPT_DYNAMIC Debian 6.1.0 \n   RealMemory=10000\n\n"
+    )
+    assert allocation.parse_node_addr(shown, "n1") == "127.0.0.1"
+    assert allocation.parse_node_addr(shown, "n10") is None
+    two = (
+        "NodeName=gpu01 CPUTot=64 NodeAddr=10.1.0.1 NodeHostName=gpu01 State=IDLE\n"
+        "NodeName=gpu02 CPUTot=64 NodeAddr=10.1.0.2 NodeHostName=gpu02 State=IDLE\n"
+    )
+    assert allocation.parse_node_addr(two, "gpu02") == "10.1.0.2"
+    assert allocation.parse_node_addr("NodeName=x NodeAddr=(null) State=DOWN", "x") is None
+
+    monkeypatch.setenv("PATH", stand_ins_path())
+    monkeypatch.setenv("SLURM_SIM_HOSTS", "gpu01 gpu02")
+    monkeypatch.setenv("SLURM_SIM_NODEADDR", "gpu01=10.1.0.1 gpu02=10.1.0.2")
+    env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_GPUS_ON_NODE": "4"}
+    alloc = allocation.read_allocation(env)
+    assert alloc.hosts == ["gpu01", "gpu02"] and alloc.master_addr == "10.1.0.1"
+    assert allocation.read_allocation({**env, "MASTER_ADDR": "10.2.0.1"}).master_addr == "10.2.0.1"
+    monkeypatch.setenv("SLURM_SIM_NODEADDR", "")  # scontrol: "Node gpu01 not found"
+    assert allocation.read_allocation(env).master_addr == "gpu01"
 
 
 def test_missing_scontrol_and_gpu_count_are_clear_errors(tmp_path, monkeypatch, capsys):
