@@ -186,16 +186,25 @@ class SchedulerError(ValueError):
     """No Dask scheduler at the address given (a user's setting: one line, no traceback)."""
 
 
-def scheduler_executor(address: str, timeout: float = 10.0) -> Executor:
+def scheduler_executor(address: str, timeout: float = 10.0, worker_wait: float = 120.0) -> Executor:
     """The workers of a running Dask scheduler (``dask scheduler`` + ``dask worker``, e.g.
-    started inside a Slurm allocation with ``srun``); a scheduler that does not answer within
-    ``timeout`` s is a one-line error."""
+    started inside a Slurm allocation with ``srun``). A scheduler that does not answer within
+    ``timeout`` s, or that has no worker after ``worker_wait`` s (workers may still be starting),
+    is a one-line error rather than a build that waits for ever."""
     from distributed import Client
 
     try:
         client = Client(address, timeout=timeout)
     except OSError as err:
         raise SchedulerError(f"--scheduler {address}: no Dask scheduler answers ({err})") from None
+    try:
+        client.wait_for_workers(1, timeout=worker_wait)
+    except TimeoutError:
+        client.close()
+        raise SchedulerError(
+            f"--scheduler {address}: the scheduler has no workers after {worker_wait:.0f} s "
+            f"(start some: dask worker {address} --nworkers N --nthreads 1)"
+        ) from None
     return DaskExecutor(client, owned=None, close_client=True)
 
 

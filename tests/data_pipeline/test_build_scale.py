@@ -232,6 +232,25 @@ def test_a_scheduler_that_does_not_answer_is_one_line(tmp_path):
     assert run.returncode == 2 and len(lines) == 1 and "no Dask scheduler answers" in lines[0]
 
 
+@pytest.mark.slow
+def test_a_scheduler_without_workers_is_one_line_not_a_wait():
+    from data_pipeline.executors import SchedulerError, scheduler_executor
+
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = subprocess.Popen([str(Path(sys.executable).parent / "dask"), "scheduler",
+                                  "--host", "127.0.0.1", "--port", str(port),
+                                  "--dashboard-address", ":0"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        with pytest.raises(SchedulerError, match="has no workers after 2 s") as err:
+            scheduler_executor(address, timeout=30, worker_wait=2)
+        assert f"dask worker {address}" in str(err.value) and "\n" not in str(err.value)
+    finally:
+        scheduler.terminate()
+        scheduler.wait(timeout=30)
+
+
 def test_slurm_workers_are_one_thread_processes_of_this_python():
     from data_pipeline.executors import slurm_cluster
 
