@@ -192,17 +192,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+DASK = str(Path(sys.executable).parent / "dask")
+
+
+def _dask_scheduler() -> tuple[str, subprocess.Popen]:
+    """A ``dask scheduler`` on a free port of 127.0.0.1 (no workers): its address, its process."""
+    port = _free_port()
+    cmd = [DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+           "--dashboard-address", ":0"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return f"tcp://127.0.0.1:{port}", proc
+
+
 @pytest.mark.slow
 def test_a_running_dask_cluster_builds_the_same_set(tmp_path):
-    port = _free_port()
-    bin_dir = Path(sys.executable).parent
-    address = f"tcp://127.0.0.1:{port}"
-    procs = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1",
-                               "--port", str(port), "--dashboard-address", ":0"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]  # fmt: skip
+    address, scheduler = _dask_scheduler()
+    procs = [scheduler]
     try:
         time.sleep(1.0)
-        worker = [str(bin_dir / "dask"), "worker", address, "--nworkers", "2", "--nthreads", "1",
+        worker = [DASK, "worker", address, "--nworkers", "2", "--nthreads", "1",
                   "--no-dashboard"]  # fmt: skip
         procs.append(subprocess.Popen(worker, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         with Client(address, timeout=30) as client:  # both workers in before the build counts them
@@ -236,12 +244,7 @@ def test_a_scheduler_that_does_not_answer_is_one_line(tmp_path):
 def test_a_scheduler_without_workers_is_one_line_not_a_wait():
     from data_pipeline.executors import SchedulerError, scheduler_executor
 
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    scheduler = subprocess.Popen([str(Path(sys.executable).parent / "dask"), "scheduler",
-                                  "--host", "127.0.0.1", "--port", str(port),
-                                  "--dashboard-address", ":0"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    address, scheduler = _dask_scheduler()
     try:
         with pytest.raises(SchedulerError, match="has no workers after 2 s") as err:
             scheduler_executor(address, timeout=30, worker_wait=2)

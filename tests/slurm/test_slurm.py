@@ -31,6 +31,7 @@ import yaml
 from nucleo.slurm import allocation, launcher
 from nucleo.train.checkpoint import complete_tags, latest_tag
 from tests.conftest import ROOT
+from tests.slurm.conftest import ISOLATE
 
 BIN = ROOT / "tests" / "fixtures" / "slurm" / "bin"
 PRETRAIN_SBATCH = ROOT / "launch" / "slurm" / "pretrain.sbatch"
@@ -49,8 +50,9 @@ TINY = {
 #: a CPU job over both nodes: one task and one CPU a node, one rank a node (no GPUs here)
 CPU_JOB = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
 #: the first job checkpoints at EVERY and ends at STEPS < 2 x EVERY, so that the requeue (sent
-#: after step EVERY + 1) always resumes from step EVERY, with room (~4 s of steps) to arrive
-#: before the end; the second job trains on to MORE_STEPS, leaving as much room for its failure
+#: after step EVERY + 1) always resumes from step EVERY, with room (~10 s of steps at the ~20
+#: steps/s seen here) to arrive before the end; the second job trains on to MORE_STEPS,
+#: leaving as much room for its failure
 EVERY, STEPS, MORE_STEPS = 200, 399, 599
 TOKENS_PER_STEP = 2 * 8 * 128  # 2 ranks x micro-batch 8 x 128 bases
 LOSS = re.compile(r"^step (\d+)/\d+ \(\d+%\) \| loss (\S+) ", re.MULTILINE)
@@ -66,8 +68,7 @@ def stand_ins_path() -> str:
 def sim_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """A batch step's environment for the stand-in tests: 2 nodes, 1 "GPU" each."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    isolate = "MASTER_ADDR MASTER_PORT RANK LOCAL_RANK WORLD_SIZE LOCAL_SIZE MLFLOW_TRACKING_URI"
-    for key in [*isolate.split(), "NUCLEO_SLURM_MODE", "NUCLEO_GPUS_PER_NODE", "NUCLEO_HOME"]:
+    for key in ISOLATE:
         env.pop(key, None)
     env.update(
         PATH=stand_ins_path(),
